@@ -1,0 +1,5 @@
+import sys
+
+from avcloud.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Car side: fallback inference, compression, transport client, measurement, merge, the daemon."""

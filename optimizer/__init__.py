@@ -1,0 +1,1 @@
+"""Allocation optimizer: utility curves, allocators (exact, LP, boolean, baselines), bandwidth estimators."""
