@@ -1,0 +1,62 @@
+"""The `avcloud` command line. Each subcommand lives in avcloud/commands/<name>.py and
+exposes `register(subparsers)`, which adds its parser and sets `handler` to a function
+taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from avcloud import __version__
+from avcloud.errors import UserError
+
+# One line per subcommand module; adding a command is one module and one line here.
+COMMAND_MODULES: tuple[str, ...] = (
+    "avcloud.commands.solve",
+    "avcloud.commands.demo",
+    "avcloud.commands.keys",
+    "avcloud.commands.cloud",
+    "avcloud.commands.replay",
+    "avcloud.commands.models",
+    "avcloud.commands.profile",
+    "avcloud.commands.onboard",
+    "avcloud.commands.linkemu",
+    "avcloud.commands.play",
+    "avcloud.commands.record",
+    "avcloud.commands.dataset",
+    "avcloud.commands.trace",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avcloud",
+        description="Cloud-augmented perception for autonomous vehicles over cellular uplinks.",
+    )
+    parser.add_argument("--version", action="version", version=f"avcloud {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as error:
+        print(f"avcloud {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"avcloud {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""`avcloud replay`: every allocation policy on the same scene frames and the same uplink trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from avcloud.errors import UserError
+from avcloud.replay.job import DEFAULT_PRESET, DEFAULT_RTT_MS, DEFAULT_SLO_MS
+from avcloud.replay.policies import POLICY_NAMES
+
+DESCRIPTION = """\
+Replay scenes over uplink traces and compare allocation policies by mAP: onboard (never offload),
+naive (every camera to its most accurate cloud configuration), equal (equal bandwidth split),
+turbo (exact allocation on a point estimate, TURBO's method), turbo-q (allocation at the forecast
+quantile that maximises expected utility) and oracle (knows the coming interval's true bandwidth).
+Without arguments: the bundled synthetic segment over the bundled synthetic LTE-like uplink, all
+policies. The profile (real model outputs on really compressed images) is computed on first use
+and cached under $AVCLOUD_CACHE.
+"""
+
+
+def _policy_list(text: str) -> list[str]:
+    # Checked later with the other options, so a bad name is one line, not a usage dump.
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("replay", help="compare allocation policies on scenes and uplink traces",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scene", dest="scenes", action="extend", nargs="+", type=Path, metavar="PATH",
+                        help="Waymo v1 .tfrecord, Waymo v2 directory or synthetic scene (default: the bundled synthetic segment)")
+    parser.add_argument("--trace", dest="traces", action="extend", nargs="+", type=Path, metavar="PATH",
+                        help="Mahimahi or two-column uplink trace, e.g. ../shared/traces/*.up "
+                             "(default: the bundled synthetic LTE-like uplink)")
+    parser.add_argument("--policy", dest="policies", action="extend", nargs="+", type=_policy_list, metavar="NAME",
+                        help=f"policies to compare, space or comma separated (default: all of {', '.join(POLICY_NAMES)})")
+    parser.add_argument("--rtt-ms", type=float, default=DEFAULT_RTT_MS,
+                        help=f"round-trip time car <-> cloud (default {DEFAULT_RTT_MS:g}: a typical 4G round trip is 40-60 ms)")
+    parser.add_argument("--slo-ms", type=float, default=DEFAULT_SLO_MS,
+                        help=f"deadline after capture (default {DEFAULT_SLO_MS:g}: with RTT 50 ms and cloud runtimes >= 50 ms "
+                             "it leaves <= 100 ms of upload per frame, one frame interval at 10 Hz, so planned "
+                             "streams never queue up)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"profile preset used when profiling on first use (default '{DEFAULT_PRESET}')")
+    parser.add_argument("--frames", type=int, default=None, metavar="N",
+                        help="replay only the first N frames of each scene (default: all the profile covers)")
+    parser.add_argument("--live", action="store_true",
+                        help="run the real cloud service, link emulator, onboard daemon, player and recorder on loopback")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="report folder (default runs/replay-<timestamp>)")
+    parser.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from avcloud.replay.job import ReplayOptions, check_options, default_out_dir, results_document, run_replay
+    from avcloud.replay.report import print_tables, write_report
+
+    policies = [name for group in (args.policies or [list(POLICY_NAMES)]) for name in group]
+    options = ReplayOptions(
+        scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
+        rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames,
+        progress=not args.no_progress,
+    )
+    check_options(options)
+    # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    if args.live:
+        from avcloud.replay.live import run_live_replay
+
+        results = run_live_replay(options)
+        mode = "live"
+    else:
+        results = run_replay(options, console=Console(stderr=True))
+        mode = "simulated"
+    document = results_document(results, options, mode=mode)
+    out_dir = args.out or default_out_dir()
+    try:
+        write_report(document, results, out_dir)
+    except OSError as error:
+        raise UserError(f"--out {out_dir}: cannot write the report ({error.strerror or error})") from None
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_tables(document, console)
+        console.print(f"report: {out_dir / 'summary.html'} (results.json, summary.md, plots)")
+    return 0

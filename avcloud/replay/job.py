@@ -1,0 +1,192 @@
+"""The replay job: every policy on the same frames and the same trace, for each scene x trace."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from avcloud.errors import UserError
+from avcloud.replay import policies as policy_module
+from avcloud.replay.inputs import ReplayCase, make_case, open_profiled_scene, open_trace
+from avcloud.replay.metrics import MapFunction, datasets_map, summarise_policies
+from avcloud.replay.policies import POLICY_NAMES, check_policy_names, make_policy
+from avcloud.replay.simulator import PolicyRun, simulate_policy, true_capacity_mbps
+
+# A 4G round trip from a car to a regional cloud is typically 40-60 ms.
+DEFAULT_RTT_MS = 50.0
+# With RTT 50 ms and cloud runtimes of 50 ms and more, a 200 ms deadline leaves at most 100 ms of
+# upload time per frame: exactly one frame interval at 10 Hz, so the critical bandwidth of an option
+# is also the rate its camera's stream needs and sustained allocations do not build a queue.
+DEFAULT_SLO_MS = 200.0
+DEFAULT_PRESET = "demo"
+
+
+@dataclass
+class ReplayOptions:
+    scene_paths: Sequence[str | Path] = ()  # empty: the bundled synthetic segment
+    trace_paths: Sequence[str | Path] = ()  # empty: the bundled synthetic LTE-like uplink
+    policies: Sequence[str] = POLICY_NAMES
+    rtt_ms: float = DEFAULT_RTT_MS
+    slo_ms: float = DEFAULT_SLO_MS
+    preset: str = DEFAULT_PRESET
+    max_frames: int | None = None  # only the first frames of each scene
+    progress: bool = True
+
+
+@dataclass
+class CaseResult:
+    case: ReplayCase
+    runs: dict[str, PolicyRun]
+    summaries: dict[str, dict]
+    figures: dict = field(default_factory=dict)
+
+
+def check_options(options: ReplayOptions) -> tuple[str, ...]:
+    """Validate what a user can get wrong before any work starts; returns the policies in order."""
+    for label, value in (("--rtt-ms", options.rtt_ms), ("--slo-ms", options.slo_ms)):
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{label} must be a finite number >= 0 (got {value:g})")
+    if options.slo_ms <= 0:
+        raise UserError(f"--slo-ms must be > 0 (got {options.slo_ms:g})")
+    if options.rtt_ms >= options.slo_ms:
+        raise UserError(f"--rtt-ms {options.rtt_ms:g} must be below --slo-ms {options.slo_ms:g}: "
+                        "no cloud result could ever meet the deadline")
+    if options.max_frames is not None and options.max_frames < 2:
+        raise UserError(f"--frames must be at least 2 (got {options.max_frames})")
+    names = check_policy_names(list(options.policies))
+    if not names:
+        raise UserError("no policy to replay")
+    for path in options.scene_paths:
+        if not Path(path).exists():
+            raise UserError(f"scene {path}: no such file or directory")
+    for path in options.trace_paths:
+        if not Path(path).is_file():
+            raise UserError(f"trace {path}: no such file")
+    return names
+
+
+def default_scene_path() -> Path:
+    from datasets.synthetic import default_scene_path as synthetic_default
+
+    return Path(synthetic_default())
+
+
+def default_trace_path() -> Path:
+    from datasets.traces import default_trace_path as bundled_default
+
+    return Path(bundled_default())
+
+
+def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress | None = None,
+             map_function: MapFunction = datasets_map) -> CaseResult:
+    """Each policy on its own copy of the link, then the figures of all of them."""
+    runs: dict[str, PolicyRun] = {}
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"replay {case.scene_name} x {case.trace_name}", total=len(policy_names))
+    for name in policy_names:
+        policy = make_policy(name, case.schedule, case.scenario)
+        runs[name] = simulate_policy(policy, case.scenario, case.schedule)  # type: ignore[arg-type]
+        if progress is not None and task is not None:
+            progress.advance(task)
+    summaries = summarise_policies(runs, case.scenario, case.detections, case.ground_truths, map_function)
+    return CaseResult(case=case, runs=runs, summaries=summaries)
+
+
+def run_replay(options: ReplayOptions, console: Console | None = None) -> list[CaseResult]:
+    policy_names = check_options(options)
+    console = console or Console(stderr=True)
+    # Traces first: they are quick to read, so a bad one fails before any profiling starts.
+    traces = [open_trace(path) for path in (options.trace_paths or [default_trace_path()])]
+    scene_paths = [Path(p) for p in options.scene_paths] or [default_scene_path()]
+    results = []
+    for scene_path in scene_paths:
+        scene = open_profiled_scene(scene_path, options.preset, progress=options.progress)
+        for trace in traces:
+            case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames)
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, disable=not options.progress,
+                          transient=True) as progress:
+                results.append(run_case(case, policy_names, progress))
+    return results
+
+
+def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode: str = "simulated") -> dict:
+    """Everything measured, as one JSON-ready mapping (schema version 1)."""
+    cases = []
+    for result in results:
+        case, scenario = result.case, result.case.scenario
+        bins_start_ms, capacity_mbps = true_capacity_mbps(case.schedule, 0.0, max(scenario.duration_s * 1000.0, 1000.0))
+        cases.append({
+            "scene": case.scene_name,
+            "scene_path": case.scene_path,
+            "trace": case.trace_name,
+            "trace_path": case.trace_path,
+            "trace_mean_mbps_over_scene": float(capacity_mbps.mean()),
+            "trace_capacity_mbps_per_second": [round(float(v), 4) for v in capacity_mbps],
+            "frames": scenario.num_frames,
+            "cameras": list(scenario.cameras),
+            "duration_s": scenario.duration_s,
+            "cloud_configurations": list(scenario.config_names),
+            "fallback_configuration": scenario.fallback_config,
+            "profile": case.profile_path,
+            "profile_note": case.profile_note,
+            "policies": result.summaries,
+        })
+    document = {
+        "schema": 1,
+        "avcloud_version": _avcloud_version(),
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mode": mode,
+        "settings": {
+            "rtt_ms": options.rtt_ms,
+            "slo_ms": options.slo_ms,
+            "policies": list(check_policy_names(list(options.policies))),
+            "profile_preset": options.preset,
+            "max_frames": options.max_frames,
+            "initial_estimate_mbps": policy_module.INITIAL_ESTIMATE_MBPS,
+            "point_estimate": f"harmonic mean of the last {policy_module.POINT_ESTIMATE_SAMPLES} throughput samples",
+            "forecast_samples": policy_module.FORECAST_SAMPLES,
+            "probe_interval_ms": policy_module.PROBE_INTERVAL_MS,
+            "overall_map": "mean over cameras of per-camera mAP over all frames",
+        },
+        "cases": cases,
+    }
+    if len(cases) > 1:
+        document["aggregate"] = aggregate(cases)
+    return document
+
+
+def aggregate(cases: Sequence[dict]) -> dict[str, dict]:
+    """Mean over cases of the headline figures, per policy."""
+    names = list(cases[0]["policies"])
+    keys = ("map", "gain_over_onboard_points", "fraction_of_oracle_gain", "cloud_share",
+            "deadline_miss_rate", "mean_uplink_mbps")
+    figures: dict[str, dict] = {}
+    for name in names:
+        entry = {}
+        for key in keys:
+            values = [case["policies"][name].get(key) for case in cases if name in case["policies"]]
+            values = [value for value in values if value is not None]
+            entry[key] = float(sum(values) / len(values)) if values else None
+        figures[name] = entry
+    return figures
+
+
+def _avcloud_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("avcloud")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / f"replay-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

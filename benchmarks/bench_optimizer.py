@@ -1,0 +1,211 @@
+"""Solve time and optimality gap of the allocation methods on random TURBO-shaped instances.
+
+Shapes: (a) 5 services x 49 options (the TURBO table: 1 on-car fallback + 48 cloud
+configurations), (b) 12 x 49, (c) 200 x 50. Sizes and runtimes are drawn around TURBO's
+published EfficientDet figures (../shared/profiles/turbo_effdet_sizes_runtimes.csv) when that
+file exists, else around a built-in spread of the same range; utilities are random (TURBO does
+not publish them). Budgets span 0 .. the sum of every service's largest reachable critical
+bandwidth. For every instance, every method is timed (`Allocation.solve_us`) and compared with
+the cvxpy boolean program solved by HiGHS with zero MIP gap.
+
+Exact solver timings: `exact_cold` = a services tuple never seen before (arrays, frontiers and
+solve); `exact_new_rtt` = same services, new RTT (frontiers rebuilt); `exact_new_budget` = same
+services and link, new budget (the replay's per-frame case). cvxpy timings are re-solves of a
+program compiled once per shape with new parameter values.
+
+    .venv/bin/python benchmarks/bench_optimizer.py --out runs/bench/optimizer.json
+    .venv/bin/python benchmarks/bench_optimizer.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from avcloud.types import AllocationProblem, Option, Service  # noqa: E402
+from optimizer.allocators import get_allocator  # noqa: E402
+from optimizer.problem import critical_bandwidths_mbps  # noqa: E402
+
+TURBO_TABLE = REPO_ROOT.parent / "shared" / "profiles" / "turbo_effdet_sizes_runtimes.csv"
+SHAPES = {"a_5x49": (5, 49), "b_12x49": (12, 49), "c_200x50": (200, 50)}
+FULL_GAP_INSTANCES = {"a_5x49": 5000, "b_12x49": 4000, "c_200x50": 1000}  # 10,000 in all
+QUICK_GAP_INSTANCES = {"a_5x49": 150, "b_12x49": 100, "c_200x50": 20}
+GAP_TOLERANCE = 1e-9
+COMPARED_METHODS = ("exact", "lp", "equal", "onboard")
+
+
+def cloud_rows() -> tuple[np.ndarray, np.ndarray, str]:
+    """(size Mb, runtime ms) of the 48 cloud configurations, and where they come from."""
+    if TURBO_TABLE.exists():
+        with TURBO_TABLE.open(newline="") as handle:
+            rows = [
+                (float(r["Network Transport Size [Mb]"]), float(r["Runtime [ms]"]))
+                for r in csv.DictReader(handle)
+                if float(r["Network Transport Size [Mb]"]) > 0
+            ]
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), str(TURBO_TABLE)
+    rng = np.random.default_rng(0)
+    sizes = np.exp(rng.uniform(np.log(0.5), np.log(60.0), 48))
+    runtimes = rng.uniform(30.0, 290.0, 48)
+    return sizes, runtimes, "built-in spread (0.5-60 Mb, 30-290 ms)"
+
+
+def random_services(rng: np.random.Generator, count: int, options: int, base_sizes, base_runtimes) -> tuple:
+    services = []
+    cloud_count = options - 1
+    for index in range(count):
+        rows = np.arange(cloud_count) % base_sizes.shape[0]
+        sizes = base_sizes[rows] * rng.lognormal(0.0, 0.15, cloud_count)
+        runtimes = base_runtimes[rows] * rng.uniform(0.9, 1.1, cloud_count)
+        fallback_utility = rng.uniform(0.15, 0.35)
+        utilities = fallback_utility + rng.uniform(0.0, 0.35, cloud_count)
+        service_options = (Option("onboard", 0.0, 0.0, float(fallback_utility)),) + tuple(
+            Option(f"cfg{k}", float(sizes[k]), float(runtimes[k]), float(utilities[k])) for k in range(cloud_count)
+        )
+        services.append(Service(f"camera{index}", service_options))
+    return tuple(services)
+
+
+def max_total_mbps(services, rtt_ms: float, slo_ms: float) -> float:
+    total = 0.0
+    for service in services:
+        bandwidths = critical_bandwidths_mbps(service, rtt_ms, slo_ms)
+        total += float(np.max(bandwidths[np.isfinite(bandwidths)]))
+    return total
+
+
+def summarise_us(samples: list[float]) -> dict[str, float]:
+    values = np.asarray(samples)
+    return {
+        "median": float(np.median(values)),
+        "p99": float(np.percentile(values, 99)),
+        "mean": float(values.mean()),
+        "count": int(values.shape[0]),
+    }
+
+
+def run_shape(name: str, count: int, options: int, instances: int, rng, base_sizes, base_runtimes) -> dict:
+    allocators = {method: get_allocator(method) for method in COMPARED_METHODS}
+    boolean = get_allocator("milp")
+    times: dict[str, list[float]] = {k: [] for k in ("exact_cold", "exact_new_rtt", "exact_new_budget", "lp", "milp")}
+    differences: dict[str, list[float]] = {method: [] for method in COMPARED_METHODS}
+    relaxation_gaps, fractional = [], 0
+    started = time.perf_counter()
+    # Warm-up: compile the cvxpy programs for this shape outside the timings.
+    warm_services = random_services(rng, count, options, base_sizes, base_runtimes)
+    for allocator in (allocators["lp"], boolean):
+        allocator.solve(AllocationProblem(warm_services, 1.0, 20.0, 150.0))
+    for _ in range(instances):
+        services = random_services(rng, count, options, base_sizes, base_runtimes)
+        rtt_ms = float(rng.uniform(10.0, 40.0))
+        slo_ms = float(rng.uniform(150.0, 300.0))
+        budget_mbps = float(rng.uniform(0.0, max_total_mbps(services, rtt_ms, slo_ms)))
+        problem = AllocationProblem(services, budget_mbps, rtt_ms, slo_ms)
+        reference = boolean.solve(problem)
+        times["milp"].append(reference.solve_us)
+        for method, allocator in allocators.items():
+            allocation = allocator.solve(problem)
+            differences[method].append(allocation.utility - reference.utility)
+            if method == "exact":
+                times["exact_cold"].append(allocation.solve_us)
+            elif method == "lp":
+                times["lp"].append(allocation.solve_us)
+                relaxation_gaps.append(float(allocation.extra["relaxation_utility"]) - reference.utility)
+                fractional += bool(allocation.extra["fractional"])
+        exact = allocators["exact"]
+        other_rtt = AllocationProblem(services, budget_mbps, rtt_ms + 1.0, slo_ms)
+        times["exact_new_rtt"].append(exact.solve(other_rtt).solve_us)
+        # Two solves build the cached frontier; the third new budget is the per-frame case.
+        exact.solve(AllocationProblem(services, budget_mbps * 0.5, rtt_ms, slo_ms))
+        times["exact_new_budget"].append(
+            exact.solve(AllocationProblem(services, budget_mbps * 0.75, rtt_ms, slo_ms)).solve_us
+        )
+    exact_differences = np.abs(np.asarray(differences["exact"]))
+    return {
+        "services": count,
+        "options_per_service": options,
+        "instances": instances,
+        "seconds": round(time.perf_counter() - started, 1),
+        "solve_us": {method: summarise_us(samples) for method, samples in times.items()},
+        "gap_vs_milp": {
+            method: {
+                "mean": float(np.mean(values)),
+                "min": float(np.min(values)),
+                "max": float(np.max(values)),
+                "instances_with_abs_gap_over_1e-9": int(np.sum(np.abs(values) > GAP_TOLERANCE)),
+            }
+            for method, values in ((m, np.asarray(d)) for m, d in differences.items())
+        },
+        "exact_max_abs_gap": float(exact_differences.max()),
+        "lp_relaxation_minus_milp": {"mean": float(np.mean(relaxation_gaps)), "max": float(np.max(relaxation_gaps))},
+        "lp_fractional_share": fractional / instances,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    parser.add_argument("--quick", action="store_true", help="a few hundred instances instead of 10,000")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    args = parser.parse_args(argv)
+    base_sizes, base_runtimes, source = cloud_rows()
+    rng = np.random.default_rng(args.seed)
+    plan = QUICK_GAP_INSTANCES if args.quick else FULL_GAP_INSTANCES
+    results = {}
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}")
+        count, options = SHAPES[name]
+        results[name] = run_shape(name, count, options, plan[name], rng, base_sizes, base_runtimes)
+        print(f"{name}: done in {results[name]['seconds']} s", file=sys.stderr)
+    import cvxpy
+
+    report = {
+        "benchmark": "optimizer",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick,
+        "seed": args.seed,
+        "size_runtime_source": source,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "cvxpy": cvxpy.__version__,
+        },
+        "total_instances": sum(r["instances"] for r in results.values()),
+        "shapes": results,
+    }
+    if "a_5x49" in results and "c_200x50" in results:
+        a, c = results["a_5x49"]["solve_us"], results["c_200x50"]["solve_us"]
+        report["targets"] = {
+            "a_exact_new_budget_median_le_100us": a["exact_new_budget"]["median"] <= 100,
+            "a_exact_new_budget_p99_le_1ms": a["exact_new_budget"]["p99"] <= 1000,
+            "a_exact_cold_median_le_100us": a["exact_cold"]["median"] <= 100,
+            "a_exact_cold_p99_le_1ms": a["exact_cold"]["p99"] <= 1000,
+            "c_exact_cold_median_le_20ms": c["exact_cold"]["median"] <= 20_000,
+            "exact_gap_zero_everywhere": all(r["exact_max_abs_gap"] <= GAP_TOLERANCE for r in results.values()),
+        }
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

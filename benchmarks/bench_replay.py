@@ -1,0 +1,97 @@
+"""Simulated replay speed: scene seconds replayed per wall-clock second, per policy.
+
+Runs on the default scene's cached profile (profiling first if it is not cached yet; that
+time is reported separately and not counted in the speed). Target: >= 50x real time per policy
+for 5 cameras.
+
+    python benchmarks/bench_replay.py [--quick] [--trace PATH] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
+from avcloud.replay.job import (
+    DEFAULT_PRESET,
+    DEFAULT_RTT_MS,
+    DEFAULT_SLO_MS,
+    default_scene_path,
+    default_trace_path,
+)
+from avcloud.replay.metrics import summarise_policies
+from avcloud.replay.policies import POLICY_NAMES, make_policy
+from avcloud.replay.simulator import simulate_policy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    parser.add_argument("--quick", action="store_true", help="one repetition per policy instead of five")
+    parser.add_argument("--trace", type=Path, help="uplink trace (default: the bundled synthetic LTE-like uplink)")
+    parser.add_argument("--scene", type=Path, help="scene (default: the bundled synthetic segment)")
+    args = parser.parse_args()
+    repetitions = 1 if args.quick else 5
+
+    started = time.perf_counter()
+    scene = open_profiled_scene(args.scene or default_scene_path(), DEFAULT_PRESET, progress=True)
+    load_s = time.perf_counter() - started
+    trace = open_trace(args.trace or default_trace_path())
+    case = make_case(scene, trace, DEFAULT_RTT_MS, DEFAULT_SLO_MS)
+    scenario = case.scenario
+
+    policies = {}
+    runs = {}
+    for name in POLICY_NAMES:
+        walls = []
+        for _ in range(repetitions):
+            policy = make_policy(name, case.schedule, scenario)
+            started = time.perf_counter()
+            runs[name] = simulate_policy(policy, scenario, case.schedule)  # type: ignore[arg-type]
+            walls.append(time.perf_counter() - started)
+        wall_s = statistics.median(walls)
+        policies[name] = {
+            "simulate_wall_s_median": wall_s,
+            "scene_seconds_per_wall_second": scenario.duration_s / wall_s,
+            "frames_per_wall_second": scenario.num_frames / wall_s,
+            "mean_solve_us": float(runs[name].solve_us.mean()),
+        }
+    started = time.perf_counter()
+    summarise_policies(runs, scenario, case.detections, case.ground_truths)
+    metrics_s = time.perf_counter() - started
+
+    result = {
+        "benchmark": "replay",
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor()},
+        "scene": case.scene_name,
+        "trace": case.trace_name,
+        "frames": scenario.num_frames,
+        "cameras": len(scenario.cameras),
+        "cloud_configurations": len(scenario.config_names),
+        "scene_duration_s": scenario.duration_s,
+        "rtt_ms": DEFAULT_RTT_MS,
+        "slo_ms": DEFAULT_SLO_MS,
+        "repetitions": repetitions,
+        "load_profile_and_index_s": load_s,
+        "metrics_all_policies_s": metrics_s,
+        "policies": policies,
+        "slowest_scene_seconds_per_wall_second": min(p["scene_seconds_per_wall_second"] for p in policies.values()),
+        "target_scene_seconds_per_wall_second": 50.0,
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The cloud inference service: a CurveZMQ ROUTER in front of a deadline-aware scheduler and
+model workers.
+
+Threads:
+- I/O loop: owns the ROUTER socket (ZeroMQ sockets are not thread-safe). Receives requests
+  zero-copy, validates them, answers what can be answered at once (errors, rejections,
+  pongs, requests already too late) and queues the rest. Forwards replies that workers push
+  to it over an inproc PULL socket.
+- Workers (config.workers, one per emulated GPU): take the next decision from the queue,
+  answer expired requests, decode and run a same-model batch, push the replies.
+- HTTP: /healthz, /readyz, /metrics.
+
+Embeddable: `CloudService(config).start()` ... `.stop()`, or as a context manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from avcloud import keys
+from avcloud.clock import Clock, WallClock
+from avcloud.errors import ConfigError, UserError
+from avcloud.protocol import (
+    ERROR,
+    EXPIRED,
+    OK,
+    PING,
+    REJECTED,
+    ProtocolError,
+    ReplyHeader,
+    RequestHeader,
+    ServerTimings,
+    decode_request,
+    encode_reply,
+    reply_to,
+)
+from cloudside.config import CloudConfig
+from cloudside.health import HealthServer, ServiceMetrics
+from cloudside.runners import ModelRunner, RuntimeEstimate, build_runner
+from cloudside.scheduler import PendingRequest, RequestQueue
+
+logger = logging.getLogger("avcloud.cloud")
+
+# Messages handled per poll round before replies get their turn, so neither side starves.
+_MESSAGES_PER_ROUND = 64
+_POLL_MS = 50
+# Hard memory guard: frames this large make ZeroMQ drop the connection instead of buffering.
+_HARD_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
+# Metrics keep at most this many vehicle label values; later ones are counted as "(other)".
+_MAX_VEHICLE_LABELS = 1000
+_UNKNOWN = "(unknown)"
+
+
+class CloudService:
+    """One inference service. `start()` loads and warms the models, binds, and serves in threads."""
+
+    def __init__(self, config: CloudConfig, insecure: bool = False,
+                 runners: dict[str, ModelRunner] | None = None, clock: Clock | None = None,
+                 announce: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.insecure = insecure
+        self.clock = clock or WallClock()
+        self.metrics = ServiceMetrics()
+        self._announce = announce or logger.info
+        self._given_runners = runners
+        self.runners: dict[str, ModelRunner] = {}
+        self.estimates: dict[str, RuntimeEstimate] = {}
+        self.queue = RequestQueue(config.scheduler, config.queue_limit, config.max_batch_size, self.expected_ms,
+                                  per_vehicle_limit=config.per_vehicle_queue_limit)
+        self.server_public_key: bytes | None = None
+        self.address: str | None = None
+        self._context: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._reply_receiver: zmq.Socket | None = None
+        self._authenticator: ThreadAuthenticator | None = None
+        self._health: HealthServer | None = None
+        self._io_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._reply_endpoint = f"inproc://cloud-replies-{id(self)}"
+        self._started = False
+        self._ready = False
+        self._draining = False
+        self._io_failed = False  # the I/O loop or a worker died of a bug: unhealthy
+        self._io_stop = threading.Event()
+        self._io_ready = threading.Event()
+        self._busy_workers = 0
+        self._busy_lock = threading.Lock()
+        self._vehicle_labels: set[str] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def http_port(self) -> int | None:
+        return self._health.port if self._health is not None else None
+
+    @property
+    def busy_workers(self) -> int:
+        """Workers running a batch (or answering expired requests) right now."""
+        return self._busy_workers
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining
+
+    def __enter__(self) -> CloudService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> CloudService:
+        if self._started or self.queue.closed:
+            raise RuntimeError("a CloudService starts once; make a new one")
+        server_keys = self._check_security()
+        if self.config.http_port is not None:
+            try:
+                self._health = HealthServer(self.config.http_host, self.config.http_port, self.metrics,
+                                            is_healthy=lambda: not self._io_failed, is_ready=lambda: self.ready)
+            except OSError as error:
+                raise ConfigError(f"http_port {self.config.http_port}: cannot listen "
+                                  f"({error.strerror or error})") from None
+            self._health.start()
+        self._started = True
+        try:
+            self._load_models()
+            self._open_sockets(server_keys)
+        except BaseException:
+            self._close_everything()
+            self._started = False
+            raise
+        self._io_thread = threading.Thread(target=self._io_loop, name="cloud-io", daemon=True)
+        self._io_thread.start()
+        self._io_ready.wait(5)
+        for index in range(self.config.workers):
+            worker = threading.Thread(target=self._worker_loop, name=f"cloud-worker-{index}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self._ready = True
+        self.metrics.ready.set(1)
+        http = f", http://{self.config.http_host}:{self.http_port}" if self._health else ""
+        self._announce(f"READY: serving {', '.join(self.runners)} on {self.address}{http} "
+                       f"(scheduler {self.config.scheduler}, {'INSECURE' if self.insecure else 'CurveZMQ'})")
+        return self
+
+    def stop(self, grace_ms: float | None = None) -> None:
+        """Stop accepting, let queued work finish for up to grace_ms, answer the rest `expired`."""
+        if not self._started:
+            return
+        grace_ms = self.config.shutdown_grace_ms if grace_ms is None else grace_ms
+        self._draining = True
+        self.metrics.ready.set(0)
+        give_up_at = time.monotonic() + grace_ms / 1000.0
+        while (len(self.queue) or self._busy_workers) and time.monotonic() < give_up_at:
+            time.sleep(0.005)
+        leftovers = self.queue.close()
+        for worker in self._workers:
+            worker.join(timeout=30)
+        if leftovers and self._context is not None:
+            sender = self._reply_sender()
+            try:
+                for request in leftovers:
+                    self._send_reply(sender, request.identity, reply_to(
+                        request.header, EXPIRED, "service shutting down before the request could run",
+                        self._timings(request)))
+            finally:
+                sender.close(linger=1000)
+        self._close_everything()
+        self._started = False
+
+    def _close_everything(self) -> None:
+        """Close what is open, in dependency order; safe to call more than once."""
+        self._io_stop.set()
+        if self._io_thread is not None:
+            self._io_thread.join(timeout=10)
+            self._io_thread = None
+        else:  # never started serving: the sockets are still ours to close
+            for socket in (self._router, self._reply_receiver):
+                if socket is not None:
+                    socket.close(linger=0)
+        self._router = self._reply_receiver = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
+        self._ready = False
+
+    def _check_security(self) -> keys.KeyPair | None:
+        security = self.config.security
+        if self.insecure:
+            self._announce(f"WARNING: INSECURE MODE (--insecure): CurveZMQ encryption and authentication "
+                           f"are OFF; anyone who can reach {self.config.bind} is served")
+            return None
+        if not security.configured:
+            missing = " and ".join(f"security.{name}" for name in ("server_secret_key", "allowlist_dir")
+                                   if getattr(security, name) is None)
+            raise ConfigError(
+                f"no CurveZMQ keys configured ({missing} not set); refusing to start. "
+                "Generate them with `avcloud keys generate`, or pass --insecure")
+        server_keys = keys.load_server_keys(security.server_secret_key)
+        allowed = keys.allowlisted_public_keys(security.allowlist_dir)
+        self.server_public_key = server_keys.public
+        self._announce(f"CurveZMQ on: {len(allowed)} allow-listed vehicle key(s) in {security.allowlist_dir}")
+        return server_keys
+
+    def _load_models(self) -> None:
+        runners = self._given_runners
+        if runners is None:
+            runners = {}
+            for entry in self.config.models:
+                try:
+                    runners[entry.name] = build_runner(entry, self.config.warmup_iterations)
+                except UserError:
+                    raise
+                except Exception as error:  # a backend's own exception types
+                    raise ConfigError(f"models: cannot load '{entry.name}' "
+                                      f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+                                      ) from None
+        for name, runner in runners.items():
+            runner.warmup()
+            simulated_overhead_ms = getattr(runner, "batch_overhead_ms", 0.0)
+            self.estimates[name] = RuntimeEstimate(
+                initial_ms_per_image=max(0.0, runner.expected_runtime_ms - simulated_overhead_ms),
+                initial_batch_overhead_ms=simulated_overhead_ms, clock=self.clock)
+            self.metrics.expected_runtime.labels(name).set(self.expected_ms(name, 1) / 1000.0)
+            self._announce(f"model {name}: backend {runner.backend_name}, warm, "
+                           f"~{runner.expected_runtime_ms:.1f} ms per image")
+        self.runners = dict(runners)
+
+    def _open_sockets(self, server_keys: keys.KeyPair | None) -> None:
+        self._context = zmq.Context()
+        if server_keys is not None:
+            self._authenticator = ThreadAuthenticator(self._context, log=logging.getLogger("avcloud.cloud.auth"))
+            self._authenticator.start()
+            self._authenticator.configure_curve(domain="*", location=str(self.config.security.allowlist_dir))
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.linger = 500
+        self._router.maxmsgsize = max(_HARD_FRAME_LIMIT_BYTES, 4 * self.config.max_payload_bytes)
+        if server_keys is not None:
+            keys.configure_curve_server(self._router, server_keys)
+        bind = self.config.bind
+        if bind.startswith("tcp://") and bind.endswith(":0"):
+            bind = bind[:-2] + ":*"
+        try:
+            self._router.bind(bind)
+        except zmq.ZMQError as error:
+            self._router.close(linger=0)
+            raise ConfigError(f"bind {self.config.bind}: {error}") from None
+        self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._reply_receiver = self._context.socket(zmq.PULL)
+        self._reply_receiver.bind(self._reply_endpoint)
+
+    # ------------------------------------------------------------ estimates and timings
+
+    def expected_ms(self, model: str, batch_size: int) -> float:
+        estimate = self.estimates.get(model)
+        return estimate.expected_ms(batch_size) if estimate is not None else 0.0
+
+    def _timings(self, request: PendingRequest, taken_ms: float | None = None, decode_ms: float = 0.0,
+                 inference_ms: float = 0.0) -> ServerTimings:
+        now_ms = self.clock.now_ms()
+        queue_ms = (taken_ms if taken_ms is not None else now_ms) - request.arrival_ms
+        return ServerTimings(queue_ms=max(0.0, queue_ms), decode_ms=decode_ms, inference_ms=inference_ms,
+                             total_ms=max(0.0, now_ms - request.arrival_ms))
+
+    # ------------------------------------------------------------ I/O loop
+
+    def _io_loop(self) -> None:
+        router, replies = self._router, self._reply_receiver
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        self._io_ready.set()
+        try:
+            while not self._io_stop.is_set():
+                events = dict(poller.poll(_POLL_MS))
+                if replies in events:
+                    self._forward_replies()
+                if router in events:
+                    for _ in range(_MESSAGES_PER_ROUND):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            self._handle_message(frames)
+                        except Exception as error:  # a bug must cost one request, not the service
+                            logger.exception("request handling failed")
+                            self._reply_now(frames[0].bytes, ReplyHeader(
+                                status=ERROR, reason=f"internal: {type(error).__name__}"))
+            # Stopping: workers are done; pass on the replies still in flight, read nothing new.
+            while replies.poll(_POLL_MS):
+                self._forward_replies()
+        except Exception:
+            self._io_failed = True
+            logger.exception("cloud I/O loop failed")
+        finally:
+            replies.close(linger=0)
+            router.close()
+
+    def _forward_replies(self) -> None:
+        for _ in range(_MESSAGES_PER_ROUND):
+            try:
+                frames = self._reply_receiver.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._router.send_multipart(frames, copy=False)
+            except zmq.ZMQError as error:  # peer gone or its queue full: the reply is lost, not us
+                logger.debug("reply dropped: %s", error)
+
+    def _reply_now(self, identity: bytes, header: ReplyHeader) -> None:
+        """Answer from the I/O thread itself (no detections: only non-ok replies and pongs)."""
+        self._count(header)
+        try:
+            self._router.send_multipart([identity, *encode_reply(header)], copy=False)
+        except zmq.ZMQError as error:
+            logger.debug("reply dropped: %s", error)
+
+    def _handle_message(self, frames: list[Any]) -> None:
+        arrival_ms = self.clock.now_ms()
+        identity = frames[0].bytes
+        try:
+            header, payload = decode_request(frames[1:])
+        except ProtocolError as error:
+            self._reply_now(identity, ReplyHeader(status=ERROR, reason=error.reason, request_id=error.request_id,
+                                                  vehicle=error.vehicle))
+            return
+        if header.kind == PING:
+            total_ms = self.clock.now_ms() - arrival_ms
+            self._reply_now(identity, reply_to(header, OK, timings=ServerTimings(total_ms=total_ms)))
+            return
+        if header.model not in self.runners:
+            self._reply_now(identity, reply_to(header, REJECTED, f"unknown model '{header.model}' "
+                                               f"(serving: {', '.join(self.runners)})"))
+            return
+        if payload.nbytes > self.config.max_payload_bytes:
+            self._reply_now(identity, reply_to(header, REJECTED, f"payload is {payload.nbytes} bytes, over the "
+                                               f"limit of {self.config.max_payload_bytes}"))
+            return
+        if self._draining:
+            self._reply_now(identity, reply_to(header, REJECTED, "service shutting down"))
+            return
+        deadline_ms = arrival_ms + header.budget_ms - self.config.downlink_allowance_ms
+        request = PendingRequest(identity=identity, header=header, payload=payload, arrival_ms=arrival_ms,
+                                 deadline_ms=deadline_ms)
+        if self.config.scheduler == "edf":
+            needed_ms = self.expected_ms(header.model, 1)
+            if deadline_ms - arrival_ms < needed_ms:
+                self._reply_now(identity, reply_to(header, EXPIRED, _expiry_reason(
+                    deadline_ms - arrival_ms, header.model, needed_ms), self._timings(request)))
+                return
+        if not self.queue.push(request):
+            if self.queue.closed:
+                reason = "service shutting down"
+            elif self.queue.vehicle_full(header.vehicle):
+                reason = f"vehicle queue share full ({self.queue.per_vehicle_limit} requests)"
+            else:
+                reason = f"queue full ({self.queue.limit} requests)"
+            self._reply_now(identity, reply_to(header, REJECTED, reason, self._timings(request)))
+            return
+        self.metrics.queue_depth.set(len(self.queue))
+
+    # ------------------------------------------------------------ workers
+
+    def _reply_sender(self) -> zmq.Socket:
+        assert self._context is not None
+        sender = self._context.socket(zmq.PUSH)
+        sender.linger = 1000
+        sender.connect(self._reply_endpoint)
+        return sender
+
+    def _send_reply(self, sender: zmq.Socket, identity: bytes, header: ReplyHeader,
+                    detections: np.ndarray | None = None) -> None:
+        self._count(header)
+        sender.send_multipart([identity, *encode_reply(header, detections)], copy=False)
+
+    def _worker_loop(self) -> None:
+        sender = self._reply_sender()
+        try:
+            while True:
+                decision = self.queue.wait_and_take(self.clock.now_ms, timeout_s=0.1)
+                if decision is None:
+                    return
+                if not decision.expired and not decision.batch:
+                    continue
+                with self._busy_lock:
+                    self._busy_workers += 1
+                try:
+                    self.metrics.queue_depth.set(len(self.queue))
+                    now_ms = self.clock.now_ms()
+                    for request in decision.expired:
+                        needed_ms = self.expected_ms(request.model, 1)
+                        self._send_reply(sender, request.identity, reply_to(
+                            request.header, EXPIRED, _expiry_reason(request.deadline_ms - now_ms, request.model,
+                                                                    needed_ms),
+                            self._timings(request, taken_ms=now_ms)))
+                    if decision.batch:
+                        self._run_batch(sender, decision.batch)
+                finally:
+                    with self._busy_lock:
+                        self._busy_workers -= 1
+        except Exception:
+            self._io_failed = True
+            logger.exception("cloud worker failed")
+        finally:
+            sender.close(linger=1000)
+
+    def _run_batch(self, sender: zmq.Socket, batch: list[PendingRequest]) -> None:
+        taken_ms = self.clock.now_ms()
+        model = batch[0].model
+        runner = self.runners[model]
+        estimate = self.estimates[model]
+        for request in batch:
+            self.metrics.queue_time.labels(model).observe((taken_ms - request.arrival_ms) / 1000.0)
+        runnable: list[PendingRequest] = []
+        images: list[np.ndarray] = []
+        output_sizes_wh: list[tuple[int, int]] = []
+        decode_ms: dict[int, float] = {}
+        for request in batch:
+            header = request.header
+            started_ms = self.clock.now_ms()
+            if runner.decodes_images:
+                try:
+                    image = _decode(request.payload, header)
+                except Exception as error:  # any codec failure is the sender's bad image
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    self._send_reply(sender, request.identity, reply_to(
+                        header, ERROR, f"undecodable image: {reason}"[:300],
+                        self._timings(request, taken_ms=taken_ms)))
+                    continue
+            else:
+                image = np.zeros((header.height, header.width, 0), dtype=np.uint8)  # emulated model needs no pixels
+            decode_ms[id(request)] = self.clock.now_ms() - started_ms
+            self.metrics.decode_time.labels(model).observe(decode_ms[id(request)] / 1000.0)
+            frame_height, frame_width = header.frame_shape or (header.height, header.width)
+            runnable.append(request)
+            images.append(image)
+            output_sizes_wh.append((frame_width, frame_height))
+        if not runnable:
+            return
+        if runner.decodes_images:
+            estimate.observe_decode(sum(decode_ms.values()) / len(runnable))
+        started_ms = self.clock.now_ms()
+        try:
+            results = runner.run_batch(images, output_sizes_wh)
+        except Exception as error:  # a model failure answers this batch; the service keeps serving
+            logger.exception("model %s failed on a batch of %d", model, len(runnable))
+            for request in runnable:
+                self._send_reply(sender, request.identity, reply_to(
+                    request.header, ERROR, f"internal: model {model} failed ({type(error).__name__})",
+                    self._timings(request, taken_ms=taken_ms)))
+            return
+        inference_ms = self.clock.now_ms() - started_ms
+        estimate.observe_batch(len(runnable), inference_ms)
+        self.metrics.inference_time.labels(model).observe(inference_ms / 1000.0)
+        self.metrics.batch_size.labels(model).observe(len(runnable))
+        self.metrics.expected_runtime.labels(model).set(self.expected_ms(model, 1) / 1000.0)
+        for request, detections in zip(runnable, results, strict=True):
+            finished_ms = self.clock.now_ms()
+            self._send_reply(sender, request.identity, reply_to(
+                request.header, OK, None,
+                self._timings(request, taken_ms=taken_ms, decode_ms=decode_ms[id(request)],
+                              inference_ms=inference_ms),
+                late=finished_ms > request.deadline_ms), detections)
+
+    # ------------------------------------------------------------ metrics
+
+    def _vehicle_label(self, vehicle: str | None) -> str:
+        if not vehicle:
+            return _UNKNOWN
+        if vehicle not in self._vehicle_labels:
+            if len(self._vehicle_labels) >= _MAX_VEHICLE_LABELS:
+                return "(other)"
+            self._vehicle_labels.add(vehicle)
+        return vehicle
+
+    def _count(self, header: ReplyHeader) -> None:
+        vehicle = self._vehicle_label(header.vehicle)
+        model = header.model if header.model in self.runners else _UNKNOWN
+        if header.kind == "pong":
+            model = "(ping)"
+        self.metrics.requests.labels(vehicle, model, header.status).inc()
+        if header.status == EXPIRED or (header.status == OK and header.late):
+            self.metrics.deadline_misses.labels(vehicle, model).inc()
+
+
+def _expiry_reason(left_ms: float, model: str, needed_ms: float) -> str:
+    return f"deadline: {left_ms:.1f} ms left, {model} needs ~{needed_ms:.1f} ms"
+
+
+def _decode(payload: Any, header: RequestHeader) -> np.ndarray:
+    from avcloud.compression import decode_image  # OpenCV; only needed when images are decoded
+
+    return decode_image(payload, header.codec, header.width, header.height)

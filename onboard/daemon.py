@@ -1,0 +1,467 @@
+"""The onboard agent: per-frame logic of the daemon, with its clock and all I/O passed in.
+
+The same `OnboardAgent` runs in the live node (ZeroMQ sockets, `WallClock`, a thread pool for
+the fallback model) and in tests (fakes and a `SimulatedClock`). It never reads the time itself
+and never blocks: the caller feeds it events and calls `step()` at the time `next_wakeup_ms()`
+asks for (or earlier).
+
+Per frame and camera: the fallback model runs on every image (in the executor, in parallel with
+the cloud round trip); the allocation is solved once per frame index from the current bandwidth
+and RTT estimates; a camera allocated to a cloud option has its image compressed and sent, at
+most one request in flight and one waiting per camera (a newer frame replaces the waiting one;
+a frame whose remaining budget cannot cover transfer + runtime + RTT is dropped before sending);
+in-flight requests time out at their frame's cutoff (deadline less `publish_guard_ms`). The merge (onboard/merge.py) publishes
+one result per camera per frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from avcloud.clock import Clock
+from avcloud.protocol import PONG, ProtocolError, RequestHeader, decode_reply, encode_request
+from avcloud.types import Allocation, Option, Service, critical_bandwidth_mbps, empty_detections
+from onboard.measurement import LinkMeasurement, RequestTiming
+from onboard.merge import TaskFrame, decide
+from onboard.planning import AllocationPlanner
+from onboard.topics import DetectionResult
+
+# Frames without any sample for this long plan with enough bandwidth for the cheapest cloud
+# option, so a real request measures the link again (there is no probe traffic).
+STALE_ESTIMATE_MS = 2000.0
+RECENT_REQUESTS = 256
+ALLOCATIONS_KEPT = 8
+MAX_ENCODING_PER_CAMERA = 2  # frames being compressed at once per camera (bounds memory)
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A camera image compressed for one cloud configuration, ready to go in a request."""
+
+    model: str  # cloud model name for the request header
+    codec: str  # "jpeg" | "png" | "raw"
+    payload: bytes | memoryview
+    shape_hw: tuple[int, int]  # size of the encoded image
+    frame_shape_hw: tuple[int, int]  # size of the camera image the detections refer to
+    encode_ms: float = 0.0
+
+
+# Both take the image as decoded (possibly at reduced resolution) and the camera's full size
+# (width, height): detections and `frame_shape_hw` always refer to the full camera image.
+FrameEncoder = Callable[[np.ndarray, str, tuple[int, int]], EncodedFrame]
+FallbackDetector = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+
+
+class CloudLink(Protocol):
+    """What the agent needs from its transport (onboard.transport.CloudTransport in the node)."""
+
+    def send(self, frames: list[Any]) -> bool: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class _Request:
+    task: TaskFrame
+    option: Option
+    encoded: EncodedFrame
+    share_mbps: float  # bandwidth the allocation granted this camera
+    request_id: int = -1
+    send_ms: float = math.nan
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.encoded.payload)
+
+
+@dataclass
+class _CameraState:
+    in_flight: _Request | None = None
+    waiting: _Request | None = None
+    fallback_running: Future | None = None
+    fallback_task: TaskFrame | None = None
+    fallback_waiting: tuple[TaskFrame, np.ndarray, tuple[int, int]] | None = None
+    last_onboard: np.ndarray = field(default_factory=empty_detections)
+    encoding: collections.deque = field(default_factory=collections.deque)  # (task, option, share, future)
+
+
+@dataclass
+class AgentCounters:
+    frames: int = 0
+    published: int = 0
+    published_cloud: int = 0
+    published_onboard: int = 0
+    deadline_missed: int = 0
+    requests_sent: int = 0
+    send_failures: int = 0
+    dropped_replaced: int = 0
+    dropped_stale: int = 0
+    timeouts: int = 0
+    replies: int = 0
+    replies_discarded: int = 0
+    replies_not_ok: int = 0
+    bad_replies: int = 0
+    fallback_reused: int = 0
+    arrived_late: int = 0
+    encode_failures: int = 0
+    transport_resets: int = 0
+
+
+class OnboardAgent:
+    def __init__(
+        self,
+        services: Sequence[Service],
+        slo_ms: float,
+        clock: Clock,
+        planner: AllocationPlanner,
+        measurement: LinkMeasurement,
+        fallback: FallbackDetector,
+        fallback_name: str,
+        executor: Executor,
+        encoder: FrameEncoder,
+        link: CloudLink,
+        publish: Callable[[DetectionResult], None],
+        vehicle: str = "car-0",
+        reconnect_after_timeouts: int = 3,
+        min_reconnect_interval_ms: float = 1000.0,
+        wake: Callable[[], None] | None = None,
+        publish_guard_ms: float = 0.0,
+        encode_executor: Executor | None = None,
+    ) -> None:
+        self.services = tuple(services)
+        self.cameras = [service.name for service in self.services]
+        self.options = {service.name: {option.name: option for option in service.options}
+                        for service in self.services}
+        self.slo_ms = slo_ms
+        self.clock = clock
+        self.planner = planner
+        self.measurement = measurement
+        self.fallback = fallback
+        self.fallback_name = fallback_name
+        self.executor = executor
+        self.encoder = encoder
+        self.link = link
+        self.publish = publish
+        self.vehicle = vehicle
+        self.reconnect_after_timeouts = reconnect_after_timeouts
+        self.min_reconnect_interval_ms = min_reconnect_interval_ms
+        self.wake = wake or (lambda: None)
+        self.publish_guard_ms = publish_guard_ms
+        self.encode_executor = encode_executor  # None: compress inline in on_camera_frame
+        self._last_reply_ms = -math.inf
+        self.counters = AgentCounters()
+        self._cameras = {camera: _CameraState() for camera in self.cameras}
+        self._pending: list[TaskFrame] = []  # unpublished task frames, oldest first
+        self._allocations: collections.OrderedDict[int, Allocation] = collections.OrderedDict()
+        self._in_flight: dict[int, _Request] = {}
+        self._recent: collections.OrderedDict[int, RequestTiming] = collections.OrderedDict()
+        self._next_request_id = 1
+        self._consecutive_timeouts = 0
+        self._last_reset_ms = -math.inf
+        self.cheapest_cloud_bandwidth_mbps = self._cheapest_cloud_bandwidth(measurement.initial_rtt_ms)
+
+    # ------------------------------------------------------------ events
+
+    def allocation_for(self, frame_index: int) -> Allocation:
+        """The allocation of a frame index, solved when the first camera of that frame arrives."""
+        allocation = self._allocations.get(frame_index)
+        if allocation is None:
+            now_ms = self.clock.now_ms()
+            rtt_ms = self.measurement.rtt_ms
+            bandwidth_mbps = self.measurement.bandwidth_mbps()
+            if now_ms - self.measurement.last_sample_ms > STALE_ESTIMATE_MS:
+                bandwidth_mbps = max(bandwidth_mbps, self.cheapest_cloud_bandwidth_mbps)
+            allocation = self.planner.plan(bandwidth_mbps, rtt_ms, self.slo_ms,
+                                           tuple(self.measurement.samples_mbps))
+            self._allocations[frame_index] = allocation
+            while len(self._allocations) > ALLOCATIONS_KEPT:
+                self._allocations.popitem(last=False)
+        return allocation
+
+    def on_camera_frame(self, frame_index: int, camera: str, image_bgr: np.ndarray,
+                        capture_ms: float | None = None, full_size_wh: tuple[int, int] | None = None) -> None:
+        """A camera image arrived: start its fallback, and compress and send it if allocated.
+
+        The latency budget starts at `capture_ms` (same clock as the agent's) when the camera
+        stamped the frame, else now. A frame that arrives after its deadline is answered at once
+        with the camera's latest on-car result, so a backlog never turns into more work.
+        `full_size_wh` is the camera's image size when `image_bgr` was decoded smaller.
+        """
+        if full_size_wh is None:
+            full_size_wh = (image_bgr.shape[1], image_bgr.shape[0])
+        if camera not in self._cameras:
+            return
+        now_ms = self.clock.now_ms()
+        start_ms = now_ms if capture_ms is None or capture_ms > now_ms else capture_ms
+        self.counters.frames += 1
+        allocation = self.allocation_for(frame_index)
+        choice = allocation.choices.get(camera, self.fallback_name)
+        option = self.options[camera].get(choice)
+        task = TaskFrame(frame_index=frame_index, camera=camera, arrival_ms=start_ms,
+                         deadline_ms=start_ms + self.slo_ms,
+                         cutoff_ms=start_ms + self.slo_ms - self.publish_guard_ms, choice=choice)
+        self._pending.append(task)
+        if now_ms >= task.cutoff_ms:
+            self.counters.arrived_late += 1
+            self._reuse_onboard(self._cameras[camera], task)
+            self.step()
+            return
+        self._start_fallback(task, image_bgr, full_size_wh)
+        if option is not None and not option.is_fallback:
+            share_mbps = float(allocation.bandwidth_mbps.get(camera, 0.0))
+            task.cloud_pending = True
+            if self.encode_executor is None:
+                self._queue_request(task, option, share_mbps, self._encode_now(image_bgr, option, full_size_wh))
+            else:
+                # Cameras compress in parallel; the request joins its camera's queue when ready.
+                encoding = self._cameras[camera].encoding
+                if len(encoding) >= MAX_ENCODING_PER_CAMERA and encoding[0][3].cancel():
+                    encoding.popleft()[0].cloud_pending = False  # freshest first: not started, dropped
+                    self.counters.dropped_replaced += 1
+                if len(encoding) >= MAX_ENCODING_PER_CAMERA:
+                    task.cloud_pending = False  # compression cannot keep up: this frame stays on board
+                    self.counters.dropped_replaced += 1
+                else:
+                    future = self.encode_executor.submit(self.encoder, image_bgr, option.name, full_size_wh)
+                    encoding.append((task, option, share_mbps, future))
+                    future.add_done_callback(lambda _: self.wake())
+        self.step()
+
+    def _encode_now(self, image_bgr: np.ndarray, option: Option, full_size_wh: tuple[int, int]) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(self.encoder(image_bgr, option.name, full_size_wh))
+        except Exception as error:  # reported through the future like an executor would
+            future.set_exception(error)
+        return future
+
+    def _queue_request(self, task: TaskFrame, option: Option, share_mbps: float, encoded: Future) -> None:
+        """Put an encoded frame in its camera's waiting slot (freshest first), or fall back."""
+        try:
+            frame = encoded.result()
+        except Exception:  # a frame that cannot be encoded falls back; the node keeps running
+            self.counters.encode_failures += 1
+            task.cloud_pending = False
+            return
+        if task.published:  # its on-car result went out while it was being compressed
+            task.cloud_pending = False
+            self.counters.dropped_stale += 1
+            return
+        state = self._cameras[task.camera]
+        if state.waiting is not None:
+            state.waiting.task.cloud_pending = False  # freshest first: the newer frame goes instead
+            self.counters.dropped_replaced += 1
+        state.waiting = _Request(task, option, frame, share_mbps)
+
+    def on_reply(self, frames: Sequence[Any]) -> None:
+        now_ms = self.clock.now_ms()
+        try:
+            header, detections = decode_reply(frames)
+        except ProtocolError:
+            self.counters.bad_replies += 1
+            return
+        if header.kind == PONG or not isinstance(header.request_id, int):
+            return
+        self.counters.replies += 1
+        timing = self._recent.pop(header.request_id, None)
+        if timing is not None:
+            self.measurement.on_reply(timing, now_ms, header.timings.total_ms)
+        self._consecutive_timeouts = 0
+        self._last_reply_ms = now_ms
+        request = self._in_flight.pop(header.request_id, None)
+        if request is None:
+            self.counters.replies_discarded += 1  # timed out already: its frame has been published
+            return
+        camera = request.task.camera
+        self._cameras[camera].in_flight = None
+        task = request.task
+        task.cloud_pending = False
+        if not header.ok:
+            self.counters.replies_not_ok += 1
+        elif task.published or now_ms > task.cutoff_ms:
+            self.counters.replies_discarded += 1
+        else:
+            task.cloud_detections = detections
+            task.cloud_config = task.choice
+        self.step()
+
+    # ------------------------------------------------------------ time
+
+    def step(self) -> None:
+        """Time out requests, send waiting frames, collect fallback results, publish what is due."""
+        now_ms = self.clock.now_ms()
+        for request_id, request in list(self._in_flight.items()):
+            if now_ms >= request.task.cutoff_ms:
+                del self._in_flight[request_id]
+                self._cameras[request.task.camera].in_flight = None
+                request.task.cloud_pending = False
+                self.counters.timeouts += 1
+                self._consecutive_timeouts += 1
+                timing = self._recent.get(request_id)
+                if timing is not None:
+                    self.measurement.on_timeout(timing, now_ms)
+        if (self._consecutive_timeouts >= self.reconnect_after_timeouts
+                and now_ms - self._last_reply_ms >= self.min_reconnect_interval_ms
+                and now_ms - self._last_reset_ms >= self.min_reconnect_interval_ms):
+            # Nothing at all came back for a while: the connection may be half dead, and a fresh
+            # socket reconnects. A link that is only slow still returns (late) replies: no reset,
+            # which would throw away requests about to be answered.
+            self.link.reset()
+            self.counters.transport_resets += 1
+            self._last_reset_ms = now_ms
+            self._consecutive_timeouts = 0
+        for camera in self.cameras:
+            self._collect_fallback(camera)
+            self._collect_encodings(camera)
+            self._send_waiting(camera, now_ms)
+        self._publish_ready(now_ms)
+
+    def next_wakeup_ms(self) -> float:
+        """When `step()` must run next (fallback completions call `wake` instead)."""
+        times = [task.cutoff_ms for task in self._pending]  # encodings and fallbacks call `wake`
+        times += [request.task.cutoff_ms for request in self._in_flight.values()]
+        return min(times) if times else math.inf
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self._pending)
+
+    def status(self) -> dict[str, Any]:
+        now_ms = self.clock.now_ms()
+        return {
+            **self.counters.__dict__,
+            "pending_frames": len(self._pending),
+            "in_flight": len(self._in_flight),
+            "bandwidth_mbps": round(self.measurement.bandwidth_mbps(), 3),
+            "rtt_ms": round(self.measurement.rtt_ms, 3),
+            "estimate_age_ms": None if math.isinf(self.measurement.last_sample_ms)
+            else round(now_ms - self.measurement.last_sample_ms, 1),
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _cheapest_cloud_bandwidth(self, rtt_ms: float) -> float:
+        bandwidths = [critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms, self.slo_ms)
+                      for options in self.options.values() for option in options.values()
+                      if not option.is_fallback]
+        finite = [bandwidth for bandwidth in bandwidths if math.isfinite(bandwidth)]
+        return min(finite) if finite else 0.0
+
+    def _send_waiting(self, camera: str, now_ms: float) -> None:
+        state = self._cameras[camera]
+        request = state.waiting
+        if request is None or state.in_flight is not None:
+            return
+        state.waiting = None
+        task = request.task
+        budget_ms = task.cutoff_ms - now_ms
+        # Dropped only if it cannot make it even with the whole estimated uplink to itself: the
+        # allocation's share is a floor (the critical bandwidth of the profiled size), not a cap.
+        link_mbps = max(self.measurement.bandwidth_mbps(), request.share_mbps, 1e-6)
+        transfer_ms = request.size_bytes * 8 / 1000.0 / link_mbps
+        expected_ms = transfer_ms + request.option.runtime_ms + self.measurement.rtt_ms
+        if task.published or budget_ms < expected_ms:
+            task.cloud_pending = False
+            self.counters.dropped_stale += 1
+            return
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        encoded = request.encoded
+        header = RequestHeader(vehicle=self.vehicle, request_id=request_id, task=camera,
+                               frame=task.frame_index, model=encoded.model, codec=encoded.codec,
+                               shape=(encoded.shape_hw[0], encoded.shape_hw[1], 3), budget_ms=budget_ms,
+                               frame_shape=encoded.frame_shape_hw)
+        if not self.link.send(encode_request(header, encoded.payload)):
+            task.cloud_pending = False
+            self.counters.send_failures += 1
+            return
+        request.request_id = request_id
+        request.send_ms = now_ms
+        state.in_flight = request
+        self._in_flight[request_id] = request
+        self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms)
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+        self.counters.requests_sent += 1
+
+    def _collect_encodings(self, camera: str) -> None:
+        state = self._cameras[camera]
+        while state.encoding and state.encoding[0][3].done():  # in frame order
+            task, option, share_mbps, future = state.encoding.popleft()
+            self._queue_request(task, option, share_mbps, future)
+
+    def _start_fallback(self, task: TaskFrame, image_bgr: np.ndarray, full_size_wh: tuple[int, int]) -> None:
+        state = self._cameras[task.camera]
+        self._collect_fallback(task.camera)
+        if state.fallback_running is None:
+            self._submit_fallback(state, task, image_bgr, full_size_wh)
+            return
+        if state.fallback_waiting is not None:
+            # One running and one waiting per camera: the displaced frame reuses the latest on-car
+            # result, so the node's memory and the fallback's backlog stay bounded.
+            displaced = state.fallback_waiting[0]
+            self._reuse_onboard(state, displaced)
+        state.fallback_waiting = (task, image_bgr, full_size_wh)
+
+    def _reuse_onboard(self, state: _CameraState, task: TaskFrame) -> None:
+        task.onboard_detections = state.last_onboard
+        task.onboard_config = f"{self.fallback_name}:reused"
+        self.counters.fallback_reused += 1
+
+    def _submit_fallback(self, state: _CameraState, task: TaskFrame, image_bgr: np.ndarray,
+                         full_size_wh: tuple[int, int]) -> None:
+        future = self.executor.submit(self.fallback, image_bgr, full_size_wh)
+        state.fallback_running = future
+        state.fallback_task = task
+        future.add_done_callback(lambda _: self.wake())
+
+    def _collect_fallback(self, camera: str) -> None:
+        state = self._cameras[camera]
+        future = state.fallback_running
+        if future is None or not future.done():
+            return
+        task = state.fallback_task
+        try:
+            detections = np.asarray(future.result(), dtype=np.float32).reshape(-1, 6)
+            config = self.fallback_name
+        except Exception:  # a failing fallback must not stop the node; publish nothing found
+            detections = empty_detections()
+            config = f"{self.fallback_name}:failed"
+        state.last_onboard = detections
+        if task is not None:
+            task.onboard_detections = detections
+            task.onboard_config = config
+        state.fallback_running = None
+        state.fallback_task = None
+        if state.fallback_waiting is not None:
+            waiting_task, image_bgr, full_size_wh = state.fallback_waiting
+            state.fallback_waiting = None
+            if waiting_task.published:
+                self._reuse_onboard(state, waiting_task)  # the cloud answered: skip the work
+            else:
+                self._submit_fallback(state, waiting_task, image_bgr, full_size_wh)
+
+    def _publish_ready(self, now_ms: float) -> None:
+        still_pending = []
+        for task in self._pending:
+            result = decide(task, now_ms)
+            if result is None:
+                still_pending.append(task)
+                continue
+            task.published = True
+            self.counters.published += 1
+            if result.source == "cloud":
+                self.counters.published_cloud += 1
+            else:
+                self.counters.published_onboard += 1
+            if not result.deadline_met:
+                self.counters.deadline_missed += 1
+            self.publish(result)
+        self._pending = still_pending

@@ -1,0 +1,96 @@
+"""Uplink bandwidth and network RTT measured from the cloud requests themselves (no probe traffic).
+
+For each reply:
+- network round trip = reply arrival - send time - server time (`timings_ms.total`), less the
+  request's own upload time at the current bandwidth estimate; the RTT estimate is the smallest
+  of the recent ones (the one least inflated by queueing);
+- uplink transfer time = reply arrival - transfer start - server time - RTT estimate, where the
+  transfer start is the later of the send time and the estimated end of the upload of the
+  request sent just before (the uplink is one FIFO queue, so a request waits for earlier ones);
+- throughput sample = request bits / transfer time, clamped to a plausible range.
+A request that times out gives no sample (the cloud may be the slow part); if its reply still
+comes, late, it is measured then. When no sample has come for a while the daemon plans with
+enough bandwidth for one cheap real request, which measures the link again (onboard/daemon.py).
+
+Samples go to an `optimizer.bandwidth` estimator (`observe(time_ms, throughput_mbps)`,
+`estimate_mbps()`), and are kept for the quantile planner.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+MIN_TRANSFER_MS = 1.0
+MIN_SAMPLE_MBPS = 0.01
+MAX_SAMPLE_MBPS = 10_000.0
+RTT_WINDOW = 32
+
+
+class BandwidthEstimator(Protocol):
+    def observe(self, time_ms: float, throughput_mbps: float) -> None: ...
+
+    def estimate_mbps(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """What the measurement needs to know about one request."""
+
+    request_id: int
+    size_bytes: int
+    send_ms: float
+
+
+class LinkMeasurement:
+    """Bandwidth and RTT estimates of the car's uplink, fed by request outcomes."""
+
+    def __init__(self, estimator: BandwidthEstimator, initial_rtt_ms: float, sample_window: int = 50) -> None:
+        self.estimator = estimator
+        self.initial_rtt_ms = initial_rtt_ms
+        self._rtts_ms: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
+        self.samples_mbps: collections.deque[float] = collections.deque(maxlen=sample_window)
+        self.last_sample_ms = -math.inf
+        self._upload_end_ms = -math.inf  # estimated end of the most recent upload we know of
+        self.replies = 0
+        self.timeouts = 0
+
+    @property
+    def rtt_ms(self) -> float:
+        return min(self._rtts_ms) if self._rtts_ms else self.initial_rtt_ms
+
+    def bandwidth_mbps(self) -> float:
+        return float(self.estimator.estimate_mbps())
+
+    def on_reply(self, request: RequestTiming, arrival_ms: float, server_ms: float) -> float | None:
+        """Account a reply; returns the throughput sample taken, if any."""
+        self.replies += 1
+        round_trip_ms = arrival_ms - request.send_ms - max(0.0, server_ms)
+        # The round trip includes this request's own upload; take out what the current estimate
+        # says it cost, so the RTT is the network's and a large request does not inflate it.
+        # At the most optimistic recent rate, so a low estimate cannot drag the RTT (and through it
+        # the next samples) further down.
+        optimistic_mbps = max([self.bandwidth_mbps(), *self.samples_mbps, MIN_SAMPLE_MBPS])
+        own_upload_ms = request.size_bytes * 8 / 1000.0 / optimistic_mbps
+        self._rtts_ms.append(max(0.0, round_trip_ms - own_upload_ms))
+        upload_end_ms = arrival_ms - max(0.0, server_ms) - self.rtt_ms
+        previous_end_ms = self._upload_end_ms
+        start_ms = max(request.send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else request.send_ms
+        transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
+        self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
+        return self._observe(arrival_ms, request.size_bytes, transfer_ms)
+
+    def on_timeout(self, request: RequestTiming, now_ms: float) -> None:
+        """A request got no reply within its frame's budget. No sample is taken: the cause may be the
+        cloud, not the link, and a reply that still comes back late is measured then."""
+        self.timeouts += 1
+
+    def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float) -> float:
+        sample_mbps = size_bytes * 8 / 1000.0 / transfer_ms
+        sample_mbps = min(MAX_SAMPLE_MBPS, max(MIN_SAMPLE_MBPS, sample_mbps))
+        self.estimator.observe(now_ms, sample_mbps)
+        self.samples_mbps.append(sample_mbps)
+        self.last_sample_ms = now_ms
+        return sample_mbps

@@ -1,0 +1,130 @@
+"""The onboard node's parameters: a YAML params file plus ROS 2 style `-p key:=value` overrides.
+
+Example: docs/examples/onboard.yaml. Every field has a default so a node can start from an
+empty file. Relative paths in a file are relative to that file's directory; paths given only as
+`-p` overrides without a file are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+
+from avcloud.config import apply_override, load_config, parse_override, validate
+from avcloud.types import ALL_CAMERAS
+
+
+class TopicParams(pydantic.BaseModel):
+    """Topic names; `{camera}` is replaced by each camera's name."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    camera: str = "/camera/{camera}/image"
+    detections: str = "/perception/{camera}/detections"
+    heartbeat: str = "/onboard/heartbeat"
+
+
+class EndpointParams(pydantic.BaseModel):
+    """ZeroMQ endpoints. The node connects to cameras and to the cloud, and binds its outputs."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    cameras: str = "tcp://127.0.0.1:5600"  # the player's (or the camera driver's) PUB socket
+    outputs: str = "tcp://127.0.0.1:5601"  # this node's PUB socket (results, heartbeat)
+    cloud: str = "tcp://127.0.0.1:5555"  # the cloud service's ROUTER, or the link emulator in front of it
+
+
+class SecurityParams(pydantic.BaseModel):
+    """CurveZMQ keys (see avcloud/keys.py); `insecure: true` talks to a service run with --insecure."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    insecure: bool = False
+    client_secret_key: Path | None = None  # this vehicle's NAME.key_secret
+    server_public_key: Path | None = None  # the cloud service's NAME.key
+
+
+class OnboardParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    node_name: str = "avcloud_onboard"
+    vehicle: str = pydantic.Field("car-0", min_length=1, max_length=128)
+    cameras: list[str] = pydantic.Field(default_factory=lambda: list(ALL_CAMERAS), min_length=1)
+    topics: TopicParams = pydantic.Field(default_factory=TopicParams)
+    endpoints: EndpointParams = pydantic.Field(default_factory=EndpointParams)
+    security: SecurityParams = pydantic.Field(default_factory=SecurityParams)
+
+    # Allocation: options per camera come from the profile table (None: every camera on board).
+    profile_path: Path | None = None
+    method: Literal["exact", "quantile"] = "exact"
+    allocator: str = "exact"  # registry name in optimizer.allocators, for method "exact"
+    slo_ms: float = pydantic.Field(100.0, gt=0)
+    # Stop waiting for the cloud this long before the deadline so the on-car result is out in time.
+    publish_guard_ms: float = pydantic.Field(3.0, ge=0)
+    rtt_ms: float = pydantic.Field(20.0, ge=0)  # prior for the network RTT until replies measure it
+    initial_bandwidth_mbps: float = pydantic.Field(5.0, gt=0)
+    estimator: Literal["ewma", "harmonic"] = "ewma"
+    quantile_window: int = pydantic.Field(50, ge=5)  # bandwidth samples the quantile planner sees
+
+    # On-car fallback detector (avcloud.models.Detector).
+    onboard_model: str = "avd-onboard"
+    onboard_backend: str = "auto"
+    fallback_workers: int = pydantic.Field(2, ge=1, le=32)
+    # Cameras compressed in parallel threads (0: inline in the event loop). Worth it on a car
+    # computer with cores to spare; on a small shared CPU it only adds contention.
+    encode_workers: int = pydantic.Field(0, ge=0, le=32)
+    # Inference threads per fallback run; parallelism comes from fallback_workers (one camera each).
+    onboard_threads: int | None = pydantic.Field(1, ge=1)
+
+    # Transport and liveness.
+    camera_rate_hz: float = pydantic.Field(10.0, gt=0)
+    heartbeat_period_ms: float = pydantic.Field(1000.0, gt=0)
+    dead_after_periods: float = pydantic.Field(3.0, gt=1)
+    # A fresh cloud socket after this many consecutive timeouts with no reply at all for
+    # min_reconnect_interval_ms (and at most once per that interval).
+    reconnect_after_timeouts: int = pydantic.Field(3, ge=1)
+    min_reconnect_interval_ms: float = pydantic.Field(1000.0, ge=0)
+    send_high_water_mark: int = pydantic.Field(16, ge=1)
+
+    @pydantic.field_validator("cameras")
+    @classmethod
+    def _cameras_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("camera names must be unique")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _keys_or_insecure(self) -> OnboardParams:
+        security = self.security
+        if not security.insecure and (security.client_secret_key is None or security.server_public_key is None):
+            raise ValueError("security: set client_secret_key and server_public_key, or insecure: true")
+        return self
+
+
+def load_params(path: str | Path | None, overrides: list[str] | None = None) -> OnboardParams:
+    """Params from a YAML file (None: defaults) with `key:=value` overrides applied in order."""
+    parsed = dict(parse_override(text) for text in overrides or [])
+    if path is None:
+        data: dict[str, Any] = {}
+        for key, value in parsed.items():
+            apply_override(data, key, value)
+        return validate(OnboardParams, data, "parameters")
+    params = load_config(OnboardParams, path, parsed)
+    return resolve_paths(params, Path(path).resolve().parent)
+
+
+def resolve_paths(params: OnboardParams, base: Path) -> OnboardParams:
+    """Relative file paths in a params file are relative to the file's directory; `~` expands."""
+
+    def resolved(value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        return value if value.is_absolute() else base / value
+
+    security = params.security.model_copy(update={
+        "client_secret_key": resolved(params.security.client_secret_key),
+        "server_public_key": resolved(params.security.server_public_key)})
+    return params.model_copy(update={"profile_path": resolved(params.profile_path), "security": security})

@@ -1,0 +1,137 @@
+"""Uplink bandwidth estimators over measured throughput samples (bytes / transfer time).
+
+Samples are noisy and bursty: one transfer can see a burst far above the link's sustained rate,
+or a stall near zero. All estimators share `observe(time_ms, throughput_mbps)` and
+`estimate_mbps()` (None before the first sample).
+
+- `EwmaEstimator`: exponentially weighted moving average (reacts fast, follows bursts).
+- `HarmonicMeanEstimator`: harmonic mean of the last N samples (as in MPC/FESTIVE video
+  streaming): dominated by the slow samples, so robust to bursts and cautious after stalls. A
+  zero sample makes it 0 until it leaves the window.
+- `QuantileForecaster`: a distribution of the next interval's throughput. Level = EWMA of
+  log-throughput; the spread = the empirical distribution of that level's past one-step-ahead
+  errors (in log space, so multiplicative: a link at 5 Mbps and one at 50 Mbps get the same
+  relative uncertainty). The forecast samples are level * exp(error_i); quantiles come from them.
+  Before two samples exist there are no errors to learn from and the forecast is the samples
+  seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+# Added before taking logs so that stalls (0 Mbps) stay finite: 10 kbit/s is "no link" here.
+LOG_FLOOR_MBPS = 0.01
+
+
+class _SampleChecks:
+    def __init__(self) -> None:
+        self._last_time_ms = -math.inf
+
+    def _check(self, time_ms: float, throughput_mbps: float) -> None:
+        if not math.isfinite(time_ms):
+            raise ValueError(f"sample time must be finite (got {time_ms!r})")
+        if time_ms < self._last_time_ms:
+            raise ValueError(f"samples must come in time order ({time_ms} < {self._last_time_ms})")
+        if not (math.isfinite(throughput_mbps) and throughput_mbps >= 0):
+            raise ValueError(f"throughput must be a finite number >= 0 (got {throughput_mbps!r})")
+        self._last_time_ms = time_ms
+
+
+class EwmaEstimator(_SampleChecks):
+    """estimate <- alpha * sample + (1 - alpha) * estimate; the first sample seeds it."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        super().__init__()
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha must be in (0, 1]")
+        self.alpha = alpha
+        self._estimate_mbps: float | None = None
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self._check(time_ms, throughput_mbps)
+        if self._estimate_mbps is None:
+            self._estimate_mbps = float(throughput_mbps)
+        else:
+            self._estimate_mbps += self.alpha * (throughput_mbps - self._estimate_mbps)
+
+    def estimate_mbps(self) -> float | None:
+        return self._estimate_mbps
+
+
+class HarmonicMeanEstimator(_SampleChecks):
+    """Harmonic mean of the last `window` samples."""
+
+    def __init__(self, window: int = 5) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
+        self._samples_mbps: deque[float] = deque(maxlen=window)
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self._check(time_ms, throughput_mbps)
+        self._samples_mbps.append(float(throughput_mbps))
+
+    def estimate_mbps(self) -> float | None:
+        if not self._samples_mbps:
+            return None
+        if min(self._samples_mbps) == 0:
+            return 0.0
+        return len(self._samples_mbps) / sum(1.0 / sample for sample in self._samples_mbps)
+
+
+class QuantileForecaster(_SampleChecks):
+    """Forecast distribution of the next interval's throughput (see the module docstring).
+
+    `window`: how many past one-step errors form the distribution; `alpha`: smoothing of the
+    log-throughput level. `estimate_mbps()` is the median forecast.
+    """
+
+    def __init__(self, window: int = 50, alpha: float = 0.3) -> None:
+        super().__init__()
+        if window < 2:
+            raise ValueError("window must be at least 2")
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha must be in (0, 1]")
+        self.window = window
+        self.alpha = alpha
+        self._level_log: float | None = None
+        self._errors_log: deque[float] = deque(maxlen=window)
+        self._recent_mbps: deque[float] = deque(maxlen=window)
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self._check(time_ms, throughput_mbps)
+        sample_log = math.log(throughput_mbps + LOG_FLOOR_MBPS)
+        if self._level_log is None:
+            self._level_log = sample_log
+        else:
+            self._errors_log.append(sample_log - self._level_log)
+            self._level_log += self.alpha * (sample_log - self._level_log)
+        self._recent_mbps.append(float(throughput_mbps))
+
+    def samples_mbps(self) -> np.ndarray:
+        """Equally likely values of the next interval's throughput (empty before any sample)."""
+        if self._level_log is None:
+            return np.zeros(0)
+        if len(self._errors_log) < 2:
+            return np.asarray(self._recent_mbps, dtype=float)
+        errors = np.asarray(self._errors_log, dtype=float)
+        return np.maximum(np.exp(self._level_log + errors) - LOG_FLOOR_MBPS, 0.0)
+
+    def quantile_mbps(self, q: float) -> float | None:
+        if not 0 <= q <= 1:
+            raise ValueError("quantile must be in [0, 1]")
+        samples = self.samples_mbps()
+        if samples.shape[0] == 0:
+            return None
+        return float(np.quantile(samples, q))
+
+    def estimate_mbps(self) -> float | None:
+        return self.quantile_mbps(0.5)
+
+    def forecast(self) -> dict[str, float | None]:
+        return {"p10": self.quantile_mbps(0.1), "p50": self.quantile_mbps(0.5), "p90": self.quantile_mbps(0.9)}

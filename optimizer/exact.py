@@ -1,0 +1,409 @@
+"""Exact multiple-choice knapsack over utility curves: one option per service, maximise the
+weighted utility subject to the sum of critical bandwidths fitting the budget.
+
+Method (all exact, no approximation):
+1. Per service, drop options that can never meet the SLO and options dominated by a cheaper,
+   at-least-as-useful one: what is left is the service's Pareto frontier (its staircase).
+2. Few services: dynamic programming over merged Pareto frontiers. Merging the partial
+   frontier with the next service's frontier and pruning dominated (cost, value) pairs keeps
+   every pair that can still be optimal. Without a budget cap the result is the whole
+   problem's frontier, which `PreparedServices` keeps, so a later budget is one binary search.
+3. Many services: the LP relaxation (greedy over the services' concave hulls) gives a dual
+   price lambda and an integer solution (lower bound LB). The Lagrangian bound
+   lambda * B + sum_s max_o (v_o - lambda * c_o) is a valid upper bound for any completion, so
+   options and partial states whose bound falls below LB are dropped before and during the same
+   frontier DP. Bounds are compared with a tolerance on the safe side (we keep, never drop,
+   anything within 1e-9 relative of LB).
+Ties: the returned utility is always the optimum; which of several equally useful choices is
+returned depends on the path taken (the cached whole frontier returns the cheapest of them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from avcloud.types import Service
+from optimizer.problem import budget_limit_mbps, check_services, critical_bandwidths_from_arrays
+
+# Up to this many services the plain frontier DP is fast; above it the LP reduction pays off.
+PLAIN_DP_MAX_SERVICES = 8
+# The whole problem's frontier is kept for re-use only while it stays this small.
+CACHED_FRONTIER_MAX_STATES = 200_000
+BOUND_RELATIVE_TOLERANCE = 1e-9
+
+
+class ProblemArrays:
+    """All options of a services tuple as flat arrays (the part that depends on nothing else).
+
+    Validates the services on the way (vectorised): raises DataError naming the service/option.
+    """
+
+    def __init__(self, services: Sequence[Service]) -> None:
+        self.services = tuple(services)
+        counts = [len(service.options) for service in self.services]
+        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.intp)
+        self.service_ids = np.repeat(np.arange(len(counts), dtype=np.intp), counts)
+        options = [option for service in self.services for option in service.options]
+        self.sizes_mbit = np.array([o.size_mbit for o in options], dtype=float)
+        self.runtimes_ms = np.array([o.runtime_ms for o in options], dtype=float)
+        utilities = np.array([o.utility for o in options], dtype=float)
+        self.weights = np.array([service.weight for service in self.services], dtype=float)
+        if not self._looks_valid(utilities, counts):
+            check_services(self.services)  # names the offending service or option
+        self.values = self.weights[self.service_ids] * utilities
+        # Rank of each value among all values: exact integer keys for per-service running maxima.
+        self.value_ranks = np.unique(self.values, return_inverse=True)[1].reshape(-1)
+
+    def _looks_valid(self, utilities: np.ndarray, counts: list[int]) -> bool:
+        if not self.services or min(counts) == 0:
+            return False
+        if not (np.all(np.isfinite(self.weights)) and np.all(self.weights >= 0)):
+            return False
+        finite = np.isfinite(self.sizes_mbit) & np.isfinite(self.runtimes_ms) & np.isfinite(utilities)
+        if not (finite.all() and (self.sizes_mbit >= 0).all() and (self.runtimes_ms >= 0).all()):
+            return False
+        fallbacks_per_service = np.add.reduceat((self.sizes_mbit == 0).astype(np.intp), self.offsets[:-1])
+        if not (fallbacks_per_service > 0).all():
+            return False
+        if len({service.name for service in self.services}) != len(self.services):
+            return False
+        return all(len({o.name for o in service.options}) == len(service.options) for service in self.services)
+
+
+class Frontier:
+    """A service's Pareto frontier: critical bandwidth ascending, weighted utility strictly ascending."""
+
+    __slots__ = ("costs", "values", "option_indices")
+
+    def __init__(self, costs: np.ndarray, values: np.ndarray, option_indices: np.ndarray) -> None:
+        self.costs = costs
+        self.values = values
+        self.option_indices = option_indices
+
+
+def build_frontiers(arrays: ProblemArrays, rtt_ms: float, slo_ms: float) -> list[Frontier]:
+    """Every service's frontier at once: drop options that cannot meet the SLO, sort by
+    (service, critical bandwidth, utility descending, table order), keep per-service records."""
+    bandwidths_mbps = critical_bandwidths_from_arrays(arrays.sizes_mbit, arrays.runtimes_ms, rtt_ms, slo_ms)
+    candidates = np.flatnonzero(np.isfinite(bandwidths_mbps))
+    service_ids = arrays.service_ids[candidates]
+    order = np.lexsort((candidates, -arrays.values[candidates], bandwidths_mbps[candidates], service_ids))
+    candidates, service_ids = candidates[order], service_ids[order]
+    # Keys increase from one service to the next, so a plain running maximum restarts per service.
+    keys = service_ids * (arrays.values.shape[0] + 1) + arrays.value_ranks[candidates]
+    kept = candidates[_strict_records(keys)]
+    bounds = np.searchsorted(arrays.service_ids[kept], np.arange(len(arrays.services) + 1))
+    costs, values = bandwidths_mbps[kept], arrays.values[kept]
+    local = kept - arrays.offsets[arrays.service_ids[kept]]
+    return [
+        Frontier(costs[start:end], values[start:end], local[start:end])
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+    ]
+
+
+def _strict_records(values: np.ndarray) -> np.ndarray:
+    """Mask of entries strictly above every earlier entry (the first is always kept)."""
+    keep = np.empty(values.shape[0], dtype=bool)
+    if values.shape[0]:
+        keep[0] = True
+        keep[1:] = values[1:] > np.maximum.accumulate(values)[:-1]
+    return keep
+
+
+class _FrontierDP:
+    """Pareto states (cost ascending, value strictly ascending) over some services, with
+    back-pointers to recover each service's frontier point."""
+
+    def __init__(self, initial_cost: float = 0.0, initial_value: float = 0.0) -> None:
+        self.costs = np.array([initial_cost])
+        self.values = np.array([initial_value])
+        # The first merge may take the service's frontier as the states only from (0, 0).
+        self._from_zero = initial_cost == 0.0 and initial_value == 0.0
+        self.fixed_positions: list[int] = []  # services folded into the initial state
+        # Per merged service: (service position, pair index of each state or None, frontier width).
+        # A state's pair index p means: previous state p // width, frontier point p % width.
+        self.stages: list[tuple[int, np.ndarray | None, int]] = []
+
+    def merge(self, position: int, costs: np.ndarray, values: np.ndarray, cap: float) -> None:
+        width = costs.shape[0]
+        if not self.stages and self._from_zero:  # first service: its frontier is the state set
+            keep = costs <= cap
+            self.costs, self.values = costs[keep], values[keep]
+            self.stages.append((position, None, width))
+            return
+        pair_costs = np.add.outer(self.costs, costs).ravel()
+        pair_values = np.add.outer(self.values, values).ravel()
+        # Sorting by cost alone suffices: among equal costs a later, larger value is kept too,
+        # which leaves a harmless dominated state but keeps values strictly rising.
+        order = np.argsort(pair_costs, kind="stable")
+        if cap < math.inf:
+            order = order[: np.searchsorted(pair_costs[order], cap, side="right")]
+        pairs = order[_strict_records(pair_values[order])]
+        self.costs, self.values = pair_costs[pairs], pair_values[pairs]
+        self.stages.append((position, pairs, width))
+
+    def keep_states(self, mask: np.ndarray) -> None:
+        """Drop states; the last stage's back-pointers are filtered to match."""
+        self.costs, self.values = self.costs[mask], self.values[mask]
+        position, pairs, width = self.stages[-1]
+        self.stages[-1] = (position, np.flatnonzero(mask) if pairs is None else pairs[mask], width)
+
+    def backtrack(self, state: int, points_out: list[int], point_maps: dict[int, np.ndarray] | None = None) -> None:
+        """Write the frontier point each merged (or fixed) service takes in this final state."""
+        for position in self.fixed_positions:
+            points_out[position] = int(point_maps[position][0])
+        for position, pairs, width in reversed(self.stages):
+            pair = state if pairs is None else int(pairs[state])
+            state, point = divmod(pair, width)
+            if point_maps is not None and position in point_maps:
+                point = int(point_maps[position][point])
+            points_out[position] = point
+
+
+def _best_combination(first: _FrontierDP, second: _FrontierDP, limit_mbps: float) -> tuple[int, int]:
+    """The most valuable pair of states whose costs fit together (both Pareto-sorted)."""
+    partners = np.searchsorted(second.costs, limit_mbps - first.costs, side="right") - 1
+    # The subtraction may round; never accept a pair whose sum exceeds the limit.
+    valid = partners >= 0
+    partners = np.where(valid, partners, 0)
+    over = first.costs + second.costs[partners] > limit_mbps
+    partners = np.where(over, partners - 1, partners)
+    valid &= partners >= 0
+    totals = np.where(valid, first.values + second.values[np.maximum(partners, 0)], -math.inf)
+    best = int(np.argmax(totals))
+    return best, int(partners[best])
+
+
+class PreparedServices:
+    """Everything about (services, RTT, SLO) that does not depend on the budget.
+
+    `solve(budget_mbps)` returns the optimal option index per service. From the second solve on,
+    a problem of up to a few dozen services keeps its whole frontier, after which each solve is
+    one binary search.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        rtt_ms: float,
+        slo_ms: float,
+        arrays: ProblemArrays | None = None,
+    ) -> None:
+        self.arrays = arrays if arrays is not None else ProblemArrays(services)
+        self.services = self.arrays.services
+        self.rtt_ms = rtt_ms
+        self.slo_ms = slo_ms
+        self.frontiers = build_frontiers(self.arrays, rtt_ms, slo_ms)
+        self._solve_count = 0
+        self._whole: _FrontierDP | None = None
+        self._whole_too_large = len(self.services) > 3 * PLAIN_DP_MAX_SERVICES
+        self._segments: HullSegments | None = None
+        self._flat: tuple[np.ndarray, ...] | None = None
+
+    def solve(self, budget_mbps: float) -> tuple[list[int], list[float]]:
+        """Option index (into each service's options) and critical bandwidth of the optimum."""
+        limit_mbps = budget_limit_mbps(budget_mbps)
+        self._solve_count += 1
+        if self._whole is None and self._solve_count >= 2 and not self._whole_too_large:
+            self._whole = self._merge(range(len(self.frontiers)), math.inf, CACHED_FRONTIER_MAX_STATES)
+            self._whole_too_large = self._whole is None
+        points = [0] * len(self.services)
+        if self._whole is not None:
+            state = int(np.searchsorted(self._whole.costs, limit_mbps, side="right")) - 1
+            self._whole.backtrack(state, points)
+        elif len(self.services) <= PLAIN_DP_MAX_SERVICES:
+            half = len(self.services) // 2
+            first = self._merge(range(half), limit_mbps)
+            second = self._merge(range(half, len(self.services)), limit_mbps)
+            first_state, second_state = _best_combination(first, second, limit_mbps)
+            first.backtrack(first_state, points)
+            second.backtrack(second_state, points)
+        else:
+            dp, point_maps = self._bounded_dp(limit_mbps)
+            dp.backtrack(int(np.argmax(dp.values)), points, point_maps)
+        indices = [int(f.option_indices[p]) for f, p in zip(self.frontiers, points, strict=True)]
+        bandwidths = [float(f.costs[p]) for f, p in zip(self.frontiers, points, strict=True)]
+        return indices, bandwidths
+
+    def _merge(self, positions, cap_mbps: float, state_limit: int | None = None) -> _FrontierDP | None:
+        dp = _FrontierDP()
+        for position in positions:
+            frontier = self.frontiers[position]
+            dp.merge(position, frontier.costs, frontier.values, cap_mbps)
+            if state_limit is not None and dp.costs.shape[0] > state_limit:
+                return None
+        return dp
+
+    def lp_relaxation(self, budget_mbps: float) -> LpRelaxation:
+        return LpRelaxation(self.hull_segments(), budget_limit_mbps(budget_mbps))
+
+    def hull_segments(self) -> HullSegments:
+        if self._segments is None:
+            self._segments = HullSegments(self.frontiers)
+        return self._segments
+
+    def _flat_frontiers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """All frontier points as flat arrays: costs, values, owner service, point number, starts."""
+        if self._flat is None:
+            lengths = [f.costs.shape[0] for f in self.frontiers]
+            starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.intp)
+            owners = np.repeat(np.arange(len(lengths), dtype=np.intp), lengths)
+            self._flat = (
+                np.concatenate([f.costs for f in self.frontiers]),
+                np.concatenate([f.values for f in self.frontiers]),
+                owners,
+                np.arange(owners.shape[0], dtype=np.intp) - starts[owners],
+                starts,
+            )
+        return self._flat
+
+    def _bounded_dp(self, limit_mbps: float) -> tuple[_FrontierDP, dict[int, np.ndarray] | None]:
+        """DP over the frontier points that survive the Lagrangian bound. Services left with a
+        single point are fixed in one step; returns the DP and, per merged service position, the
+        map from its surviving point number to frontier point."""
+        relaxation = LpRelaxation(self.hull_segments(), limit_mbps)
+        price = relaxation.price
+        lower_bound = relaxation.integer_value
+        tolerance = BOUND_RELATIVE_TOLERANCE * (1.0 + abs(lower_bound))
+        costs, values, owners, point_numbers, starts = self._flat_frontiers()
+        reduced = values - price * costs
+        best_reduced = np.maximum.reduceat(reduced, starts)
+        upper_bound = price * limit_mbps + float(best_reduced.sum())
+        # A point can only be part of a solution worth upper_bound - (M_s - reduced value).
+        survives = (upper_bound - (best_reduced[owners] - reduced) >= lower_bound - tolerance) & (costs <= limit_mbps)
+        survivor_counts = np.bincount(owners[survives], minlength=len(self.frontiers))
+        if np.any(survivor_counts == 0):  # only if rounding made the bound unsafe
+            return self._merge(range(len(self.frontiers)), limit_mbps), None
+        fixed = survives & (survivor_counts[owners] == 1)
+        dp = _FrontierDP(float(costs[fixed].sum()), float(values[fixed].sum()))
+        point_maps: dict[int, np.ndarray] = {}
+        fixed_owners = owners[fixed].tolist()
+        for position, point in zip(fixed_owners, point_numbers[fixed].tolist(), strict=True):
+            point_maps[position] = np.array([point])
+        dp.fixed_positions = fixed_owners
+        free = [int(p) for p in np.flatnonzero(survivor_counts > 1)]
+        free.sort(key=lambda p: survivor_counts[p])
+        remaining_best = np.concatenate([np.cumsum(best_reduced[free][::-1])[::-1][1:], [0.0]]) if free else []
+        for step, position in enumerate(free):
+            points = np.flatnonzero(survives[starts[position]: starts[position] + self.frontiers[position].costs.shape[0]])
+            point_maps[position] = points
+            frontier = self.frontiers[position]
+            dp.merge(position, frontier.costs[points], frontier.values[points], limit_mbps)
+            bound = dp.values - price * dp.costs + price * limit_mbps + remaining_best[step]
+            survivors = bound >= lower_bound - tolerance
+            if not survivors.all():
+                dp.keep_states(survivors)
+        if dp.values.shape[0] == 0 or dp.values.max() < lower_bound - tolerance:
+            # Only possible if rounding made the bound unsafe; the plain DP is exact regardless.
+            return self._merge(range(len(self.frontiers)), limit_mbps), None
+        return dp, point_maps
+
+
+class HullSegments:
+    """The segments of every service's upper concave hull, sorted by slope (steepest first):
+    what the LP relaxation walks down for any budget. Budget-independent, so built once."""
+
+    def __init__(self, frontiers: Sequence[Frontier]) -> None:
+        slopes, cost_steps, value_steps, owners, targets = [], [], [], [], []
+        self.service_count = len(frontiers)
+        self.base_cost = self.base_value = 0.0
+        for position, frontier in enumerate(frontiers):
+            frontier_costs, frontier_values = frontier.costs.tolist(), frontier.values.tolist()
+            hull = _upper_hull(frontier_costs, frontier_values)
+            self.base_cost += frontier_costs[0]
+            self.base_value += frontier_values[0]
+            for start, end in zip(hull[:-1], hull[1:], strict=True):
+                cost_step = frontier_costs[end] - frontier_costs[start]
+                value_step = frontier_values[end] - frontier_values[start]
+                slopes.append(value_step / cost_step)
+                cost_steps.append(cost_step)
+                value_steps.append(value_step)
+                owners.append(position)
+                targets.append(end)
+        order = np.argsort(-np.asarray(slopes, dtype=float), kind="stable")
+        self.slopes = np.asarray(slopes, dtype=float)[order]
+        self.cost_steps = np.asarray(cost_steps, dtype=float)[order]
+        self.value_steps = np.asarray(value_steps, dtype=float)[order]
+        self.owners = np.asarray(owners, dtype=np.intp)[order]
+        self.targets = np.asarray(targets, dtype=np.intp)[order]
+        # cumsum adds in sequence, the same sums a step-by-step walk would make.
+        self.cumulative_cost = np.cumsum(np.concatenate(([self.base_cost], self.cost_steps)))[1:]
+        self.cumulative_value = np.cumsum(np.concatenate(([self.base_value], self.value_steps)))[1:]
+        # Smallest step at or after each position: lets the greedy walk stop early.
+        self.smallest_later_step = np.minimum.accumulate(self.cost_steps[::-1])[::-1]
+        self._lists = (self.cost_steps.tolist(), self.value_steps.tolist(), self.owners.tolist(),
+                       self.targets.tolist(), self.smallest_later_step.tolist())
+
+
+class LpRelaxation:
+    """The LP relaxation of the problem: greedy over the services' concave hulls.
+
+    `value` is the relaxation optimum, `price` its dual price (utility per Mbps of the segment
+    the budget cuts; 0 when everything fits), `fractional` whether the optimum needs a fraction
+    of a segment, and `integer_points`/`integer_value`/`integer_cost` a feasible integer
+    solution (the segments that fit, in slope order; a lower bound on the optimum).
+    """
+
+    def __init__(self, segments: HullSegments, limit_mbps: float) -> None:
+        if segments.base_cost > limit_mbps:
+            raise ValueError("even the cheapest options exceed the budget")
+        taken = int(np.searchsorted(segments.cumulative_cost, limit_mbps, side="right"))
+        cost = float(segments.cumulative_cost[taken - 1]) if taken else segments.base_cost
+        value = float(segments.cumulative_value[taken - 1]) if taken else segments.base_value
+        self.value = value
+        self.price = 0.0
+        self.fractional = False
+        if taken < segments.slopes.shape[0]:
+            self.price = float(segments.slopes[taken])
+            fraction = (limit_mbps - cost) / segments.cost_steps[taken]
+            if fraction > 0:
+                self.fractional = True
+                self.value = value + fraction * float(segments.value_steps[taken])
+        self._greedy_integer(segments, limit_mbps)
+
+    def _greedy_integer(self, segments: HullSegments, limit_mbps: float) -> None:
+        """Down the slope order, take each segment that still fits (a service whose segment does
+        not fit takes none of its later ones). It must fit with a margin, so that summing its
+        costs in any order stays within the limit."""
+        safe_limit_mbps = limit_mbps - 1e-9 * (1.0 + limit_mbps)
+        taken = int(np.searchsorted(segments.cumulative_cost, safe_limit_mbps, side="right"))
+        points = np.zeros(segments.service_count, dtype=np.intp)  # hulls start at the cheapest point
+        np.maximum.at(points, segments.owners[:taken], segments.targets[:taken])
+        cost = float(segments.cumulative_cost[taken - 1]) if taken else segments.base_cost
+        value = float(segments.cumulative_value[taken - 1]) if taken else segments.base_value
+        cost_steps, value_steps, owners, targets, smallest_later = segments._lists
+        blocked: set[int] = set()
+        for segment in range(taken, len(cost_steps)):
+            if safe_limit_mbps - cost < smallest_later[segment]:
+                break  # nothing later can fit
+            owner = owners[segment]
+            if owner in blocked:
+                continue
+            if cost + cost_steps[segment] <= safe_limit_mbps:
+                points[owner] = targets[segment]
+                cost += cost_steps[segment]
+                value += value_steps[segment]
+            else:
+                blocked.add(owner)
+        self.integer_points = points.tolist()
+        self.integer_cost = cost
+        self.integer_value = value
+
+
+def _upper_hull(costs: list[float], values: list[float]) -> list[int]:
+    """Indices of the upper concave hull of a frontier (costs ascending, values strictly rising)."""
+    hull: list[int] = []
+    for index in range(len(costs)):
+        while len(hull) >= 2:
+            first, middle = hull[-2], hull[-1]
+            # Drop the middle point unless the slope strictly decreases through it.
+            left = (values[middle] - values[first]) * (costs[index] - costs[middle])
+            right = (values[index] - values[middle]) * (costs[middle] - costs[first])
+            if left > right:
+                break
+            hull.pop()
+        hull.append(index)
+    return hull

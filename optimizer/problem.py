@@ -1,0 +1,125 @@
+"""Rules every allocator shares: what a valid problem is, the budget tolerance, and how a
+choice of one option per service becomes an `Allocation`.
+
+Budget tolerance: a set of choices fits the budget B iff
+    sum of critical bandwidths <= B * (1 + 1e-12) + 1e-12.
+Sums of the same floats in a different order differ in the last bits, so a budget that is
+exactly the sum of some critical bandwidths must count as feasible in every method (the exact
+solver, the cvxpy programs and the baselines all use `budget_limit_mbps`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from avcloud.errors import DataError
+from avcloud.types import Allocation, AllocationProblem, Service
+
+BUDGET_RELATIVE_TOLERANCE = 1e-12
+BUDGET_ABSOLUTE_TOLERANCE_MBPS = 1e-12
+
+
+def budget_limit_mbps(budget_mbps: float) -> float:
+    """The largest total critical bandwidth that still counts as within `budget_mbps`."""
+    return budget_mbps * (1.0 + BUDGET_RELATIVE_TOLERANCE) + BUDGET_ABSOLUTE_TOLERANCE_MBPS
+
+
+def check_link(budget_mbps: float, rtt_ms: float, slo_ms: float) -> None:
+    if not (math.isfinite(budget_mbps) and budget_mbps >= 0):
+        raise DataError(f"budget_mbps must be a finite number >= 0 (got {budget_mbps!r})")
+    if not (math.isfinite(rtt_ms) and rtt_ms >= 0):
+        raise DataError(f"rtt_ms must be a finite number >= 0 (got {rtt_ms!r})")
+    if not (math.isfinite(slo_ms) and slo_ms > 0):
+        raise DataError(f"slo_ms must be a finite number > 0 (got {slo_ms!r})")
+
+
+def check_services(services: Sequence[Service]) -> None:
+    """Raise DataError naming the service/option if the services cannot form a problem."""
+    if not services:
+        raise DataError("a problem needs at least one service")
+    names = set()
+    for service in services:
+        if service.name in names:
+            raise DataError(f"service '{service.name}' appears twice")
+        names.add(service.name)
+        if not (math.isfinite(service.weight) and service.weight >= 0):
+            raise DataError(f"service '{service.name}': weight must be a finite number >= 0")
+        option_names = set()
+        for option in service.options:
+            where = f"service '{service.name}' option '{option.name}'"
+            if option.name in option_names:
+                raise DataError(f"{where} appears twice")
+            option_names.add(option.name)
+            if not (math.isfinite(option.size_mbit) and option.size_mbit >= 0):
+                raise DataError(f"{where}: size_mbit must be a finite number >= 0")
+            if not (math.isfinite(option.runtime_ms) and option.runtime_ms >= 0):
+                raise DataError(f"{where}: runtime_ms must be a finite number >= 0")
+            if not math.isfinite(option.utility):
+                raise DataError(f"{where}: utility must be a finite number")
+        if not any(option.is_fallback for option in service.options):
+            raise DataError(f"service '{service.name}' has no on-car fallback (an option with size_mbit 0)")
+
+
+def check_problem(problem: AllocationProblem) -> None:
+    check_link(problem.budget_mbps, problem.rtt_ms, problem.slo_ms)
+    check_services(problem.services)
+
+
+def critical_bandwidths_mbps(service: Service, rtt_ms: float, slo_ms: float) -> np.ndarray:
+    """Critical bandwidth of every option of a service, vectorised (inf where the SLO is out of reach).
+
+    Same arithmetic as `avcloud.types.critical_bandwidth_mbps`, so the two agree bit for bit.
+    """
+    sizes_mbit = np.fromiter((option.size_mbit for option in service.options), float, len(service.options))
+    runtimes_ms = np.fromiter((option.runtime_ms for option in service.options), float, len(service.options))
+    return critical_bandwidths_from_arrays(sizes_mbit, runtimes_ms, rtt_ms, slo_ms)
+
+
+def critical_bandwidths_from_arrays(
+    sizes_mbit: np.ndarray, runtimes_ms: np.ndarray, rtt_ms: float, slo_ms: float
+) -> np.ndarray:
+    slack_s = (slo_ms - runtimes_ms - rtt_ms) / 1000.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bandwidths_mbps = np.where(slack_s > 0, sizes_mbit / slack_s, math.inf)
+    bandwidths_mbps[sizes_mbit == 0] = 0.0
+    return bandwidths_mbps
+
+
+def fallback_index(service: Service) -> int:
+    """The on-car fallback of a service: the most useful size-0 option (first on ties)."""
+    best = -1
+    for index, option in enumerate(service.options):
+        if option.is_fallback and (best < 0 or option.utility > service.options[best].utility):
+            best = index
+    if best < 0:
+        raise DataError(f"service '{service.name}' has no on-car fallback (an option with size_mbit 0)")
+    return best
+
+
+def allocation_from_indices(
+    services: Sequence[Service],
+    option_indices: Sequence[int],
+    bandwidths_mbps: Sequence[float],
+    solve_us: float = 0.0,
+    extra: dict[str, object] | None = None,
+) -> Allocation:
+    """An Allocation from one chosen option index per service; utility is the weighted total,
+    summed in service order so that every method reports the same number for the same choices."""
+    choices: dict[str, str] = {}
+    bandwidth_by_service: dict[str, float] = {}
+    utility = 0.0
+    for service, index, bandwidth_mbps in zip(services, option_indices, bandwidths_mbps, strict=True):
+        option = service.options[index]
+        choices[service.name] = option.name
+        bandwidth_by_service[service.name] = float(bandwidth_mbps)
+        utility += service.weight * option.utility
+    return Allocation(
+        choices=choices,
+        utility=utility,
+        bandwidth_mbps=bandwidth_by_service,
+        solve_us=solve_us,
+        extra=dict(extra or {}),
+    )

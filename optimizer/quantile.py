@@ -1,0 +1,98 @@
+"""Planning under an uncertain uplink (beyond TURBO, which trusts its point estimate).
+
+Given a forecast distribution of the next interval's bandwidth (equally likely samples, e.g.
+`QuantileForecaster.samples_mbps()`), `QuantilePlanner` solves the exact allocation at each
+quantile q of a grid, and keeps the allocation with the highest expected utility over the
+forecast.
+
+Model of a miss. The allocation's services share one uplink. If the realised bandwidth b covers
+the total critical bandwidth of the allocation, every cloud result arrives in time: sending in
+order of deadline slack (earliest deadline first), service k finishes after
+sum_{j<=k} S_j / b <= slack_k * sum_{j<=k} b_c,j / b <= slack_k, because S_j = b_c,j * slack_j
+and slack_j <= slack_k. If b falls short of the total, we count every service that sends as
+missing its deadline and falling back to its on-car result. That is exact when the link is
+shared in proportion to demand (every transfer is slowed by the same factor b / total, so each
+one, having been given exactly its critical bandwidth, is late) and a lower bound for any other
+order, where some early senders might still make it. Services that chose the fallback keep it
+either way. So, with P = P(b >= total), U the allocation's utility and F the all-fallback one:
+    expected utility = P * U + (1 - P) * F.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from avcloud.errors import DataError
+from avcloud.types import Allocation, Service
+from optimizer.allocators import ExactAllocator
+from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link, fallback_index
+
+DEFAULT_QUANTILES: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
+
+
+class QuantilePlanner:
+    """Chooses the quantile of the bandwidth forecast to plan at, maximising expected utility.
+
+    `quantiles=(q,)` plans at that one quantile of the forecast (a fixed-risk policy). The
+    services tuple should be the same object every frame, so the exact solver's cache is reused
+    and each grid point costs a binary search.
+    """
+
+    def __init__(self, quantiles: Sequence[float] = DEFAULT_QUANTILES, allocator: ExactAllocator | None = None):
+        quantiles = tuple(float(q) for q in quantiles)
+        if not quantiles or any(not 0 <= q <= 1 for q in quantiles):
+            raise ValueError("quantiles must be a non-empty list of numbers in [0, 1]")
+        self.quantiles = tuple(sorted(set(quantiles)))
+        self.allocator = allocator or ExactAllocator()
+
+    def plan(
+        self,
+        services: tuple[Service, ...],
+        rtt_ms: float,
+        slo_ms: float,
+        bandwidth_samples_mbps: np.ndarray,
+    ) -> Allocation:
+        started_ns = time.perf_counter_ns()
+        samples_mbps = np.sort(np.asarray(bandwidth_samples_mbps, dtype=float).reshape(-1))
+        if samples_mbps.shape[0] == 0:
+            raise DataError("the bandwidth forecast has no samples")
+        if not (np.all(np.isfinite(samples_mbps)) and samples_mbps[0] >= 0):
+            raise DataError("bandwidth samples must be finite numbers >= 0")
+        check_link(0.0, rtt_ms, slo_ms)
+        prepared = self.allocator.prepare(services, rtt_ms, slo_ms)
+        fallback_utility = sum(s.weight * s.options[fallback_index(s)].utility for s in services)
+        # A sample b carries a total T iff T <= budget_limit(b); budget_limit is increasing in b.
+        sample_limits_mbps = budget_limit_mbps(samples_mbps)
+        best = None
+        seen: set[tuple[int, ...]] = set()
+        budgets_mbps = np.quantile(samples_mbps, self.quantiles).tolist()
+        for quantile, budget_mbps in zip(self.quantiles, budgets_mbps, strict=True):
+            indices, bandwidths = prepared.solve(budget_mbps)
+            if tuple(indices) in seen:
+                continue
+            seen.add(tuple(indices))
+            total_mbps = sum(bandwidths)
+            utility = sum(s.weight * s.options[i].utility for s, i in zip(services, indices, strict=True))
+            carried = samples_mbps.shape[0] - int(np.searchsorted(sample_limits_mbps, total_mbps, side="left"))
+            success = carried / samples_mbps.shape[0]
+            expected = success * utility + (1.0 - success) * fallback_utility
+            # Ties go to the earlier (lower, safer) quantile.
+            if best is None or expected > best[0]:
+                best = (expected, success, quantile, budget_mbps, indices, bandwidths)
+        expected, success, quantile, budget_mbps, indices, bandwidths = best
+        allocation = allocation_from_indices(
+            services,
+            indices,
+            bandwidths,
+            extra={
+                "planning_quantile": quantile,
+                "planning_budget_mbps": budget_mbps,
+                "expected_utility": expected,
+                "success_probability": success,
+            },
+        )
+        allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
+        return allocation

@@ -1,0 +1,279 @@
+"""The onboard agent's per-frame logic, driven with fakes and a simulated clock (no sockets)."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Executor, Future
+
+import numpy as np
+import pytest
+
+from avcloud.clock import SimulatedClock
+from avcloud.protocol import OK, ReplyHeader, ServerTimings, decode_request, encode_reply
+from avcloud.types import Allocation, Option, Service
+from onboard.daemon import EncodedFrame, OnboardAgent
+from onboard.measurement import LinkMeasurement
+
+SLO_MS = 100.0
+FALLBACK = Option("onboard", 0.0, 0.0, 0.3)
+CLOUD = Option("cloud-m-imgcompNone-inpcomp75", 0.4, 30.0, 0.6)
+CAMERAS = ("FRONT", "SIDE_LEFT")
+
+
+class ConstantEstimator:
+    def __init__(self, mbps: float) -> None:
+        self.mbps = mbps
+        self.observed: list[tuple[float, float]] = []
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self.observed.append((time_ms, throughput_mbps))
+
+    def estimate_mbps(self) -> float:
+        return self.mbps
+
+
+class FixedPlanner:
+    """Sends the cameras in `cloud_cameras` to CLOUD, the rest stay on board."""
+
+    def __init__(self, cloud_cameras: tuple[str, ...]) -> None:
+        self.cloud_cameras = cloud_cameras
+        self.calls: list[float] = []
+
+    def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps):
+        self.calls.append(bandwidth_mbps)
+        choices = {camera: CLOUD.name if camera in self.cloud_cameras else FALLBACK.name for camera in CAMERAS}
+        bandwidth = {camera: (10.0 if camera in self.cloud_cameras else 0.0) for camera in CAMERAS}
+        return Allocation(choices, 0.0, bandwidth)
+
+
+class ManualExecutor(Executor):
+    """Runs submitted work only when the test says so (the fallback 'takes time')."""
+
+    def __init__(self, run_at_once: bool = True) -> None:
+        self.run_at_once = run_at_once
+        self.queued: list[tuple[Future, object, tuple]] = []
+
+    def submit(self, fn, *args, **kwargs):
+        future: Future = Future()
+        if self.run_at_once:
+            future.set_result(fn(*args))
+        else:
+            self.queued.append((future, fn, args))
+        return future
+
+    def finish_all(self) -> None:
+        queued, self.queued = self.queued, []
+        for future, fn, args in queued:
+            if not future.cancelled():
+                future.set_result(fn(*args))
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+        self.accept = True
+        self.resets = 0
+
+    def send(self, frames) -> bool:
+        if self.accept:
+            self.sent.append(frames)
+        return self.accept
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def fallback_detections(image: np.ndarray, full_size_wh: tuple[int, int]) -> np.ndarray:
+    return np.array([[0, 0, 5, 5, 0.5, 1]], dtype=np.float32)
+
+
+def encode(image: np.ndarray, configuration: str, full_size_wh: tuple[int, int]) -> EncodedFrame:
+    return EncodedFrame("cloud-m", "jpeg", b"j" * 5000, (64, 64), image.shape[:2])
+
+
+def make_agent(cloud_cameras=("FRONT",), run_fallback_at_once=True, estimator_mbps=10.0, guard_ms=0.0,
+               encode_executor=None):
+    clock = SimulatedClock(1000.0)
+    published = []
+    link = FakeLink()
+    executor = ManualExecutor(run_fallback_at_once)
+    services = tuple(Service(camera, (FALLBACK, CLOUD)) for camera in CAMERAS)
+    agent = OnboardAgent(
+        services=services, slo_ms=SLO_MS, clock=clock, planner=FixedPlanner(cloud_cameras),
+        measurement=LinkMeasurement(ConstantEstimator(estimator_mbps), initial_rtt_ms=10.0),
+        fallback=fallback_detections, fallback_name=FALLBACK.name, executor=executor, encoder=encode,
+        link=link, publish=published.append, reconnect_after_timeouts=2, min_reconnect_interval_ms=0.0,
+        publish_guard_ms=guard_ms, encode_executor=encode_executor,
+    )
+    return agent, clock, link, executor, published
+
+
+def reply_for(frames, detections=None, server_ms=30.0, status=OK):
+    header, _ = decode_request(frames)
+    reply = ReplyHeader(status=status, request_id=header.request_id, vehicle=header.vehicle, task=header.task,
+                        frame=header.frame, model=header.model, timings=ServerTimings(total_ms=server_ms))
+    if detections is None:
+        detections = np.array([[1, 1, 9, 9, 0.9, 2]], dtype=np.float32)
+    return encode_reply(reply, detections if status == OK else None)
+
+
+IMAGE = np.zeros((48, 64, 3), dtype=np.uint8)
+
+
+def test_cloud_result_in_time_is_published_once_with_its_latency():
+    agent, clock, link, _, published = make_agent()
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    agent.on_camera_frame(0, "SIDE_LEFT", IMAGE)
+    # SIDE_LEFT is not sent: its on-car result is final at once.
+    assert [(r.camera, r.source) for r in published] == [("SIDE_LEFT", "onboard")]
+    assert len(link.sent) == 1
+    header, payload = decode_request(link.sent[0])
+    assert (header.task, header.frame, header.model, header.codec) == ("FRONT", 0, "cloud-m", "jpeg")
+    assert header.budget_ms == pytest.approx(SLO_MS)
+    assert header.frame_shape == (48, 64)
+    clock.advance_to(1060.0)
+    agent.on_reply(reply_for(link.sent[0]))
+    front = [r for r in published if r.camera == "FRONT"]
+    assert len(front) == 1 and front[0].source == "cloud" and front[0].deadline_met
+    assert front[0].latency_ms == pytest.approx(60.0)
+    assert front[0].config == CLOUD.name
+    np.testing.assert_array_equal(front[0].detections, np.array([[1, 1, 9, 9, 0.9, 2]], dtype=np.float32))
+    clock.advance_to(1200.0)
+    agent.step()
+    assert len(published) == 2  # nothing more: exactly one result per camera per frame
+
+
+def test_late_cloud_reply_falls_back_at_the_deadline_and_is_discarded():
+    agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    assert published == []  # the cloud may still answer: wait
+    assert agent.next_wakeup_ms() == pytest.approx(1100.0)
+    clock.advance_to(1100.0)
+    agent.step()
+    assert [(r.source, r.deadline_met) for r in published] == [("onboard", True)]
+    assert published[0].latency_ms == pytest.approx(SLO_MS)
+    clock.advance_to(1150.0)
+    agent.on_reply(reply_for(link.sent[0]))
+    assert len(published) == 1
+    assert agent.counters.replies_discarded == 1
+    assert agent.counters.timeouts == 1
+
+
+def test_slow_fallback_is_published_when_it_finishes_with_honest_latency():
+    agent, clock, link, executor, published = make_agent(cloud_cameras=(), run_fallback_at_once=False)
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    clock.advance_to(1100.0)
+    agent.step()
+    assert published == []  # nothing to publish yet: the on-car model is still running
+    clock.advance_to(1130.0)
+    executor.finish_all()
+    agent.step()
+    assert len(published) == 1
+    assert published[0].source == "onboard" and not published[0].deadline_met
+    assert published[0].latency_ms == pytest.approx(130.0)
+
+
+def test_freshest_first_one_in_flight_one_waiting_per_camera():
+    agent, clock, link, _, published = make_agent()
+    for frame_index in range(3):
+        clock.advance_to(1000.0 + 10 * frame_index)
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+    # Frame 0 is in flight, frame 1 was replaced by frame 2 while waiting.
+    assert len(link.sent) == 1
+    assert agent.counters.dropped_replaced == 1
+    assert [(r.frame_index, r.source) for r in published if r.camera == "FRONT"] == [(1, "onboard")]
+    clock.advance_to(1040.0)
+    agent.on_reply(reply_for(link.sent[0]))
+    assert len(link.sent) == 2  # the waiting frame 2 goes as soon as the slot frees
+    header, _ = decode_request(link.sent[1])
+    assert header.frame == 2
+    assert header.budget_ms == pytest.approx(1020.0 + SLO_MS - 1040.0)
+
+
+def test_frames_that_can_no_longer_make_it_are_dropped_before_sending():
+    agent, clock, link, _, published = make_agent()
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    clock.advance_to(1005.0)
+    agent.on_camera_frame(1, "FRONT", IMAGE)  # waits behind frame 0
+    clock.advance_to(1070.0)  # frame 1 has 35 ms left: less than runtime 30 + RTT 10 + transfer
+    agent.on_reply(reply_for(link.sent[0]))
+    assert len(link.sent) == 1
+    assert agent.counters.dropped_stale == 1
+    assert [(r.frame_index, r.source) for r in published if r.camera == "FRONT"] == [(0, "cloud"), (1, "onboard")]
+
+
+def test_unreachable_cloud_keeps_publishing_and_resets_the_socket():
+    agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
+    link.accept = False  # ZMQ_IMMEDIATE with no peer: sends fail at once
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    agent.on_camera_frame(0, "SIDE_LEFT", IMAGE)
+    assert [r.source for r in published] == ["onboard", "onboard"]
+    assert published[0].latency_ms == 0.0
+    link.accept = True  # connected but nothing comes back: requests time out
+    for frame_index in range(1, 4):
+        clock.advance_to(1000.0 + 100 * frame_index)
+        agent.step()
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+        agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
+    clock.advance_to(1400.0)
+    agent.step()
+    assert agent.counters.published == 8
+    assert agent.counters.timeouts >= 2
+    assert link.resets >= 1
+    assert agent.pending_frames == 0
+
+
+def test_measurement_uses_reply_timing_and_stale_estimate_plans_for_a_real_request():
+    agent, clock, link, _, _ = make_agent(estimator_mbps=2.0)
+    estimator = agent.measurement.estimator
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    # No sample yet (stale): the planner got the cheapest cloud option's critical bandwidth, so a
+    # real request measures the link.
+    cheapest_mbps = CLOUD.size_mbit / ((SLO_MS - 30 - 10) / 1000)
+    assert agent.cheapest_cloud_bandwidth_mbps == pytest.approx(cheapest_mbps)
+    assert agent.planner.calls[0] == pytest.approx(cheapest_mbps)
+    clock.advance_to(1060.0)
+    agent.on_reply(reply_for(link.sent[0], server_ms=30.0))
+    # Round trip without the server: 30 ms, of which 5000 bytes at 2 Mbps = 20 ms upload.
+    assert agent.measurement.rtt_ms == pytest.approx(10.0)
+    # Transfer = 60 - 30 - 10 = 20 ms for 5000 bytes -> 2 Mbps.
+    assert estimator.observed[-1] == (1060.0, pytest.approx(2.0))
+    agent.on_camera_frame(1, "FRONT", IMAGE)
+    assert agent.planner.calls[-1] == pytest.approx(2.0)  # fresh sample: the estimate is used as is
+    assert math.isfinite(agent.next_wakeup_ms())
+
+
+def test_publish_guard_gets_the_fallback_out_before_the_deadline():
+    agent, clock, link, _, published = make_agent(guard_ms=5.0)
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    assert agent.next_wakeup_ms() == pytest.approx(1095.0)
+    clock.advance_to(1095.0)
+    agent.step()
+    assert [(r.source, r.latency_ms, r.deadline_met) for r in published] == [("onboard", 95.0, True)]
+    clock.advance_to(1097.0)  # before the deadline but after the cutoff: too late to be used
+    agent.on_reply(reply_for(link.sent[0]))
+    assert len(published) == 1 and agent.counters.replies_discarded == 1
+
+
+def test_parallel_compression_sends_when_ready_in_frame_order_and_stays_bounded():
+    encoder = ManualExecutor(run_at_once=False)
+    agent, clock, link, _, published = make_agent(encode_executor=encoder)
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    assert link.sent == [] and published == []  # compressing: nothing to send yet, cloud still pending
+    encoder.finish_all()
+    agent.step()
+    assert [decode_request(frames)[0].frame for frames in link.sent] == [0]
+    clock.advance_to(1005.0)
+    agent.on_reply(reply_for(link.sent[0]))
+    # Three frames while compression lags: at most two compress at once per camera, and the
+    # oldest job not yet started is cancelled for the newest frame (freshest first).
+    for frame_index in (1, 2, 3):
+        clock.advance_to(1000.0 + 10 * frame_index)
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+    assert [future.cancelled() for future, _, _ in encoder.queued] == [True, False, False]
+    assert [(r.frame_index, r.source) for r in published] == [(0, "cloud"), (1, "onboard")]
+    encoder.finish_all()
+    agent.step()
+    # Both finished before the agent looked: frame 3 replaced frame 2 in the waiting slot.
+    assert [decode_request(frames)[0].frame for frames in link.sent] == [0, 3]
+    assert [(r.frame_index, r.source) for r in published][-1] == (2, "onboard")
