@@ -55,6 +55,7 @@ class Release:
     scheduled_ms: float  # trace time of the opportunity (0 = emulator start)
     actual_ms: float  # when the bytes left the bottleneck, same time base
     size_bytes: int
+    queued_since_ms: float = 0.0  # when the queue last went from empty to busy
 
 
 class _Connection:
@@ -204,7 +205,7 @@ class _Direction:
             actual_ms = self.now_ms()
             size_bytes = sum(len(data) for _, data in taken if data is not None)
             if size_bytes:
-                self.releases.append(Release(scheduled_ms, actual_ms, size_bytes))
+                self.releases.append(Release(scheduled_ms, actual_ms, size_bytes, self._head_arrival_ms))
             due_ms = scheduled_ms + self.delay_ms
             with self._delay_condition:
                 for connection, data in taken:

@@ -55,7 +55,7 @@ class TrainingPreset:
 
 PRESETS: dict[str, TrainingPreset] = {
     "zoo": TrainingPreset(
-        steps=3000,
+        steps=5000,
         batch_size=12,
         learning_rate=3e-3,
         pool_seeds=tuple(range(1, 17)),
@@ -64,9 +64,9 @@ PRESETS: dict[str, TrainingPreset] = {
     ),
     # Adapting trained weights (--from DIR) to a changed renderer: short, gentle schedule.
     "finetune": TrainingPreset(
-        steps=400,
+        steps=1500,
         batch_size=12,
-        learning_rate=1e-3,
+        learning_rate=1.5e-3,
         pool_seeds=tuple(range(1, 17)),
         pool_frame_indices=tuple(range(0, 200, 25)),
         crop_wh=(384, 256),
@@ -255,7 +255,7 @@ def centernet_loss(outputs, heatmap, log_size, offset, mask):
     centres = mask.unsqueeze(1)
     size_loss = (functional.l1_loss(predicted_log_size, log_size, reduction="none") * centres).sum() / num_objects
     offset_loss = (functional.l1_loss(predicted_offset, offset, reduction="none") * centres).sum() / num_objects
-    return (positive_loss + negative_loss) / num_objects + 0.5 * size_loss + offset_loss
+    return (positive_loss + negative_loss) / num_objects + size_loss + offset_loss
 
 
 def _write_model(network, name: str, place: str, out_dir: Path, metrics: dict[str, float] | None = None) -> ModelCard:

@@ -39,6 +39,8 @@ STALE_ESTIMATE_MS = 2000.0
 RECENT_REQUESTS = 256
 ALLOCATIONS_KEPT = 8
 MAX_ENCODING_PER_CAMERA = 2  # frames being compressed at once per camera (bounds memory)
+# A capture stamp older than this is taken as coming from another clock, not as a late frame.
+CAPTURE_CLOCK_TRUST_MS = 5000.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class AgentCounters:
     fallback_reused: int = 0
     arrived_late: int = 0
     encode_failures: int = 0
+    capture_clock_ignored: int = 0
     transport_resets: int = 0
 
 
@@ -134,6 +137,7 @@ class OnboardAgent:
         wake: Callable[[], None] | None = None,
         publish_guard_ms: float = 0.0,
         encode_executor: Executor | None = None,
+        log_event: Callable[..., None] | None = None,
     ) -> None:
         self.services = tuple(services)
         self.cameras = [service.name for service in self.services]
@@ -155,6 +159,7 @@ class OnboardAgent:
         self.wake = wake or (lambda: None)
         self.publish_guard_ms = publish_guard_ms
         self.encode_executor = encode_executor  # None: compress inline in on_camera_frame
+        self.log_event = log_event or (lambda event, **fields: None)
         self._last_reply_ms = -math.inf
         self.counters = AgentCounters()
         self._cameras = {camera: _CameraState() for camera in self.cameras}
@@ -199,7 +204,11 @@ class OnboardAgent:
         if camera not in self._cameras:
             return
         now_ms = self.clock.now_ms()
-        start_ms = now_ms if capture_ms is None or capture_ms > now_ms else capture_ms
+        start_ms = capture_ms
+        if capture_ms is None or not 0.0 <= now_ms - capture_ms <= CAPTURE_CLOCK_TRUST_MS:
+            # No stamp, or one from another clock (another host): the budget starts on arrival.
+            start_ms = now_ms
+            self.counters.capture_clock_ignored += capture_ms is not None
         self.counters.frames += 1
         allocation = self.allocation_for(frame_index)
         choice = allocation.choices.get(camera, self.fallback_name)
@@ -315,6 +324,8 @@ class OnboardAgent:
             # which would throw away requests about to be answered.
             self.link.reset()
             self.counters.transport_resets += 1
+            self.log_event("cloud_socket_reset", consecutive_timeouts=self._consecutive_timeouts,
+                           silent_ms=None if math.isinf(self._last_reply_ms) else round(now_ms - self._last_reply_ms, 1))
             self._last_reset_ms = now_ms
             self._consecutive_timeouts = 0
         for camera in self.cameras:

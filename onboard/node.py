@@ -192,7 +192,7 @@ class OnboardNode:
             link=self.transport, publish=self._publish, vehicle=params.vehicle,
             reconnect_after_timeouts=params.reconnect_after_timeouts,
             min_reconnect_interval_ms=params.min_reconnect_interval_ms, wake=self._wake,
-            publish_guard_ms=params.publish_guard_ms, encode_executor=self.encode_executor,
+            publish_guard_ms=params.publish_guard_ms, encode_executor=self.encode_executor, log_event=self._event,
         )
         self.state = INACTIVE
         self._event("configured", cameras=params.cameras, method=params.method, cloud=params.endpoints.cloud,
@@ -354,8 +354,7 @@ def run_until_signalled(node: OnboardNode, on_ready: Callable[[], None] | None =
     import signal
 
     def request_stop(signum, frame) -> None:
-        node._stop.set()
-        node._wake()
+        node.stop()  # spin() returns; shutdown follows below
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

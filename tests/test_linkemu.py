@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,7 +69,6 @@ def test_burst_follows_the_analytic_schedule_within_1ms_and_loops():
     with LinkEmulator(("127.0.0.1", sink.port), uplink=schedule, queue_bytes=10_000_000) as emulator:
         car = socket.create_connection(("127.0.0.1", emulator.port))
         time.sleep(0.05)
-        send_ms = emulator.now_ms()
         car.sendall(b"x" * (packets * PACKET_BYTES))
         assert wait_until(lambda: sink.received_bytes() == packets * PACKET_BYTES, 5.0)
         releases = list(emulator.uplink.releases)
@@ -80,7 +80,8 @@ def test_burst_follows_the_analytic_schedule_within_1ms_and_loops():
     expected_ms = [schedule.time_ms(first_index + k) for k in range(packets)]
     assert [release.size_bytes for release in releases] == [PACKET_BYTES] * packets
     assert [release.scheduled_ms for release in releases] == expected_ms
-    analytic = TraceLink(schedule).send(send_ms, packets * PACKET_BYTES)
+    # The analytic model fed the time the bytes reached the bottleneck gives the same delivery.
+    analytic = TraceLink(schedule).send(releases[0].queued_since_ms, packets * PACKET_BYTES)
     assert abs(analytic.delivered_ms - releases[-1].scheduled_ms) <= 1.0
     # Really released on time, not just scheduled: typically within 1 ms of the trace time. The
     # test machine is shared, so late thread wake-ups are tolerated, within bounds.
@@ -166,3 +167,28 @@ def test_fixed_rate_schedule_has_the_asked_rate():
     assert fixed_rate_schedule(100.0).mean_mbps() == pytest.approx(100.0, rel=1e-3)
     with pytest.raises(ValueError):
         fixed_rate_schedule(0.0)
+
+
+SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+
+@pytest.mark.skipif(not (SHARED_TRACES / "ATT-LTE-driving-2016.up").is_file(), reason="shared traces not present")
+def test_measured_cellular_trace_schedule_is_followed():
+    from datasets.traces import load_trace
+
+    schedule = load_trace(SHARED_TRACES / "ATT-LTE-driving-2016.up").schedule
+    sink = Sink()
+    packets = 40
+    with LinkEmulator(("127.0.0.1", sink.port), uplink=schedule, queue_bytes=10_000_000) as emulator:
+        car = socket.create_connection(("127.0.0.1", emulator.port))
+        time.sleep(0.05)
+        car.sendall(b"x" * (packets * PACKET_BYTES))
+        assert wait_until(lambda: sink.received_bytes() == packets * PACKET_BYTES, 20.0)
+        releases = list(emulator.uplink.releases)
+        car.close()
+    sink.close()
+    first_index = schedule.first_index_at_or_after(releases[0].scheduled_ms - 0.5)
+    # Packets are released one opportunity each; several opportunities in one millisecond may
+    # carry bytes that arrived in one release, so compare the per-packet times.
+    released_ms = [release.scheduled_ms for release in releases for _ in range(release.size_bytes // PACKET_BYTES)]
+    assert released_ms == [schedule.time_ms(first_index + k) for k in range(packets)]

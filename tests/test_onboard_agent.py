@@ -277,3 +277,13 @@ def test_parallel_compression_sends_when_ready_in_frame_order_and_stays_bounded(
     # Both finished before the agent looked: frame 3 replaced frame 2 in the waiting slot.
     assert [decode_request(frames)[0].frame for frames in link.sent] == [0, 3]
     assert [(r.frame_index, r.source) for r in published][-1] == (2, "onboard")
+
+
+def test_capture_stamp_starts_the_budget_unless_it_comes_from_another_clock():
+    agent, clock, link, _, published = make_agent(cloud_cameras=())
+    agent.on_camera_frame(0, "FRONT", IMAGE, capture_ms=960.0)  # stamped 40 ms before it arrived
+    assert published[-1].latency_ms == pytest.approx(40.0)
+    agent.on_camera_frame(1, "FRONT", IMAGE, capture_ms=850.0)  # already past its deadline
+    assert (published[-1].config, published[-1].deadline_met) == ("onboard:reused", False)
+    agent.on_camera_frame(2, "FRONT", IMAGE, capture_ms=-1e9)  # another host's clock: ignored
+    assert published[-1].latency_ms == 0.0 and agent.counters.capture_clock_ignored == 1

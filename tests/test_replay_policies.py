@@ -120,6 +120,25 @@ def test_estimating_policy_does_not_see_an_outage_coming():
         turbo.outcome[outage] == RequestOutcome.LATE)
 
 
+def test_oracle_keeps_the_capacity_fraction_that_served_the_most_utility():
+    from avcloud.replay.job import best_oracle_run
+    from avcloud.replay.policies import ORACLE_CAPACITY_FRACTIONS, OraclePolicy
+
+    case = make_case(constant_opportunities(6.0), frames=60)
+    utilities = {option.name: option.utility for option in OPTIONS}
+
+    def served_utility(run):
+        served = run.served_config()
+        return sum(utilities[FALLBACK.name] if k == -1 else utilities[case.scenario.config_names[k]]
+                   for k in served.ravel())
+
+    best = best_oracle_run(case)
+    singles = [simulate_policy(OraclePolicy(case.schedule, fraction), case.scenario, case.schedule)
+               for fraction in ORACLE_CAPACITY_FRACTIONS]
+    assert served_utility(best) == pytest.approx(max(served_utility(run) for run in singles))
+    assert np.nanmax(best.budget_mbps) <= 6.0 + 1e-9 and best.policy == "oracle"
+
+
 def test_policy_that_sends_nothing_probes_after_a_silence():
     # 0.5 Mbps: below every cloud option's critical bandwidth, so the allocation alone never sends.
     case = make_case(constant_opportunities(0.5))

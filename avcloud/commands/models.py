@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluating.add_argument("--models", nargs="+", default=None, help="models to evaluate (default: the family)")
     evaluating.add_argument("--frames", type=int, default=10, help="held-out frames per camera")
     evaluating.add_argument("--json", action="store_true")
+    evaluating.add_argument("--record", action="store_true",
+                            help="write the figures into each model card's informational 'metrics' field")
     evaluating.set_defaults(handler=run_evaluate)
 
 
@@ -88,6 +90,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.frames < 1:
         raise UserError(f"--frames must be >= 1 (got {args.frames})")
     report = evaluate_family(args.models, frames_per_camera=args.frames)
+    if args.record:
+        from avcloud.models import get_card, save_card
+
+        for name, figures in report.items():
+            card = get_card(name)
+            metrics = {f"heldout_map_raw_{args.frames}x5": round(figures["map"], 4)}
+            metrics.update({f"heldout_recall_{bucket}": round(value, 4)
+                            for bucket, value in figures["recall_by_size"].items()})
+            save_card(card.model_copy(update={"metrics": metrics}), card.card_dir / f"{name}.yaml")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                              "streams never queue up)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"profile preset used when profiling on first use (default '{DEFAULT_PRESET}')")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="use the profile in DIR (profile.parquet + detections.parquet from the profiler) "
+                             "instead of the cached one for --preset")
     parser.add_argument("--frames", type=int, default=None, metavar="N",
                         help="replay only the first N frames of each scene (default: all the profile covers)")
     parser.add_argument("--live", action="store_true",
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     policies = [name for group in (args.policies or [list(POLICY_NAMES)]) for name in group]
     options = ReplayOptions(
         scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
-        rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames,
+        rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
         progress=not args.no_progress,
     )
     check_options(options)

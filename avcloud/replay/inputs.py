@@ -169,9 +169,14 @@ def open_trace(path: str | Path) -> UplinkTrace:
     return UplinkTrace(name=trace.name, path=str(path), schedule=trace.schedule)
 
 
-def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: bool = True) -> ProfiledScene:
-    """Open the scene and make sure its profile exists (profiling on first use), then read it."""
-    from avcloud.profiler import DetectionCache, ensure_profile
+def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: bool = True,
+                        profile_dir: str | Path | None = None) -> ProfiledScene:
+    """Open the scene and make sure its profile exists (profiling on first use), then read it.
+
+    `profile_dir`: use the profile already in that folder (profile.parquet + detections.parquet,
+    as the profiler writes them) instead of the cached one for `preset`.
+    """
+    from avcloud.profiler import CACHE_NAME, TABLE_NAME, DetectionCache, ProfileResult, ensure_profile
     from datasets.scene import open_scene
     from optimizer.curves import load_profile_table
 
@@ -179,7 +184,14 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
     if not scene_path.exists():
         raise DataError(f"scene {scene_path}: no such file or directory")
     scene = open_scene(scene_path)
-    profile = ensure_profile(scene_path, preset=preset, progress=progress)
+    if profile_dir is not None:
+        profile = ProfileResult(Path(profile_dir) / TABLE_NAME, Path(profile_dir) / CACHE_NAME)
+        for path in (profile.table_path, profile.cache_path):
+            if not path.is_file():
+                raise DataError(f"--profile {profile_dir}: no {path.name} in it")
+        preset = f"from {profile_dir}"
+    else:
+        profile = ensure_profile(scene_path, preset=preset, progress=progress)
     cache = DetectionCache(profile.cache_path)
     table = load_profile_table(profile.table_path)
     cameras = order_cameras([camera for camera in cache.cameras if camera in scene.cameras])
@@ -188,7 +200,7 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
     services = table.services(cameras)
     frame_indices = np.asarray(sorted(int(index) for index in cache.frame_indices), dtype=np.int64)
     configs = {option.name for service in services for option in service.options}
-    note = (f"profile preset '{preset}': {len(frame_indices)} frames x {len(cameras)} cameras, "
+    note = (f"profile {preset if profile_dir else repr(preset)}: {len(frame_indices)} frames x {len(cameras)} cameras, "
             f"{len(configs) - 1} cloud configurations + on-car fallback")
     return ProfiledScene(
         name=getattr(scene, "name", scene_path.stem),

@@ -12,6 +12,8 @@ so the same metrics apply; detections are the ones really published, not the cac
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -181,6 +183,32 @@ class RecordedDetections:
         return 0
 
 
+def node_counters(log_path: Path) -> dict:
+    """The onboard node's final counters (its `finalized` JSON log line); empty if it logged none."""
+    counters: dict = {}
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("event") == "finalized":
+                    counters = entry
+    return counters
+
+
+def apply_node_counters(summary: dict, counters: dict, rows: int) -> None:
+    """What only the node knows: requests really sent, and how many came back in time."""
+    summary["results_published"] = rows
+    sent = counters.get("requests_sent")
+    if not isinstance(sent, int):
+        return
+    on_time = int(counters.get("published_cloud", 0))
+    summary["requests_sent"] = sent
+    summary["requests_on_time"] = on_time
+    summary["requests_late"] = max(0, sent - on_time)
+    summary["deadline_miss_rate"] = (sent - on_time) / sent if sent else None
+    summary["node_counters"] = {key: value for key, value in counters.items() if isinstance(value, int | float)}
+
+
 def run_from_recording(policy: str, rows: Sequence[dict], scenario: ReplayScenario, wall_s: float) -> PolicyRun:
     """The recorder's rows as a PolicyRun: planned = the row's configuration, on time = served by the cloud."""
     frames, cameras = scenario.num_frames, len(scenario.cameras)
@@ -212,7 +240,7 @@ def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
     traces = [open_trace(path) for path in trace_paths]
     results = []
     for scene_path in [Path(p) for p in options.scene_paths] or [default_scene_path()]:
-        scene = open_profiled_scene(scene_path, options.preset, progress=options.progress)
+        scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir)
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames)
             runs, summaries = {}, {}
@@ -224,6 +252,8 @@ def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
                     runs[name] = run_from_recording(name, rows, case.scenario, time.perf_counter() - started)
                     summaries.update(summarise_policies({name: runs[name]}, case.scenario, RecordedDetections(rows),
                                                         case.ground_truths, datasets_map))
+                    apply_node_counters(summaries[name], node_counters(Path(work) / f"{name}-onboard.log"),
+                                        len(rows))
             add_relative_figures(summaries)
             results.append(CaseResult(case=case, runs=runs, summaries=summaries))
     return results
