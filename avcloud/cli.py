@@ -16,6 +16,7 @@ from avcloud.errors import UserError
 COMMAND_MODULES: tuple[str, ...] = (
     "avcloud.commands.solve",
     "avcloud.commands.demo",
+    "avcloud.commands.allocation_demo",
     "avcloud.commands.keys",
     "avcloud.commands.cloud",
     "avcloud.commands.replay",

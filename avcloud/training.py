@@ -11,6 +11,11 @@ more per step and see their objects at the resolution they will see them at run 
 Augmentation: random JPEG re-encoding (quality 50-95) so the models tolerate compression, and
 horizontal flips. Loss: CenterNet's penalty-reduced focal loss on the class heatmaps plus L1 on
 log box size and centre offset at the object centres.
+
+`--preset zoo` trains the family from scratch (5000 steps per model; about 30 minutes on two
+idle cores, both models of a worker pair in parallel, one thread each). `--preset finetune
+--from DIR` continues from trained weights, e.g. after the synthetic renderer changed (the
+training pool is keyed by the renderer's version, so new frames are rendered).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""`avcloud solve` and `avcloud demo`: the I/O contract and one-line errors.
+"""`avcloud solve` and `avcloud allocation-demo`: the I/O contract and one-line errors.
 
-Most tests drive the two commands in-process through their own `register()` (fast, and
-independent of the other subcommands); one runs the real `python -m avcloud` entry point.
+Most tests drive the CLI in-process through `avcloud.cli.main`; one runs the real
+`python -m avcloud` entry point in a subprocess.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,25 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from avcloud.commands import demo as demo_command
-from avcloud.commands import solve as solve_command
-from avcloud.errors import UserError
+from avcloud.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def main(argv: list[str]) -> int:
-    """The two commands behind the same error handling as avcloud.cli.main."""
-    parser = argparse.ArgumentParser(prog="avcloud")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    solve_command.register(subparsers)
-    demo_command.register(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as error:
-        print(f"avcloud {args.command}: error: {error}", file=sys.stderr)
-        return 2
 
 INSTANCE = {
     "budget_mbps": 30.0,
@@ -172,7 +155,7 @@ def test_profile_mode_errors(tmp_path, capsys):
 
 
 def test_demo_runs_and_shows_every_budget(capsys):
-    assert main(["demo", "--budgets-mbps", "0,20,80"]) == 0
+    assert main(["allocation-demo", "--budgets-mbps", "0,20,80"]) == 0
     out = capsys.readouterr().out
     assert "illustrative" in out
     rows = {cells[0]: cells for cells in (line.split() for line in out.splitlines()) if cells and cells[0] in ("0", "20", "80")}

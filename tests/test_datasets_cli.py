@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -10,24 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from avcloud.commands import dataset as dataset_command
-from avcloud.commands import trace as trace_command
-from avcloud.errors import UserError
+from avcloud.cli import main
 from datasets.tfrecord import TFRecordReader
-
-
-def main(argv: list[str]) -> int:
-    """The two commands behind the same error handling as avcloud.cli.main (in-process, fast)."""
-    parser = argparse.ArgumentParser(prog="avcloud")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    dataset_command.register(subparsers)
-    trace_command.register(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as error:
-        print(f"avcloud {args.command}: error: {error}", file=sys.stderr)
-        return 2
 
 
 def test_commands_run_through_the_real_entry_point():

@@ -40,9 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--rtt-ms", type=float, default=DEFAULT_RTT_MS,
                         help=f"round-trip time car <-> cloud (default {DEFAULT_RTT_MS:g}: a typical 4G round trip is 40-60 ms)")
     parser.add_argument("--slo-ms", type=float, default=DEFAULT_SLO_MS,
-                        help=f"deadline after capture (default {DEFAULT_SLO_MS:g}: with RTT 50 ms and cloud runtimes >= 50 ms "
-                             "it leaves <= 100 ms of upload per frame, one frame interval at 10 Hz, so planned "
-                             "streams never queue up)")
+                        help=f"deadline after capture (default {DEFAULT_SLO_MS:g}: with RTT 50 ms it leaves the profiled "
+                             "cloud options about one 10 Hz frame interval for encoding and upload; much longer "
+                             "deadlines make TURBO's critical bandwidth under-count a 10 Hz stream)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"profile preset used when profiling on first use (default '{DEFAULT_PRESET}')")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",

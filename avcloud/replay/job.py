@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,10 @@ from avcloud.replay.simulator import PolicyRun, simulate_policy, true_capacity_m
 
 # A 4G round trip from a car to a regional cloud is typically 40-60 ms.
 DEFAULT_RTT_MS = 50.0
-# With RTT 50 ms and cloud runtimes of 50 ms and more, a 200 ms deadline leaves at most 100 ms of
-# upload time per frame: exactly one frame interval at 10 Hz, so the critical bandwidth of an option
-# is also the rate its camera's stream needs and sustained allocations do not build a queue.
+# With RTT 50 ms, a 200 ms deadline leaves the profiled cloud options (about 10-75 ms of runtime on
+# the CPU backend) 75-140 ms for encoding and upload: about one frame interval at 10 Hz. Longer
+# deadlines let TURBO's critical bandwidth, size / (SLO - RTT - runtime), fall below the rate a
+# 10 Hz stream needs (size / 100 ms), and every allocating policy then over-commits the uplink.
 DEFAULT_SLO_MS = 200.0
 DEFAULT_PRESET = "demo"
 
@@ -52,7 +53,6 @@ class CaseResult:
     case: ReplayCase
     runs: dict[str, PolicyRun]
     summaries: dict[str, dict]
-    figures: dict = field(default_factory=dict)
 
 
 def check_options(options: ReplayOptions) -> tuple[str, ...]:

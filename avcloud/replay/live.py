@@ -233,9 +233,12 @@ def run_from_recording(policy: str, rows: Sequence[dict], scenario: ReplayScenar
 
 def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
     """Every scene x trace x policy (except oracle) on the real processes, in real time."""
-    policy_names = [name for name in check_options(options) if name in LIVE_POLICIES]
+    chosen = check_options(options)
+    policy_names = [name for name in chosen if name in LIVE_POLICIES]
     if not policy_names:
         raise UserError("live replay: none of the chosen policies can run live (oracle needs the future)")
+    if "oracle" in chosen:
+        print("live replay: skipping oracle (it needs the future of the trace)", file=sys.stderr)
     trace_paths = [Path(p) for p in options.trace_paths] or [default_trace_path()]
     traces = [open_trace(path) for path in trace_paths]
     results = []

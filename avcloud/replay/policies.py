@@ -33,7 +33,7 @@ INITIAL_ESTIMATE_MBPS = 1.0
 # TURBO-style point estimate: harmonic mean of this many most recent samples (robust to spikes).
 POINT_ESTIMATE_SAMPLES = 5
 # turbo-q forecasts from this many most recent samples.
-FORECAST_SAMPLES = 10
+FORECAST_SAMPLES = 20
 PROBE_INTERVAL_MS = 1000.0
 # The oracle is run at each of these fractions of the true capacity; the best in hindsight counts.
 ORACLE_CAPACITY_FRACTIONS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
