@@ -55,9 +55,10 @@ def test_oracle_has_no_live_counterpart():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the onboard daemon drops a frame unless size / (its option's critical bandwidth) + runtime "
-                          "+ RTT fits the budget left after encoding, so it sends almost nothing live; the simulator "
-                          "counts the upload at max(critical bandwidth, the policy's budget)", strict=False)
+@pytest.mark.xfail(reason="on a 2-core machine the live cloud service's real model shares the CPU with the car's "
+                          "processes, so live cloud runtimes are several times the profiled ones and most replies are "
+                          "late (one 60-frame turbo run: 67 sent, 49 late); the simulator uses the profiled runtimes",
+                   strict=False)
 def test_simulated_and_live_runs_agree():
     """Same short scene, trace and policy: deadline-hit rate within 5 points, mAP within 2 points."""
     from avcloud.replay.job import ReplayOptions, run_replay

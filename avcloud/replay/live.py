@@ -118,6 +118,18 @@ def cloud_config(bind: str, models: Sequence[str]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _work_dir():
+    """Process logs and recordings of a live run; kept when $AVCLOUD_KEEP_LIVE_LOGS is set."""
+    if os.environ.get("AVCLOUD_KEEP_LIVE_LOGS"):
+        work = tempfile.mkdtemp(prefix="avcloud-live-")
+        print(f"live replay: logs kept in {work}")
+        yield work
+    else:
+        with tempfile.TemporaryDirectory(prefix="avcloud-live-") as work:
+            yield work
+
+
 def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario: ReplayScenario,
                     rtt_ms: float, slo_ms: float, work_dir: Path, frames: int) -> list[dict]:
     """One policy on a fresh stack; returns the recorder's rows."""
@@ -247,7 +259,7 @@ def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames)
             runs, summaries = {}, {}
-            with tempfile.TemporaryDirectory(prefix="avcloud-live-") as work:
+            with _work_dir() as work:
                 for name in policy_names:
                     started = time.perf_counter()
                     rows = run_policy_live(name, scene, trace.path, case.scenario, options.rtt_ms, options.slo_ms,
