@@ -7,10 +7,20 @@ the uplink bandwidth; `quantile` hands the recent bandwidth samples to the optim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from avcloud.types import Allocation, AllocationProblem, Option, Service
+
+# Measured RTT moves by a few ms every frame; planning at it rounded up to this step keeps the exact
+# solver's per-(options, RTT, SLO) preparation cached (a new budget is then one binary search) and
+# errs on the safe side (a slightly higher RTT asks for slightly more bandwidth).
+PLANNING_RTT_STEP_MS = 5.0
+
+
+def planning_rtt_ms(measured_rtt_ms: float) -> float:
+    return math.ceil(measured_rtt_ms / PLANNING_RTT_STEP_MS) * PLANNING_RTT_STEP_MS
 
 
 class AllocationPlanner(Protocol):
@@ -27,7 +37,7 @@ class PointEstimatePlanner:
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
-        return self.allocator.solve(AllocationProblem(self.services, bandwidth_mbps, rtt_ms, slo_ms))
+        return self.allocator.solve(AllocationProblem(self.services, bandwidth_mbps, planning_rtt_ms(rtt_ms), slo_ms))
 
 
 class QuantileModePlanner:
@@ -42,7 +52,7 @@ class QuantileModePlanner:
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
         if len(bandwidth_samples_mbps) < 2:
             return self.fallback.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
-        return self.quantile_planner.plan(self.services, rtt_ms, slo_ms, list(bandwidth_samples_mbps))
+        return self.quantile_planner.plan(self.services, planning_rtt_ms(rtt_ms), slo_ms, list(bandwidth_samples_mbps))
 
 
 def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[Service, ...]:
