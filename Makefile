@@ -27,9 +27,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Every benchmark, short runs; JSON lands in runs/bench/. `make bench QUICK=` runs the full versions.
+QUICK ?= --quick
 bench: $(STAMP)
 	mkdir -p runs/bench
-	$(BIN)/python benchmarks/bench_optimizer.py --out runs/bench/optimizer.json
+	for area in optimizer datasets models runtime replay; do \
+		$(BIN)/python benchmarks/bench_$$area.py $(QUICK) --out runs/bench/$$area.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
