@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchjson import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -199,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         report["trace"] = bench_trace(args.trace or default_trace_path())
         report["peak_rss_mb_this_process"] = round(_peak_rss_mb(), 1)
 
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ compression and for input compression at each cloud model's input size; and the 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchjson import write_report  # noqa: E402
 
 from avcloud.compression import CompressionConfig, decode_image, encode_for_model  # noqa: E402
 from avcloud.models import Detector, list_cards  # noqa: E402
@@ -116,12 +117,7 @@ def main() -> int:
     }
     if not args.no_profile:
         result["profile"] = bench_profile(args.quick)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    write_report(result, args.out)
     return 0
 
 

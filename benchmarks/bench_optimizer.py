@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchjson import write_report  # noqa: E402
 
 from avcloud.types import AllocationProblem, Option, Service  # noqa: E402
 from optimizer.allocators import get_allocator  # noqa: E402
@@ -198,12 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "c_exact_cold_median_le_20ms": c["exact_cold"]["median"] <= 20_000,
             "exact_gap_zero_everywhere": all(r["exact_max_abs_gap"] <= GAP_TOLERANCE for r in results.values()),
         }
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -10,12 +10,13 @@ for 5 cameras.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchjson import write_report
 
 from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
 from avcloud.replay.job import (
@@ -89,12 +90,7 @@ def main() -> int:
         "slowest_scene_seconds_per_wall_second": min(p["scene_seconds_per_wall_second"] for p in policies.values()),
         "target_scene_seconds_per_wall_second": 50.0,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_report(result, args.out)
     return 0
 
 

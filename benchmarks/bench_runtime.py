@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import multiprocessing
 import os
 import platform
@@ -33,6 +32,8 @@ import zmq
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchjson import write_report  # noqa: E402
 
 from avcloud.protocol import RequestHeader, decode_reply, encode_request  # noqa: E402
 from cloudside.config import CloudConfig  # noqa: E402
@@ -294,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             budgets_ms=[50.0, 100.0, 200.0, 400.0], queue_limit=256, max_batch_size=1,
             downlink_allowance_ms=args.downlink_allowance_ms)
     report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -17,7 +17,6 @@ separately. Figures are per frame for all cameras, in ms.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import threading
@@ -29,6 +28,8 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchjson import write_report
 
 from avcloud.clock import WallClock  # noqa: E402
 from avcloud.protocol import OK, ReplyHeader, ServerTimings, decode_request, encode_reply  # noqa: E402
@@ -277,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.also_parallel > 0 and "input" in kinds:
         report[f"input_compression_{args.also_parallel}_threads"] = measure_onboard_overhead(
             frames, "input", args.also_parallel)
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -144,7 +144,7 @@ def test_policy_that_sends_nothing_probes_after_a_silence():
     case = make_case(constant_opportunities(0.5))
     run = simulate_policy(make_policy("turbo", case.schedule), case.scenario, case.schedule)
     probes = np.argwhere(run.planned_config != -1)
-    assert 1 <= len(probes) <= FRAMES // 10 + 1  # at most about one per second
+    assert 0 < len(probes) <= FRAMES // 10 + 1  # at least one, at most about one per second
     assert {case.scenario.config_names[run.planned_config[tuple(p)]] for p in probes} == {"s-imgcompNone-inpcomp50"}
 
 
