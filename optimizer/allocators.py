@@ -124,22 +124,9 @@ class NaiveCloudAllocator:
     def solve(self, problem: AllocationProblem) -> Allocation:
         started_ns = time.perf_counter_ns()
         check_problem(problem)
-        indices, bandwidths = [], []
-        for service in problem.services:
-            costs = critical_bandwidths_mbps(service, problem.rtt_ms, problem.slo_ms)
-            best = fallback_index(service)
-            for index, option in enumerate(service.options):
-                if option.is_fallback or not math.isfinite(costs[index]):
-                    continue
-                incumbent = service.options[best]
-                if (
-                    incumbent.is_fallback
-                    or option.utility > incumbent.utility
-                    or (option.utility == incumbent.utility and costs[index] < costs[best])
-                ):
-                    best = index
-            indices.append(best)
-            bandwidths.append(float(costs[best]))
+        # Any cloud option that can meet the SLO at some bandwidth beats staying on the car.
+        indices, bandwidths = _best_option_per_service(
+            problem, lambda option, cost: not option.is_fallback and math.isfinite(cost), prefer_cloud=True)
         allocation = allocation_from_indices(problem.services, indices, bandwidths)
         allocation.extra["within_budget"] = sum(bandwidths) <= budget_limit_mbps(problem.budget_mbps)
         allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
@@ -159,23 +146,33 @@ class EqualSplitAllocator:
         started_ns = time.perf_counter_ns()
         check_problem(problem)
         share_limit_mbps = budget_limit_mbps(problem.budget_mbps) / len(problem.services)
-        indices, bandwidths = [], []
-        for service in problem.services:
-            costs = critical_bandwidths_mbps(service, problem.rtt_ms, problem.slo_ms)
-            best = fallback_index(service)
-            for index, option in enumerate(service.options):
-                if costs[index] > share_limit_mbps:
-                    continue
-                incumbent = service.options[best]
-                if option.utility > incumbent.utility or (
-                    option.utility == incumbent.utility and costs[index] < costs[best]
-                ):
-                    best = index
-            indices.append(best)
-            bandwidths.append(float(costs[best]))
+        indices, bandwidths = _best_option_per_service(problem, lambda option, cost: cost <= share_limit_mbps)
         allocation = allocation_from_indices(problem.services, indices, bandwidths)
         allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
         return allocation
+
+
+def _best_option_per_service(problem: AllocationProblem, eligible, prefer_cloud: bool = False):
+    """Per service, the most useful option among those `eligible(option, critical_bandwidth)`
+    accepts (the fallback is the starting incumbent); ties go to the cheaper option. With
+    `prefer_cloud`, any eligible option replaces the fallback whatever its utility."""
+    indices, bandwidths = [], []
+    for service in problem.services:
+        costs = critical_bandwidths_mbps(service, problem.rtt_ms, problem.slo_ms)
+        best = fallback_index(service)
+        for index, option in enumerate(service.options):
+            if not eligible(option, costs[index]):
+                continue
+            incumbent = service.options[best]
+            if (
+                (prefer_cloud and incumbent.is_fallback)
+                or option.utility > incumbent.utility
+                or (option.utility == incumbent.utility and costs[index] < costs[best])
+            ):
+                best = index
+        indices.append(best)
+        bandwidths.append(float(costs[best]))
+    return indices, bandwidths
 
 
 ALLOCATORS: dict[str, type] = {
