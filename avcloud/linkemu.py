@@ -253,7 +253,7 @@ class LinkEmulator:
     def __init__(self, upstream: tuple[str, int], uplink: DeliverySchedule,
                  downlink: DeliverySchedule | None = None, delay_ms: float = 0.0,
                  queue_bytes: int = DEFAULT_QUEUE_BYTES, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0) -> None:
+                 listen_port: int = 0, trace_start_unix_s: float | None = None) -> None:
         if delay_ms < 0:
             raise ValueError("delay_ms must be >= 0")
         if queue_bytes < PACKET_BYTES:
@@ -265,6 +265,9 @@ class LinkEmulator:
         self.queue_bytes = int(queue_bytes)
         self.listen_host = listen_host
         self._requested_port = listen_port
+        # Trace time 0 at this wall-clock time (None: at start()), so that another process (the
+        # camera player) can start in step with the trace; earlier bytes wait for time 0.
+        self.trace_start_unix_s = trace_start_unix_s
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._connections: list[_Connection] = []
@@ -287,6 +290,8 @@ class LinkEmulator:
         self._listener = listener
         self.port = listener.getsockname()[1]
         start_s = time.monotonic()
+        if self.trace_start_unix_s is not None:
+            start_s += self.trace_start_unix_s - time.time()
         self.uplink = _Direction("uplink", self.uplink_schedule, self.delay_ms, self.queue_bytes,
                                  start_s, self._stopping)
         self.downlink = _Direction("downlink", self.downlink_schedule, self.delay_ms, self.queue_bytes,
@@ -324,7 +329,7 @@ class LinkEmulator:
         return f"tcp://{self.listen_host}:{self.port}"
 
     def now_ms(self) -> float:
-        """Trace time: milliseconds since start()."""
+        """Trace time: milliseconds since start() (or since trace_start_unix_s; negative before it)."""
         assert self.uplink is not None, "start() the emulator first"
         return self.uplink.now_ms()
 

@@ -56,6 +56,9 @@ TURBO_CODECS: tuple[str, ...] = (
 FAMILY_MODELS: tuple[str, ...] = ("avd-onboard", "avd-cloud-s", "avd-cloud-m", "avd-cloud-l")
 _GROUND_TRUTH_CONFIG = "<ground-truth>"
 _WORK_VERSION = 1
+# Part of the cached profile's key: bump when compression or model-input resizing changes the
+# pixels the models see (2: halving + bilinear resize instead of INTER_AREA).
+PIXEL_PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -579,7 +582,7 @@ def _run_frames(scene_path: Path, plan: _Plan, backend: str, work_dir: Path, pen
 def profile_dir(scene_path: str | Path, preset: str) -> Path:
     preset_settings = PROFILE_PRESETS[preset]
     key = f"{_file_digest(Path(scene_path))}-{_models_digest(preset_settings.models)}"
-    return cache_dir() / "profiles" / f"{key}-{preset}"
+    return cache_dir() / "profiles" / f"{key}-{preset}-pixels{PIXEL_PIPELINE_VERSION}"
 
 
 def ensure_profile(scene_path: str | Path, preset: str = "demo", progress: bool = True,

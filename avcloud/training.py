@@ -6,16 +6,19 @@ metric, while the architecture and export live in `avcloud.models.centernet`.
 Data: frames rendered by `datasets.synthetic.render_camera` for seeds 1.. (seed 0 is the
 held-out default scene), stored once as JPEG (as Waymo camera images are) in a pool under
 cache_dir()/training. Each model trains on fixed-size crops of its own input view (the full
-frame stretched to the model's input size, as inference does), so the larger models cost no
-more per step and see their objects at the resolution they will see them at run time.
+frame stretched to the model's input size, as inference does), so the larger models cost
+little more per step and see their objects at the resolution they will see them at run time.
+The largest model gets larger crops (fewer per batch): at 1152x768 a near car is wider than
+the default crop.
 Augmentation: random JPEG re-encoding (quality 50-95) so the models tolerate compression, and
 horizontal flips. Loss: CenterNet's penalty-reduced focal loss on the class heatmaps plus L1 on
 log box size and centre offset at the object centres.
 
-`--preset zoo` trains the family from scratch (5000 steps per model; about 30 minutes on two
-idle cores, both models of a worker pair in parallel, one thread each). `--preset finetune
---from DIR` continues from trained weights, e.g. after the synthetic renderer changed (the
-training pool is keyed by the renderer's version, so new frames are rendered).
+`--preset zoo` trains the family from scratch (5000 steps per model, two models in parallel
+processes, one thread each). `--preset finetune --from DIR` continues from trained weights,
+e.g. after the synthetic renderer changed (the training pool is keyed by the renderer's
+version, so new frames are rendered) or to add the zero-initialised stride-32 stage to weights
+trained without it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from avcloud.compression import resize_image
 from avcloud.errors import UserError
 from avcloud.models.cards import ModelCard, OutputConvention, TorchWeights, save_card
 from avcloud.models.centernet import FAMILY, FAMILY_CLASS_MAP, OUTPUT_STRIDE, CenterNetSpec
@@ -56,6 +60,15 @@ class TrainingPreset:
     pool_frame_indices: tuple[int, ...]
     crop_wh: tuple[int, int]
     jpeg_probability: float = 0.6
+    # Per model (crop, batch size) where the default crop is too small: at 1152x768 near objects
+    # span more than a 384x256 crop, so the largest model would never see one whole.
+    large_crops: tuple[tuple[str, tuple[int, int], int], ...] = ()
+
+    def crop_and_batch_for(self, model: str) -> tuple[tuple[int, int], int]:
+        for name, crop_wh, batch_size in self.large_crops:
+            if name == model:
+                return crop_wh, batch_size
+        return self.crop_wh, self.batch_size
 
 
 PRESETS: dict[str, TrainingPreset] = {
@@ -66,6 +79,7 @@ PRESETS: dict[str, TrainingPreset] = {
         pool_seeds=tuple(range(1, 17)),
         pool_frame_indices=tuple(range(0, 200, 25)),
         crop_wh=(384, 256),
+        large_crops=(("avd-cloud-l", (576, 384), 8),),  # same pixels per step as 18 default crops
     ),
     # Adapting trained weights (--from DIR) to a changed renderer: short, gentle schedule.
     "finetune": TrainingPreset(
@@ -75,6 +89,7 @@ PRESETS: dict[str, TrainingPreset] = {
         pool_seeds=tuple(range(1, 17)),
         pool_frame_indices=tuple(range(0, 200, 25)),
         crop_wh=(384, 256),
+        large_crops=(("avd-cloud-l", (576, 384), 12),),
     ),
     # A few steps on a handful of frames: exercises the whole path in seconds (tests).
     "smoke": TrainingPreset(
@@ -156,7 +171,7 @@ def model_views(pool: Sequence[PoolImage], spec: CenterNetSpec) -> list[ModelVie
     views = []
     for item in pool:
         full = cv2.imdecode(np.frombuffer(item.jpeg_bytes, np.uint8), cv2.IMREAD_COLOR)
-        image = cv2.resize(full, (spec.input_width, spec.input_height), interpolation=cv2.INTER_AREA)
+        image = resize_image(full, (spec.input_width, spec.input_height))
         scale = np.array(
             [spec.input_width / item.width, spec.input_height / item.height] * 2, dtype=np.float32
         )
@@ -295,6 +310,29 @@ def _write_model(network, name: str, place: str, out_dir: Path, metrics: dict[st
     return card
 
 
+# Layers a fine-tune may add to trained weights: they are zero-initialised, so the network
+# starts out computing what the trained one did.
+_ADDABLE_LAYER_PREFIXES = ("stage32.", "lateral32.")
+
+
+def load_initial_weights(network, weights_path: Path) -> None:
+    """Load trained weights; only the addable stride-32 stage may be missing from them."""
+    import torch
+
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensor shapes differ
+        first_line = str(error).strip().splitlines()[-1].strip()
+        raise UserError(f"{weights_path}: weights do not fit {network.spec} ({first_line})") from None
+    not_addable = [key for key in missing if not key.startswith(_ADDABLE_LAYER_PREFIXES)]
+    if unexpected or not_addable:
+        raise UserError(
+            f"{weights_path}: weights do not fit {network.spec} "
+            f"(missing {not_addable[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
 def train_model(
     name: str,
     preset: TrainingPreset,
@@ -323,9 +361,10 @@ def train_model(
     network = build_network(spec)
     if initial_weights is not None:
         # Fine-tuning (e.g. after the synthetic renderer changed) starts from trained weights.
-        network.load_state_dict(torch.load(initial_weights, map_location="cpu", weights_only=True))
+        load_initial_weights(network, initial_weights)
     network.train()
-    sampler = CropSampler(model_views(pool, spec), preset.crop_wh, preset.jpeg_probability,
+    crop_wh, batch_size = preset.crop_and_batch_for(name)
+    sampler = CropSampler(model_views(pool, spec), crop_wh, preset.jpeg_probability,
                           seed=sorted(FAMILY).index(name) + 1)
     optimiser = torch.optim.AdamW(network.parameters(), lr=preset.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -346,7 +385,7 @@ def train_model(
             sampler.rng.bit_generator.state = state["sampler_rng"]
             first_step, smoothed_loss = state["step"], state["smoothed_loss"]
     for step in range(first_step, total_steps):
-        batch = [torch.from_numpy(part) for part in sampler.sample(preset.batch_size, mean, std)]
+        batch = [torch.from_numpy(part) for part in sampler.sample(batch_size, mean, std)]
         images, heatmap, log_size, offset, mask = batch
         loss = centernet_loss(network(images), heatmap, log_size, offset, mask)
         optimiser.zero_grad(set_to_none=True)

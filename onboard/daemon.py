@@ -138,6 +138,7 @@ class OnboardAgent:
         publish_guard_ms: float = 0.0,
         encode_executor: Executor | None = None,
         log_event: Callable[..., None] | None = None,
+        log_replies: bool = False,
     ) -> None:
         self.services = tuple(services)
         self.cameras = [service.name for service in self.services]
@@ -160,6 +161,7 @@ class OnboardAgent:
         self.publish_guard_ms = publish_guard_ms
         self.encode_executor = encode_executor  # None: compress inline in on_camera_frame
         self.log_event = log_event or (lambda event, **fields: None)
+        self.log_replies = log_replies
         self._last_reply_ms = -math.inf
         self.counters = AgentCounters()
         self._cameras = {camera: _CameraState() for camera in self.cameras}
@@ -285,6 +287,12 @@ class OnboardAgent:
         self._consecutive_timeouts = 0
         self._last_reply_ms = now_ms
         request = self._in_flight.pop(header.request_id, None)
+        if self.log_replies and timing is not None:
+            self.log_event("reply", request_id=header.request_id, task=header.task, frame=header.frame,
+                           status=header.status, size_bytes=timing.size_bytes,
+                           sent_after_capture_ms=round(timing.send_ms - timing.capture_ms, 2),
+                           round_trip_ms=round(now_ms - timing.send_ms, 2),
+                           server_ms=round(header.timings.total_ms, 2), in_time=request is not None)
         if request is None:
             self.counters.replies_discarded += 1  # timed out already: its frame has been published
             return
@@ -397,7 +405,7 @@ class OnboardAgent:
         request.send_ms = now_ms
         state.in_flight = request
         self._in_flight[request_id] = request
-        self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms)
+        self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms, task.arrival_ms)
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
         self.counters.requests_sent += 1

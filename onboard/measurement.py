@@ -42,6 +42,7 @@ class RequestTiming:
     request_id: int
     size_bytes: int
     send_ms: float
+    capture_ms: float = float("nan")  # when its frame's latency budget started (for logs)
 
 
 class LinkMeasurement:

@@ -87,6 +87,8 @@ class OnboardParams(pydantic.BaseModel):
     reconnect_after_timeouts: int = pydantic.Field(3, ge=1)
     min_reconnect_interval_ms: float = pydantic.Field(1000.0, ge=0)
     send_high_water_mark: int = pydantic.Field(16, ge=1)
+    # One `reply` log event per cloud reply with its timings (where a request's latency went).
+    log_replies: bool = False
 
     @pydantic.field_validator("cameras")
     @classmethod

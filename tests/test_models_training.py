@@ -120,3 +120,31 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch)
     assert seen == [1, 2, 3] and resumed == [3, 4]
     assert not (tmp_path / "zoo" / "avd-onboard.checkpoint").exists()
     assert (tmp_path / "zoo" / "avd-onboard.onnx").exists()
+
+
+def test_a_stride32_stage_added_to_trained_weights_starts_as_a_no_op(tmp_path):
+    import torch
+
+    from avcloud.errors import UserError
+    from avcloud.models.centernet import CenterNetSpec, build_network
+    from avcloud.training import load_initial_weights
+
+    torch.manual_seed(0)
+    without = build_network(CenterNetSpec(192, 128, 8, 16, 24)).eval()
+    weights = tmp_path / "trained.pt"
+    torch.save(without.state_dict(), weights)
+    deeper = build_network(CenterNetSpec(192, 128, 8, 16, 24, width_stride32=32)).eval()
+    load_initial_weights(deeper, weights)
+    images = torch.randn(2, 3, 128, 192)
+    with torch.no_grad():
+        for before, after in zip(without(images), deeper(images), strict=True):
+            assert torch.equal(before, after)
+    # Weights of a different architecture are refused with the file named, not half-loaded.
+    other = tmp_path / "other.pt"
+    torch.save(build_network(CenterNetSpec(192, 128, 8, 16, 32)).state_dict(), other)
+    with pytest.raises(UserError, match="other.pt: weights do not fit .*size mismatch"):
+        load_initial_weights(deeper, other)
+    missing = tmp_path / "partial.pt"
+    torch.save({key: value for key, value in without.state_dict().items() if not key.startswith("stem.")}, missing)
+    with pytest.raises(UserError, match="partial.pt: weights do not fit"):
+        load_initial_weights(deeper, missing)

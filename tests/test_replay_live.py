@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_replay_policies import constant_opportunities, make_case
 
@@ -54,21 +56,57 @@ def test_oracle_has_no_live_counterpart():
     assert "oracle" not in LIVE_POLICIES and {"onboard", "naive", "equal", "turbo", "turbo-q"} == set(LIVE_POLICIES)
 
 
+# The live cloud is a CPU process sharing this machine's two cores with the car's processes,
+# while the simulator serves every request at its profiled runtime, as a pool of GPU workers
+# would. With the large models five requests per frame queue behind each other and most come
+# back late (one 60-frame turbo run with avd-cloud-l: 67 sent, 49 late), which measures the
+# machine, not the replay. The agreement test therefore offers only the small cloud model, whose
+# requests fit in one core, so what differs between the modes is the link, the sender and the
+# deadline logic: exactly what the simulator must get right.
+AGREEMENT_MODEL_PREFIXES = ("avd-onboard-", "avd-cloud-s-")
+# Two bandwidth levels, 5 s each: the policy must notice the drop from what it measures.
+AGREEMENT_TRACE_MBPS = (12.0, 4.0)
+
+
+def profile_with_models(full_profile: Path, out_dir: Path, prefixes: tuple[str, ...]) -> Path:
+    """A copy of a profile folder whose table offers only the configurations starting with prefixes."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from avcloud.profiler import CACHE_NAME, GROUND_TRUTH_NAME, TABLE_NAME
+
+    table = pq.read_table(full_profile / TABLE_NAME)
+    keep = pc.or_(*[pc.starts_with(table["Model"], prefix) for prefix in prefixes]) if len(prefixes) > 1 else \
+        pc.starts_with(table["Model"], prefixes[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(keep), out_dir / TABLE_NAME)
+    for name in (CACHE_NAME, GROUND_TRUTH_NAME):
+        (out_dir / name).symlink_to(full_profile / name)
+    return out_dir
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="on a 2-core machine the live cloud service's real model shares the CPU with the car's "
-                          "processes, so live cloud runtimes are several times the profiled ones and most replies are "
-                          "late (one 60-frame turbo run: 67 sent, 49 late); the simulator uses the profiled runtimes",
-                   strict=False)
-def test_simulated_and_live_runs_agree():
+def test_simulated_and_live_runs_agree(tmp_path):
     """Same short scene, trace and policy: deadline-hit rate within 5 points, mAP within 2 points."""
-    from avcloud.replay.job import ReplayOptions, run_replay
+    from avcloud.profiler import ensure_profile
+    from avcloud.replay.job import ReplayOptions, default_scene_path, run_replay
     from avcloud.replay.live import run_live_replay
 
-    options = ReplayOptions(policies=("turbo",), progress=False, max_frames=100)
+    from datasets.traces import step_trace, write_mahimahi
+
+    full = ensure_profile(default_scene_path(), "demo", progress=False).table_path.parent
+    small = profile_with_models(full, tmp_path / "profile", AGREEMENT_MODEL_PREFIXES)
+    trace = write_mahimahi(tmp_path / "steps.up", step_trace(AGREEMENT_TRACE_MBPS, step_s=5.0))
+    options = ReplayOptions(trace_paths=(trace,), policies=("turbo",), progress=False, max_frames=100,
+                            profile_dir=small)
     (live,) = run_live_replay(options)
     (simulated,) = run_replay(options)
-    sim_hit = 1.0 - (simulated.summaries["turbo"]["deadline_miss_rate"] or 0.0)
-    live_hit = 1.0 - (live.summaries["turbo"]["deadline_miss_rate"] or 0.0)
-    assert live.summaries["turbo"]["requests_sent"] > 0 and simulated.summaries["turbo"]["requests_sent"] > 0
+    live_summary, sim_summary = live.summaries["turbo"], simulated.summaries["turbo"]
+    assert live_summary["requests_sent"] > 0 and sim_summary["requests_sent"] > 0
+    sim_hit = 1.0 - (sim_summary["deadline_miss_rate"] or 0.0)
+    live_hit = 1.0 - (live_summary["deadline_miss_rate"] or 0.0)
+    print(f"deadline hit: sim {sim_hit:.3f} live {live_hit:.3f}; "
+          f"mAP: sim {sim_summary['map']:.4f} live {live_summary['map']:.4f}; "
+          f"sent: sim {sim_summary['requests_sent']} live {live_summary['requests_sent']}")
     assert abs(sim_hit - live_hit) <= 0.05
-    assert abs(simulated.summaries["turbo"]["map"] - live.summaries["turbo"]["map"]) <= 0.02
+    assert abs(sim_summary["map"] - live_summary["map"]) <= 0.02

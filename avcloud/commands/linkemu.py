@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     downlink.add_argument("--downlink-mbps", type=float, default=None, help="fixed downlink rate (default unshaped)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way propagation delay, each direction")
     parser.add_argument("--queue-bytes", type=int, default=1_000_000, help="bottleneck queue size per direction")
+    parser.add_argument("--trace-start-unix", type=float, default=None, metavar="SECONDS",
+                        help="wall-clock time (Unix seconds) of trace time 0 (default: when listening starts); "
+                             "give `avcloud play --start-at-unix` the same value to align frames with the trace")
     parser.add_argument("--listen", default="tcp://127.0.0.1:5556", help="car side endpoint (the car connects here)")
     parser.add_argument("--upstream", default="tcp://127.0.0.1:5555", help="cloud service endpoint")
     parser.set_defaults(handler=run_linkemu)
@@ -56,7 +59,8 @@ def run_linkemu(args: argparse.Namespace) -> int:
         downlink = fixed_rate_schedule(args.downlink_mbps)
     else:
         downlink = None
-    emulator = LinkEmulator(upstream, uplink, downlink, args.delay_ms, args.queue_bytes, listen_host, listen_port)
+    emulator = LinkEmulator(upstream, uplink, downlink, args.delay_ms, args.queue_bytes, listen_host, listen_port,
+                            trace_start_unix_s=args.trace_start_unix)
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:

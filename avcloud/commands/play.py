@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -99,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--loop", action="store_true", help="start over at the end of the scene")
     parser.add_argument("--start-delay-s", type=float, default=1.0,
                         help="wait after READY so subscribers can connect (default 1)")
+    parser.add_argument("--start-at-unix", type=float, default=None, metavar="SECONDS",
+                        help="publish the first frame at this wall-clock time (Unix seconds) instead of after "
+                             "--start-delay-s, e.g. the link emulator's --trace-start-unix")
     parser.set_defaults(handler=run_play)
 
 
@@ -115,7 +119,10 @@ def run_play(args: argparse.Namespace) -> int:
     try:
         print(f"READY play {player.bound_endpoint} scene={scene.name} frames={len(scene)} rate={args.rate}",
               flush=True)
-        if player.stop_requested.wait(args.start_delay_s):
+        wait_s = args.start_delay_s if args.start_at_unix is None else args.start_at_unix - time.time()
+        if wait_s < 0 and args.start_at_unix is not None:
+            print(f"play: started {-wait_s:.2f} s after --start-at-unix", file=sys.stderr, flush=True)
+        if player.stop_requested.wait(max(0.0, wait_s)):
             return 0
 
         def frames():

@@ -1,7 +1,8 @@
 """The project's own detector family: a tiny CenterNet-style single-stage detector (torch).
 
-One network per model: a strided conv backbone down to stride 16, a light top-down path back
-to stride 4 (small objects need the fine grid), and three heads at stride 4: a heatmap per
+One network per model: a strided conv backbone down to stride 16 (32 for the largest input,
+whose near objects span hundreds of pixels and need the wider receptive field), a light
+top-down path back to stride 4 (small objects need the fine grid), and three heads at stride 4: a heatmap per
 class, log box size and sub-cell centre offset. `DecodedCenterNet` puts the decoding inside the
 exported graph (3x3 max-pool peaks + TopK), so every exported model outputs [B, K, 6] =
 x1, y1, x2, y2, score, class-index in input-image pixels, which is the zoo's output convention.
@@ -38,6 +39,8 @@ class CenterNetSpec:
     width_stride16: int
     blocks_stride4: int = 1
     blocks_stride16: int = 1
+    # 0 = no stride-32 stage (the backbone stops at stride 16).
+    width_stride32: int = 0
     num_classes: int = NUM_CLASSES
 
     def to_dict(self) -> dict[str, int]:
@@ -66,6 +69,14 @@ class CenterNetLite(nn.Module):
         self.stage16 = nn.Sequential(
             _conv_bn_relu(c8, c16, 2), *[_conv_bn_relu(c16, c16) for _ in range(spec.blocks_stride16)]
         )
+        if spec.width_stride32:
+            self.stage32 = nn.Sequential(
+                _conv_bn_relu(c16, spec.width_stride32, 2), _conv_bn_relu(spec.width_stride32, spec.width_stride32)
+            )
+            self.lateral32 = nn.Conv2d(spec.width_stride32, c16, 1)
+            # Zero-initialised: a stride-32 stage added to trained stride-16 weights starts as a no-op.
+            nn.init.zeros_(self.lateral32.weight)
+            nn.init.zeros_(self.lateral32.bias)
         self.lateral16 = nn.Conv2d(c16, c8, 1)
         self.fuse8 = _conv_bn_relu(c8, c8)
         self.lateral8 = nn.Conv2d(c8, c4, 1)
@@ -80,6 +91,9 @@ class CenterNetLite(nn.Module):
         features4 = self.stage4(self.stem(images))
         features8 = self.stage8(features4)
         features16 = self.stage16(features8)
+        if self.spec.width_stride32:
+            features32 = self.stage32(features16)
+            features16 = features16 + functional.interpolate(self.lateral32(features32), size=features16.shape[-2:])
         top8 = self.fuse8(features8 + functional.interpolate(self.lateral16(features16), size=features8.shape[-2:]))
         top4 = self.fuse4(features4 + functional.interpolate(self.lateral8(top8), size=features4.shape[-2:]))
         return self.heatmap_head(top4), self.size_head(top4), self.offset_head(top4)
@@ -155,5 +169,6 @@ FAMILY: dict[str, tuple[str, CenterNetSpec]] = {
     "avd-onboard": ("onboard", CenterNetSpec(384, 256, 16, 24, 32)),
     "avd-cloud-s": ("cloud", CenterNetSpec(576, 384, 16, 32, 48)),
     "avd-cloud-m": ("cloud", CenterNetSpec(768, 512, 24, 32, 64, blocks_stride16=2)),
-    "avd-cloud-l": ("cloud", CenterNetSpec(1152, 768, 24, 48, 64, blocks_stride4=2, blocks_stride16=2)),
+    "avd-cloud-l": ("cloud", CenterNetSpec(1152, 768, 24, 48, 64, blocks_stride4=2, blocks_stride16=2,
+                                           width_stride32=96)),
 }

@@ -8,9 +8,9 @@ the image given). Side cameras (1920x886) are stretched to the 3:2 input, as in 
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from avcloud.compression import resize_image
 from avcloud.errors import DataError
 from avcloud.models.backends import InferenceBackend, open_backend
 from avcloud.models.cards import ModelCard
@@ -18,13 +18,11 @@ from avcloud.types import DETECTION_COLUMNS, empty_detections
 
 
 def model_input_from_image(image_bgr: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Resize a BGR uint8 image to the model's input size (area filter when shrinking)."""
+    """Resize a BGR uint8 image to the model's input size, as input compression does."""
     height, width = image_bgr.shape[:2]
     if (width, height) == card.input_wh:
         return image_bgr
-    shrinking = width >= card.input_width and height >= card.input_height
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image_bgr, card.input_wh, interpolation=interpolation)
+    return resize_image(image_bgr, card.input_wh)
 
 
 def normalise_to_chw(model_input_bgr: np.ndarray, card: ModelCard) -> np.ndarray:

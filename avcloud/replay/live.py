@@ -43,6 +43,8 @@ from avcloud.replay.simulator import FALLBACK_INDEX, PolicyRun, ReplayScenario, 
 from avcloud.types import empty_detections
 
 READY_TIMEOUT_S = 120.0
+# Seconds from launching the link emulator and the player until the first frame and trace time 0.
+LIVE_START_MARGIN_S = 4.0
 # Daemon settings per policy: (method, allocator, estimator).
 LIVE_POLICIES: dict[str, tuple[str, str, str]] = {
     "onboard": ("exact", "onboard", "harmonic"),
@@ -73,10 +75,11 @@ class ProcessGroup:
                                    text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.processes.append((name, process))
         if wait_ready:
-            self._wait_ready(name, process, log_path)
+            self.wait_ready(name, process)
         return process
 
-    def _wait_ready(self, name: str, process: subprocess.Popen, log_path: Path) -> None:
+    def wait_ready(self, name: str, process: subprocess.Popen) -> None:
+        log_path = self.log_dir / f"{name}.log"
         ready = threading.Event()
         lines: list[str] = []
 
@@ -112,7 +115,9 @@ def cloud_config(bind: str, models: Sequence[str]) -> dict:
     return {
         "bind": bind,
         "http_port": None,
-        "models": [{"name": model, "backend": "onnxruntime"} for model in models],
+        # One inference thread: the cloud shares this machine's cores with the car's processes, and
+        # onnxruntime's default pool (a spinning thread per core) would take the car's CPU too.
+        "models": [{"name": model, "backend": "onnxruntime", "num_threads": 1} for model in models],
         "scheduler": "edf",
         "workers": 1,
     }
@@ -144,9 +149,6 @@ def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario
     group = ProcessGroup(work_dir)
     try:
         group.start(f"{policy}-cloud", ["cloud", "serve", "--config", str(config_path), "--insecure"])
-        group.start(f"{policy}-linkemu", ["linkemu", "--uplink", trace_path, "--delay-ms", f"{rtt_ms / 2:g}",
-                                          "--listen", f"tcp://127.0.0.1:{emu_port}",
-                                          "--upstream", f"tcp://127.0.0.1:{cloud_port}"])
         parameters = {
             "cameras": list(scenario.cameras), "profile_path": scene.profile_path, "method": method,
             "allocator": allocator, "estimator": estimator, "slo_ms": slo_ms, "rtt_ms": rtt_ms,
@@ -154,16 +156,27 @@ def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario
             "initial_bandwidth_mbps": INITIAL_ESTIMATE_MBPS, "quantile_window": FORECAST_SAMPLES,
             "endpoints.cameras": f"tcp://127.0.0.1:{camera_port}",
             "endpoints.outputs": f"tcp://127.0.0.1:{output_port}",
-            "endpoints.cloud": f"tcp://127.0.0.1:{emu_port}", "security.insecure": True,
+            "endpoints.cloud": f"tcp://127.0.0.1:{emu_port}", "security.insecure": True, "log_replies": True,
         }
         overrides = [item for key, value in parameters.items()
                      for item in ("-p", f"{key}:={yaml.safe_dump(value, default_flow_style=True).strip()}")]
         group.start(f"{policy}-onboard", ["onboard", *overrides])
         group.start(f"{policy}-record", ["record", "--out", str(recording), "--connect",
                                          f"tcp://127.0.0.1:{output_port}", "--idle-exit-s", "3"])
+        # The simulator starts the trace with the first frame; so does the live stack: the link
+        # emulator and the player share a wall-clock start a few seconds ahead (their start-up
+        # time). The daemon connects to the emulator's port as soon as it listens.
+        start_unix_s = time.time() + LIVE_START_MARGIN_S
+        emulator = group.start(f"{policy}-linkemu", [
+            "linkemu", "--uplink", trace_path, "--delay-ms", f"{rtt_ms / 2:g}",
+            "--listen", f"tcp://127.0.0.1:{emu_port}", "--upstream", f"tcp://127.0.0.1:{cloud_port}",
+            "--trace-start-unix", f"{start_unix_s:.3f}"], wait_ready=False)
         player = group.start(f"{policy}-play", ["play", scene.path, "--rate", f"{1000.0 / scenario.frame_interval_ms:g}",
                                                 "--bind", f"tcp://127.0.0.1:{camera_port}", "--frames", str(frames),
-                                                "--cameras", *scenario.cameras])
+                                                "--cameras", *scenario.cameras, "--start-at-unix",
+                                                f"{start_unix_s:.3f}"], wait_ready=False)
+        group.wait_ready(f"{policy}-linkemu", emulator)
+        group.wait_ready(f"{policy}-play", player)
         player.wait(timeout=frames * scenario.frame_interval_ms / 1000.0 + 60)
         time.sleep(slo_ms / 1000.0 + 1.0)  # the last frames' deadlines pass and results are published
     finally:
