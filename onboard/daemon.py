@@ -224,7 +224,6 @@ class OnboardAgent:
             self._reuse_onboard(self._cameras[camera], task)
             self.step()
             return
-        self._start_fallback(task, image_bgr, full_size_wh)
         if option is not None and not option.is_fallback:
             share_mbps = float(allocation.bandwidth_mbps.get(camera, 0.0))
             task.cloud_pending = True
@@ -243,6 +242,8 @@ class OnboardAgent:
                     future = self.encode_executor.submit(self.encoder, image_bgr, option.name, full_size_wh)
                     encoding.append((task, option, share_mbps, future))
                     future.add_done_callback(lambda _: self.wake())
+            self.step()  # the cloud request is the long pole: on the wire before the fallback starts
+        self._start_fallback(task, image_bgr, full_size_wh)
         self.step()
 
     def _encode_now(self, image_bgr: np.ndarray, option: Option, full_size_wh: tuple[int, int]) -> Future:

@@ -83,10 +83,13 @@ class LinkMeasurement:
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
         return self._observe(arrival_ms, request.size_bytes, transfer_ms)
 
-    def on_timeout(self, request: RequestTiming, now_ms: float) -> None:
-        """A request got no reply within its frame's budget. No sample is taken: the cause may be the
-        cloud, not the link, and a reply that still comes back late is measured then."""
+    def on_timeout(self, request: RequestTiming, now_ms: float) -> float:
+        """A request got no reply within its frame's budget: its size over the time since sending is
+        an upper bound of what the uplink carried, taken now so that an outage drives the estimate
+        down without waiting for a reply that may never come (the simulator learns the same). A
+        reply that still comes back late is measured again then. Returns the sample taken."""
         self.timeouts += 1
+        return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, now_ms - request.send_ms))
 
     def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float) -> float:
         sample_mbps = size_bytes * 8 / 1000.0 / transfer_ms

@@ -61,3 +61,8 @@ def test_rtt_not_below_slo(capsys, rtt_ms, slo_ms):
 def test_negative_rtt(capsys):
     code, err = run_cli(capsys, "--rtt-ms", "-5")
     assert code == 2 and "--rtt-ms" in err
+
+
+def test_cloud_workers_must_be_positive(capsys):
+    code, err = run_cli(capsys, "--cloud-workers", "0")
+    assert code == 2 and err.count("\n") == 1 and "--cloud-workers" in err

@@ -195,3 +195,22 @@ def test_planning_context_has_no_trace_and_carries_the_frame_interval():
     assert [c.now_ms for c in policy.contexts] == [0.0, 100.0, 200.0]
     assert {c.frame_interval_ms for c in policy.contexts} == {100.0}
     assert not any(isinstance(value, DeliverySchedule) for c in policy.contexts for value in vars(c).values())
+
+
+def test_a_single_cloud_worker_queues_requests_and_expires_what_cannot_finish_in_time():
+    # Three cameras' 1500-byte frames arrive at the cloud at 1, 2 and 3 ms + 20 ms (RTT/2).
+    cameras = ("FRONT", "FRONT_LEFT", "FRONT_RIGHT")
+    scenario = make_scenario([[1500, 1500, 1500]], cameras=cameras, rtt_ms=40.0, runtime_ms=60.0, slo_ms=200.0)
+    pool = simulate_policy(ScriptedPolicy(every_frame=cameras), scenario, ONE_PACKET_PER_MS)
+    assert list(pool.result_ms[0]) == pytest.approx([1 + 20 + 60 + 20, 2 + 20 + 60 + 20, 3 + 20 + 60 + 20])
+    single = simulate_policy(ScriptedPolicy(every_frame=cameras), scenario, ONE_PACKET_PER_MS, cloud_workers=1)
+    # The second waits for the first (81 -> 141); the third could finish only at 201 > 200 - 20:
+    # expired unrun, its reply back at once, and it does not hold the worker.
+    assert single.result_ms[0, 0] == pytest.approx(101.0)
+    assert single.result_ms[0, 1] == pytest.approx(81 + 60 + 20)
+    assert single.result_ms[0, 2] == pytest.approx(3 + 20 + 20)
+    assert list(single.outcome[0]) == [RequestOutcome.ON_TIME, RequestOutcome.ON_TIME, RequestOutcome.LATE]
+    two = simulate_policy(ScriptedPolicy(every_frame=cameras), scenario, ONE_PACKET_PER_MS, cloud_workers=2)
+    assert two.result_ms[0, 2] == pytest.approx(81 + 60 + 20)  # the first free worker takes it
+    with pytest.raises(ValueError, match="cloud workers"):
+        simulate_policy(ScriptedPolicy(), scenario, ONE_PACKET_PER_MS, cloud_workers=0)

@@ -50,6 +50,13 @@ def register(subparsers) -> None:
                              "instead of the cached one for --preset")
     parser.add_argument("--frames", type=int, default=None, metavar="N",
                         help="replay only the first N frames of each scene (default: all the profile covers)")
+    parser.add_argument("--cloud-workers", type=int, default=None, metavar="N",
+                        help="simulate a cloud of N workers serving in arrival order (default: every request served "
+                             "on arrival, as by a GPU pool); with --live, the service's workers (default 1)")
+    parser.add_argument("--camera-input-ms", type=float, default=0.0, metavar="MS",
+                        help="simulated time the car needs per camera image before compressing it, cameras in "
+                             "turn (default 0: raw frames from camera drivers; set it to the JPEG decode time to "
+                             "compare with --live, which decodes the dataset's JPEGs)")
     parser.add_argument("--live", action="store_true",
                         help="run the real cloud service, link emulator, onboard daemon, player and recorder on loopback")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     options = ReplayOptions(
         scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
-        progress=not args.no_progress,
+        progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
     )
     check_options(options)
     # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).

@@ -84,6 +84,7 @@ def build_scenario(
     rtt_ms: float,
     slo_ms: float,
     encode_ms_by_config: dict[str, float] | None = None,
+    camera_input_ms: float = 0.0,
 ) -> ReplayScenario:
     """Index the cache once (sizes as one array) so the simulator does no look-ups per frame."""
     encode_ms_by_config = encode_ms_by_config or {}
@@ -122,6 +123,7 @@ def build_scenario(
         fallback_config=fallback,
         rtt_ms=rtt_ms,
         slo_ms=slo_ms,
+        camera_input_ms=camera_input_ms,
     )
 
 
@@ -217,11 +219,11 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
 
 
 def make_case(scene: ProfiledScene, trace: UplinkTrace, rtt_ms: float, slo_ms: float,
-              max_frames: int | None = None) -> ReplayCase:
+              max_frames: int | None = None, camera_input_ms: float = 0.0) -> ReplayCase:
     """One scene x trace; `max_frames` keeps only the first frames the profile covers."""
     frames = scene.scenario_frames if max_frames is None else scene.scenario_frames[:max_frames]
     scenario = build_scenario(scene.services, scene.detections, frames, scene.frame_rate_hz,
-                              rtt_ms, slo_ms, scene.encode_ms_by_config)
+                              rtt_ms, slo_ms, scene.encode_ms_by_config, camera_input_ms)
     ground_truths = {camera: truths[: len(frames)] for camera, truths in scene.ground_truths.items()}
     return ReplayCase(
         scene_name=scene.name, scene_path=scene.path, trace_name=trace.name, trace_path=trace.path,

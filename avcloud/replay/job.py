@@ -46,6 +46,12 @@ class ReplayOptions:
     max_frames: int | None = None  # only the first frames of each scene
     profile_dir: str | Path | None = None  # an existing profile folder instead of the cached preset
     progress: bool = True
+    # None: the simulated cloud serves every request on arrival (a GPU pool); k: k workers in
+    # arrival order. Live runs start the service with this many workers (default 1).
+    cloud_workers: int | None = None
+    # Simulated time the car needs per camera image before compressing it (cameras in turn):
+    # 0 for raw camera frames; the live replay decodes each dataset JPEG first.
+    camera_input_ms: float = 0.0
 
 
 @dataclass
@@ -65,6 +71,10 @@ def check_options(options: ReplayOptions) -> tuple[str, ...]:
     if options.rtt_ms >= options.slo_ms:
         raise UserError(f"--rtt-ms {options.rtt_ms:g} must be below --slo-ms {options.slo_ms:g}: "
                         "no cloud result could ever meet the deadline")
+    if not math.isfinite(options.camera_input_ms) or options.camera_input_ms < 0:
+        raise UserError(f"--camera-input-ms must be a finite number >= 0 (got {options.camera_input_ms:g})")
+    if options.cloud_workers is not None and options.cloud_workers < 1:
+        raise UserError(f"--cloud-workers must be at least 1 (got {options.cloud_workers})")
     if options.max_frames is not None and options.max_frames < 2:
         raise UserError(f"--frames must be at least 2 (got {options.max_frames})")
     names = check_policy_names(list(options.policies))
@@ -94,7 +104,7 @@ def default_trace_path() -> Path:
 
 
 def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress | None = None,
-             map_function: MapFunction = datasets_map) -> CaseResult:
+             map_function: MapFunction = datasets_map, cloud_workers: int | None = None) -> CaseResult:
     """Each policy on its own copy of the link, then the figures of all of them."""
     runs: dict[str, PolicyRun] = {}
     task = None
@@ -102,17 +112,18 @@ def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress |
         task = progress.add_task(f"replay {case.scene_name} x {case.trace_name}", total=len(policy_names))
     for name in policy_names:
         if name == "oracle":
-            runs[name] = best_oracle_run(case)
+            runs[name] = best_oracle_run(case, cloud_workers)
         else:
             policy = make_policy(name, case.schedule)
-            runs[name] = simulate_policy(policy, case.scenario, case.schedule)  # type: ignore[arg-type]
+            runs[name] = simulate_policy(policy, case.scenario, case.schedule,  # type: ignore[arg-type]
+                                         cloud_workers=cloud_workers)
         if progress is not None and task is not None:
             progress.advance(task)
     summaries = summarise_policies(runs, case.scenario, case.detections, case.ground_truths, map_function)
     return CaseResult(case=case, runs=runs, summaries=summaries)
 
 
-def best_oracle_run(case: ReplayCase) -> PolicyRun:
+def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None) -> PolicyRun:
     """The oracle at each capacity fraction; the run whose published results have the most
     profiled utility wins (chosen in hindsight, without looking at the ground truth)."""
     scenario = case.scenario
@@ -127,7 +138,8 @@ def best_oracle_run(case: ReplayCase) -> PolicyRun:
     best: tuple[float, PolicyRun] | None = None
     wall_s = 0.0
     for fraction in ORACLE_CAPACITY_FRACTIONS:
-        run = simulate_policy(OraclePolicy(case.schedule, fraction), scenario, case.schedule)
+        run = simulate_policy(OraclePolicy(case.schedule, fraction), scenario, case.schedule,
+                              cloud_workers=cloud_workers)
         wall_s += run.wall_s
         served = run.served_config()
         cameras = np.arange(len(scenario.cameras))[None, :]
@@ -149,11 +161,12 @@ def run_replay(options: ReplayOptions, console: Console | None = None) -> list[C
     for scene_path in scene_paths:
         scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir)
         for trace in traces:
-            case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames)
+            case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames,
+                             options.camera_input_ms)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, disable=not options.progress,
                           transient=True) as progress:
-                results.append(run_case(case, policy_names, progress))
+                results.append(run_case(case, policy_names, progress, cloud_workers=options.cloud_workers))
     return results
 
 

@@ -111,7 +111,7 @@ class ProcessGroup:
         self.processes.clear()
 
 
-def cloud_config(bind: str, models: Sequence[str]) -> dict:
+def cloud_config(bind: str, models: Sequence[str], workers: int = 1) -> dict:
     return {
         "bind": bind,
         "http_port": None,
@@ -119,7 +119,7 @@ def cloud_config(bind: str, models: Sequence[str]) -> dict:
         # onnxruntime's default pool (a spinning thread per core) would take the car's CPU too.
         "models": [{"name": model, "backend": "onnxruntime", "num_threads": 1} for model in models],
         "scheduler": "edf",
-        "workers": 1,
+        "workers": workers,
     }
 
 
@@ -136,7 +136,7 @@ def _work_dir():
 
 
 def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario: ReplayScenario,
-                    rtt_ms: float, slo_ms: float, work_dir: Path, frames: int) -> list[dict]:
+                    rtt_ms: float, slo_ms: float, work_dir: Path, frames: int, cloud_workers: int = 1) -> list[dict]:
     """One policy on a fresh stack; returns the recorder's rows."""
     from avcloud.commands.record import read_recording
 
@@ -144,7 +144,7 @@ def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario
     cloud_port, emu_port, camera_port, output_port = (free_port() for _ in range(4))
     models = sorted({name.split("-imgcomp")[0] for name in scenario.config_names})
     config_path = work_dir / "cloud.yaml"
-    config_path.write_text(yaml.safe_dump(cloud_config(f"tcp://127.0.0.1:{cloud_port}", models)))
+    config_path.write_text(yaml.safe_dump(cloud_config(f"tcp://127.0.0.1:{cloud_port}", models, cloud_workers)))
     recording = work_dir / f"{policy}.jsonl"
     group = ProcessGroup(work_dir)
     try:
@@ -276,7 +276,7 @@ def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
                 for name in policy_names:
                     started = time.perf_counter()
                     rows = run_policy_live(name, scene, trace.path, case.scenario, options.rtt_ms, options.slo_ms,
-                                           Path(work), case.scenario.num_frames)
+                                           Path(work), case.scenario.num_frames, options.cloud_workers or 1)
                     runs[name] = run_from_recording(name, rows, case.scenario, time.perf_counter() - started)
                     summaries.update(summarise_policies({name: runs[name]}, case.scenario, RecordedDetections(rows),
                                                         case.ground_truths, datasets_map))

@@ -21,8 +21,13 @@ The policy measures only what the car can. When a reply arrives: size / time the
 it (from max(enqueue, previous delivery) to its delivery: the car knows its own send log and the
 uplink carries only its own cameras; the reply tells when the cloud received it). When a request
 times out at its deadline: size / time since sending, an upper bound, so an outage drives the
-estimate down without waiting for the late reply. No cloud-side queueing is modelled (each
-request is served as it arrives, as by a pool of GPU workers).
+estimate down without waiting for the late reply.
+
+The cloud: by default every request is served as it arrives (a pool of GPU workers, TURBO's
+assumption). With `cloud_workers=k` it is k workers serving in arrival order, as the live
+service on a small CPU machine is: a request waits for a free worker, and one that could no
+longer finish before its deadline is answered `expired` at once without occupying a worker
+(the service's deadline check).
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ class ReplayScenario:
     fallback_config: str
     rtt_ms: float
     slo_ms: float
+    # Time the car needs per camera image before it can compress it, cameras in order: 0 for
+    # raw images from camera drivers; decoding a dataset's JPEGs costs the live replay this.
+    camera_input_ms: float = 0.0
     config_position: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -179,10 +187,32 @@ class _Request:
     share_mbps: float  # bandwidth the policy planned this request to get
 
 
+class CloudWorkers:
+    """When each request's result leaves the cloud: at once, or after queueing for k workers."""
+
+    def __init__(self, workers: int | None) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError(f"cloud workers must be >= 1 or None (unlimited), got {workers}")
+        self._free_at_ms = [-math.inf] * workers if workers else None
+
+    def finish_ms(self, arrival_ms: float, runtime_ms: float, latest_finish_ms: float) -> float:
+        """Finish time of a request arriving at arrival_ms; inf when it is expired unrun."""
+        if self._free_at_ms is None:
+            return arrival_ms + runtime_ms
+        start_ms = max(arrival_ms, self._free_at_ms[0])
+        if start_ms + runtime_ms > latest_finish_ms:
+            return math.inf
+        heapq.heapreplace(self._free_at_ms, start_ms + runtime_ms)
+        return start_ms + runtime_ms
+
+
 def simulate_policy(policy: Policy, scenario: ReplayScenario, schedule: DeliverySchedule,
-                    queue_limit_bytes: int | None = None) -> PolicyRun:
-    """Run one policy over every frame of the scenario on its own uplink following `schedule`."""
+                    queue_limit_bytes: int | None = None, cloud_workers: int | None = None) -> PolicyRun:
+    """Run one policy over every frame of the scenario on its own uplink following `schedule`.
+
+    `cloud_workers`: None serves every request on arrival; k queues them for k workers."""
     started = time.perf_counter()
+    cloud = CloudWorkers(cloud_workers)
     frames, cameras = scenario.num_frames, len(scenario.cameras)
     link = TraceLink(schedule, queue_limit_bytes=queue_limit_bytes)
     half_rtt_ms = scenario.rtt_ms / 2.0
@@ -222,13 +252,16 @@ def simulate_policy(policy: Policy, scenario: ReplayScenario, schedule: Delivery
         last_delivery_ms = delivered_ms
         sent_bytes += request.size_bytes
         transfers.append((now_ms, delivered_ms, request.size_bytes))
-        back_ms = delivered_ms + half_rtt_ms + request.runtime_ms + half_rtt_ms
+        finished_ms = cloud.finish_ms(delivered_ms + half_rtt_ms, request.runtime_ms,
+                                      request.deadline_ms - half_rtt_ms)
+        # An expired request's reply comes back at once (its deadline is what frees the slot).
+        back_ms = (finished_ms if math.isfinite(finished_ms) else delivered_ms + half_rtt_ms) + half_rtt_ms
         result_ms[request.frame, request.camera] = back_ms
-        on_time = back_ms <= request.deadline_ms
+        on_time = math.isfinite(finished_ms) and back_ms <= request.deadline_ms
         outcome[request.frame, request.camera] = RequestOutcome.ON_TIME if on_time else RequestOutcome.LATE
         in_flight[request.camera] = request
         push(min(back_ms, request.deadline_ms), _SLOT_FREE, request)
-        if not on_time:
+        if back_ms > request.deadline_ms:
             timed_out_mbps = request.size_bytes * 8 / 1000.0 / max(request.deadline_ms - now_ms, 1.0)
             push(request.deadline_ms, _LEARN, ThroughputSample(request.deadline_ms, delivered_ms, timed_out_mbps,
                                                                request.size_bytes))
@@ -288,7 +321,8 @@ def simulate_policy(policy: Policy, scenario: ReplayScenario, schedule: Delivery
                                now_ms + scenario.slo_ms, float(scenario.runtime_ms[config]), share_mbps)
             # Earliest deadline on the wire first: the request with least slack for the uplink goes first.
             slack_ms = scenario.slo_ms - request.runtime_ms
-            ready.append((now_ms + float(scenario.encode_ms[config]), slack_ms, request))
+            input_ms = (camera + 1) * scenario.camera_input_ms
+            ready.append((now_ms + input_ms + float(scenario.encode_ms[config]), slack_ms, request))
         for ready_ms, _, request in sorted(ready, key=lambda item: (item[0], item[1])):
             push(ready_ms, _READY, request)
     process_until(math.inf)  # every slot frees eventually, so every waiting frame is sent or dropped
@@ -318,6 +352,7 @@ def true_capacity_mbps(schedule: DeliverySchedule, start_ms: float, end_ms: floa
 
 __all__ = [
     "FALLBACK_INDEX",
+    "CloudWorkers",
     "PACKET_BYTES",
     "PlanningContext",
     "Policy",
