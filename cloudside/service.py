@@ -15,6 +15,7 @@ Embeddable: `CloudService(config).start()` ... `.stop()`, or as a context manage
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -238,6 +239,7 @@ class CloudService:
             self._announce(f"model {name}: backend {runner.backend_name}, warm, "
                            f"~{runner.expected_runtime_ms:.1f} ms per image")
         self.runners = dict(runners)
+        gc.freeze()  # loaded models and modules stay out of full collections while serving
 
     def _open_sockets(self, server_keys: keys.KeyPair | None) -> None:
         self._context = zmq.Context()

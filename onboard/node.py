@@ -13,6 +13,7 @@ are published at their deadline without busy waiting. Logs are one JSON object p
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -209,6 +210,10 @@ class OnboardNode:
 
     def activate(self) -> None:
         self._require(INACTIVE)
+        # Long-lived start-up objects (modules, models, parameters) leave the collector's view, so
+        # a full collection in the middle of a frame does not scan them: with a large heap that
+        # pause reached 80 ms and pushed results past their deadline.
+        gc.freeze()
         self.state = ACTIVE
         self._stop.clear()
         self._event("activated")

@@ -73,8 +73,11 @@ AGREEMENT_CAMERAS = ("FRONT", "SIDE_LEFT")
 # levels sit where an estimate off by a quarter (the live measurement's noise on a loaded 2-core
 # machine) does not change the allocation: near a level where it does (e.g. 6 Mbps, where the
 # front camera switches between JPEG-50 and JPEG-95), both modes are right but diverge, and the
-# hit rates differed by 4-7 points over runs.
+# hit rates differed by 4-7 points over runs. The RTT keeps the front camera's round trip below
+# the frame interval: at 50 ms it sat within a few ms of it, and the live stack's extra few ms
+# (request header bytes, server overhead) made each frame wait for the previous reply.
 AGREEMENT_TRACE_MBPS = (3.5, 1.5)
+AGREEMENT_RTT_MS = 30.0
 
 
 def profile_subset(full_profile: Path, out_dir: Path, prefixes: tuple[str, ...], cameras: tuple[str, ...]) -> Path:
@@ -127,7 +130,7 @@ def test_simulated_and_live_runs_agree(tmp_path):
     small = profile_subset(full, tmp_path / "profile", AGREEMENT_MODEL_PREFIXES, AGREEMENT_CAMERAS)
     trace = write_mahimahi(tmp_path / "steps.up", step_trace(AGREEMENT_TRACE_MBPS, step_s=5.0))
     options = ReplayOptions(trace_paths=(trace,), policies=("turbo",), progress=False, max_frames=100,
-                            profile_dir=small, cloud_workers=1)
+                            profile_dir=small, cloud_workers=1, rtt_ms=AGREEMENT_RTT_MS)
     (live,) = run_live_replay(options)
     # The live car decodes each camera's JPEG before compressing it; the simulator is told what
     # that costs here (measured now, not fitted to the live result).
