@@ -145,6 +145,8 @@ def test_cloud_result_in_time_is_published_once_with_its_latency():
 
 def test_late_cloud_reply_falls_back_at_the_deadline_and_is_discarded():
     agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
+    events = []
+    agent.log_event, agent.log_replies = (lambda event, **fields: events.append((event, fields))), True
     agent.on_camera_frame(0, "FRONT", IMAGE)
     assert published == []  # the cloud may still answer: wait
     assert agent.next_wakeup_ms() == pytest.approx(1100.0)
@@ -152,11 +154,17 @@ def test_late_cloud_reply_falls_back_at_the_deadline_and_is_discarded():
     agent.step()
     assert [(r.source, r.deadline_met) for r in published] == [("onboard", True)]
     assert published[0].latency_ms == pytest.approx(SLO_MS)
+    # The timeout teaches an upper bound at once: 5000 bytes in (at most) the 100 ms since sending.
+    assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 100.0)]
     clock.advance_to(1150.0)
-    agent.on_reply(reply_for(link.sent[0]))
+    agent.on_reply(reply_for(link.sent[0], server_ms=30.0))
     assert len(published) == 1
     assert agent.counters.replies_discarded == 1
     assert agent.counters.timeouts == 1
+    (event, fields), = events
+    assert event == "reply" and fields["in_time"] is False and fields["task"] == "FRONT"
+    assert fields["round_trip_ms"] == pytest.approx(150.0) and fields["server_ms"] == pytest.approx(30.0)
+    assert fields["sent_after_capture_ms"] == pytest.approx(0.0) and fields["size_bytes"] == 5000
 
 
 def test_slow_fallback_is_published_when_it_finishes_with_honest_latency():
