@@ -23,6 +23,7 @@ trained without it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import multiprocessing
@@ -71,25 +72,22 @@ class TrainingPreset:
         return self.crop_wh, self.batch_size
 
 
+_ZOO_PRESET = TrainingPreset(
+    steps=5000,
+    batch_size=12,
+    learning_rate=3e-3,
+    pool_seeds=tuple(range(1, 17)),
+    pool_frame_indices=tuple(range(0, 200, 25)),
+    crop_wh=(384, 256),
+    large_crops=(("avd-cloud-l", (576, 384), 8),),  # same pixels per step as 18 default crops
+)
+
 PRESETS: dict[str, TrainingPreset] = {
-    "zoo": TrainingPreset(
-        steps=5000,
-        batch_size=12,
-        learning_rate=3e-3,
-        pool_seeds=tuple(range(1, 17)),
-        pool_frame_indices=tuple(range(0, 200, 25)),
-        crop_wh=(384, 256),
-        large_crops=(("avd-cloud-l", (576, 384), 8),),  # same pixels per step as 18 default crops
-    ),
-    # Adapting trained weights (--from DIR) to a changed renderer: short, gentle schedule.
-    "finetune": TrainingPreset(
-        steps=1500,
-        batch_size=12,
-        learning_rate=1.5e-3,
-        pool_seeds=tuple(range(1, 17)),
-        pool_frame_indices=tuple(range(0, 200, 25)),
-        crop_wh=(384, 256),
-        large_crops=(("avd-cloud-l", (576, 384), 12),),
+    "zoo": _ZOO_PRESET,
+    # Adapting trained weights (--from DIR), e.g. to a changed renderer: the zoo's data, a short,
+    # gentle schedule.
+    "finetune": dataclasses.replace(
+        _ZOO_PRESET, steps=1500, learning_rate=1.5e-3, large_crops=(("avd-cloud-l", (576, 384), 12),)
     ),
     # A few steps on a handful of frames: exercises the whole path in seconds (tests).
     "smoke": TrainingPreset(
