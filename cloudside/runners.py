@@ -8,8 +8,10 @@ serving engine without changing the scheduler.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
+from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -44,26 +46,47 @@ class RuntimeEstimate:
     Batch sizes never observed are extrapolated linearly from the nearest smaller observed
     size, which over-estimates (batching is sublinear), so the scheduler stays on the safe side.
 
+    Robust: one observation counts for at most `outlier_factor` times the median of the recent
+    ones (the last `window` raw observations; before three, the current estimate, at least
+    1 ms), so no single pathological batch or decode can move the estimate far. A real, lasting
+    slowdown moves the median within half a window, and the estimate follows.
+
     A too-high estimate would starve itself: every request would be expired unrun and no new
-    observation could correct it. So once no batch has run for `stale_after_ms`, the estimate
-    falls back to the best time observed so far, which lets the next request run and refresh it.
+    observation could correct it. So once no batch has run for `stale_after_ms`, both the
+    inference and the decode estimate fall back to the best time observed so far, which lets the
+    next request run and refresh them.
     """
 
     def __init__(self, initial_ms_per_image: float, initial_batch_overhead_ms: float = 0.0,
-                 smoothing: float = 0.2, stale_after_ms: float = 2000.0, clock: Clock | None = None) -> None:
+                 smoothing: float = 0.2, stale_after_ms: float = 2000.0, clock: Clock | None = None,
+                 outlier_factor: float = 3.0, window: int = 16) -> None:
         self._initial_ms_per_image = initial_ms_per_image
         self._initial_batch_overhead_ms = initial_batch_overhead_ms
         self._smoothing = smoothing
         self._stale_after_ms = stale_after_ms
         self._clock = clock or WallClock()
+        self._outlier_factor = outlier_factor
+        self._window = window
         self._batch_ms: dict[int, float] = {}
         self._best_batch_ms: dict[int, float] = {}
+        self._recent_batch_ms: dict[int, deque[float]] = {}
         self._last_observed_ms = -math.inf
         self._decode_ms_per_image: float | None = None
+        self._best_decode_ms_per_image = math.inf
+        self._recent_decode_ms: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
 
+    def _bounded(self, observed_ms: float, recent: deque[float], current_ms: float) -> float:
+        """The observation, clipped to outlier_factor x the median of recent ones."""
+        reference_ms = statistics.median(recent) if len(recent) >= 3 else current_ms
+        recent.append(observed_ms)
+        return min(observed_ms, self._outlier_factor * max(reference_ms, 1.0))
+
     def observe_batch(self, batch_size: int, runtime_ms: float) -> None:
+        current_ms = self.inference_ms(batch_size)
         with self._lock:
+            recent = self._recent_batch_ms.setdefault(batch_size, deque(maxlen=self._window))
+            runtime_ms = self._bounded(runtime_ms, recent, current_ms)
             previous = self._batch_ms.get(batch_size)
             self._batch_ms[batch_size] = runtime_ms if previous is None else (
                 previous + self._smoothing * (runtime_ms - previous))
@@ -71,15 +94,20 @@ class RuntimeEstimate:
             self._last_observed_ms = self._clock.now_ms()
 
     def observe_decode(self, decode_ms_per_image: float) -> None:
+        current_ms = self._decode_ms_per_image if self._decode_ms_per_image is not None else self.inference_ms(1)
         with self._lock:
+            decode_ms_per_image = self._bounded(decode_ms_per_image, self._recent_decode_ms, current_ms)
             previous = self._decode_ms_per_image
             self._decode_ms_per_image = decode_ms_per_image if previous is None else (
                 previous + self._smoothing * (decode_ms_per_image - previous))
+            self._best_decode_ms_per_image = min(self._best_decode_ms_per_image, decode_ms_per_image)
+
+    def _stale(self) -> bool:
+        return self._clock.now_ms() - self._last_observed_ms > self._stale_after_ms
 
     def inference_ms(self, batch_size: int = 1) -> float:
         with self._lock:
-            stale = self._clock.now_ms() - self._last_observed_ms > self._stale_after_ms
-            observed = self._best_batch_ms if stale else self._batch_ms
+            observed = self._best_batch_ms if self._stale() else self._batch_ms
             if batch_size in observed:
                 return observed[batch_size]
             smaller = [size for size in observed if size < batch_size]
@@ -94,7 +122,10 @@ class RuntimeEstimate:
 
     def decode_ms(self, batch_size: int = 1) -> float:
         with self._lock:
-            return (self._decode_ms_per_image or 0.0) * batch_size
+            if self._decode_ms_per_image is None:
+                return 0.0
+            per_image = self._best_decode_ms_per_image if self._stale() else self._decode_ms_per_image
+            return per_image * batch_size
 
     def expected_ms(self, batch_size: int = 1) -> float:
         """Decode plus inference time of a batch of this size."""

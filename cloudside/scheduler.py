@@ -1,21 +1,49 @@
-"""The service's bounded request queue: earliest-deadline-first with expiry and deadline-aware
-batching, or plain FIFO as a baseline.
+"""The service's bounded request queue: earliest-deadline-first with expiry, deadline-aware
+batching and a per-vehicle fair share of worker time, or plain FIFO as a baseline.
 
-Pure logic: time comes in as `now_ms` arguments, so tests drive it without threads or sockets.
-Requests are kept in one heap per model; the next batch is always taken from the model whose
-head is most urgent (EDF: earliest deadline; FIFO: earliest arrival).
+Pure logic: time comes in as `now_ms` arguments, so tests and the simulated cloud drive it
+without threads or sockets.
+
+Who goes next:
+- **Fair share across vehicles.** Every vehicle is charged the expected worker time of what it
+  was served, divided by its weight (`served_ms`, a virtual time as in start-time fair
+  queueing). Only vehicles within `fair_share_slack_ms` of the least-served backlogged vehicle
+  are eligible. A vehicle that sends more than its share runs ahead of the others and waits
+  until they catch up, so a flood costs the flooder, never another vehicle. A vehicle that
+  starts sending after a pause enters at the current virtual time minus the slack: a burst of up
+  to `fair_share_slack_ms` of work is served ahead of vehicles that kept the worker busy, but it
+  keeps no credit for the time it was idle.
+- **Deadline order among the eligible** (EDF: earliest deadline; FIFO: earliest arrival),
+  across models. A head that cannot finish before its deadline (deadline - now < expected
+  runtime) is expired without running.
+- **Batching**: eligible requests for the same model join the head's batch, in deadline order,
+  while the batch still finishes before every deadline in it and leaves time for other models'
+  heads that a single run would not have made miss (FIFO: greedily up to max_batch_size).
+
+What is held:
+- at most `limit` requests in all and `per_vehicle_limit` per vehicle. When the queue is full,
+  a request from a vehicle holding fewer requests than the fullest one pushes out that vehicle's
+  least urgent request (latest deadline); the pushed-out request is handed back, to be answered
+  `rejected`, by `drain_evicted()` or in the next `Decision.rejected`.
+
+A request is accounted under `PendingRequest.vehicle`: the service sets it from the
+authenticated key; it defaults to what the header claims.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from avcloud.protocol import RequestHeader
+
+# Rebuild the heaps when they hold this many times more entries than live requests.
+_COMPACT_FACTOR = 4
 
 
 @dataclass(eq=False)
@@ -28,47 +56,67 @@ class PendingRequest:
     arrival_ms: float
     deadline_ms: float
     sequence: int = field(default=0)
+    # The vehicle this request is accounted under (queue share, fair share of worker time).
+    # None: the header's `vehicle`. The service sets it from the authenticated CurveZMQ key.
+    vehicle: str | None = None
 
     @property
     def model(self) -> str:
         return self.header.model
 
+    @property
+    def accounted_vehicle(self) -> str:
+        return self.vehicle if self.vehicle is not None else self.header.vehicle
+
 
 @dataclass
 class Decision:
-    """What a worker should do next: answer `expired` ones, run `batch` (same model)."""
+    """What a worker should do next: answer `expired` ones, run `batch` (same model), answer
+    `rejected` ones (pushed out of a full queue by other vehicles' requests)."""
 
     expired: list[PendingRequest] = field(default_factory=list)
     batch: list[PendingRequest] = field(default_factory=list)
+    rejected: list[PendingRequest] = field(default_factory=list)
 
 
 # expected_ms(model, batch_size): decode + inference time of a batch of that model.
 ExpectedRuntime = Callable[[str, int], float]
 
+_Entry = tuple[float, int, PendingRequest]
+
 
 class RequestQueue:
     """Bounded, thread-safe. `policy` is "edf" (deadline-aware) or "fifo" (plain baseline).
 
-    EDF: the head whose deadline is earliest runs first; a head that cannot finish before its
-    deadline (deadline - now < expected runtime) is expired without running; other requests
-    for the same model join its batch, in deadline order, while the batch still finishes
-    before the head's deadline and leaves time for other models' heads that a single run
-    would not have made miss. FIFO: arrival order, nothing expired, same-model requests
-    batched greedily up to max_batch_size.
+    `per_vehicle_limit`: queued requests one vehicle may hold (None: no limit besides `limit`).
+    `fair_share`: share worker time across vehicles (see the module docstring); False serves
+    strictly by deadline (or arrival) whoever sent it. `vehicle_weights`: relative shares by
+    vehicle name (default 1).
     """
 
     def __init__(self, policy: str, limit: int, max_batch_size: int, expected_ms: ExpectedRuntime,
-                 per_vehicle_limit: int | None = None) -> None:
+                 per_vehicle_limit: int | None = None, fair_share: bool = True,
+                 fair_share_slack_ms: float = 100.0, vehicle_weights: Mapping[str, float] | None = None) -> None:
         if policy not in ("edf", "fifo"):
             raise ValueError(f"unknown scheduling policy {policy!r}")
+        if fair_share_slack_ms < 0:
+            raise ValueError("fair_share_slack_ms must be >= 0")
         self.policy = policy
         self.limit = limit
-        # One vehicle may hold at most this many queued requests, so a flood cannot starve others.
         self.per_vehicle_limit = per_vehicle_limit
-        self._queued_per_vehicle: dict[str, int] = {}
         self.max_batch_size = max_batch_size
         self.expected_ms = expected_ms
-        self._heaps: dict[str, list[tuple[float, int, PendingRequest]]] = {}
+        self.fair_share = fair_share
+        self.fair_share_slack_ms = fair_share_slack_ms if fair_share else math.inf
+        self.vehicle_weights = dict(vehicle_weights or {})
+        self._by_model: dict[str, list[_Entry]] = {}
+        self._by_vehicle: dict[str, list[_Entry]] = {}
+        self._live: set[int] = set()  # sequences of queued requests; heap entries of others are stale
+        self._entries = 0
+        self._queued_per_vehicle: dict[str, int] = {}
+        self._served_ms: dict[str, float] = {}  # weighted expected worker time, by vehicle
+        self._virtual_ms = 0.0  # never decreases: where a newly backlogged vehicle starts
+        self._evicted: list[PendingRequest] = []
         self._size = 0
         self._sequence = itertools.count()
         self._closed = False
@@ -77,26 +125,83 @@ class RequestQueue:
     def __len__(self) -> int:
         return self._size
 
+    # ------------------------------------------------------------ admission
+
     def _key(self, request: PendingRequest) -> float:
         return request.deadline_ms if self.policy == "edf" else float(request.sequence)
 
+    def _weight(self, vehicle: str) -> float:
+        return max(1e-9, float(self.vehicle_weights.get(vehicle, 1.0)))
+
     def push(self, request: PendingRequest) -> bool:
-        """Enqueue; False (and nothing queued) when the queue is full or closed, or the vehicle
-        already holds its share (see `vehicle_full`)."""
+        """Enqueue; False (and nothing queued) when the queue is closed, the vehicle already holds
+        its share (see `vehicle_full`), or the queue is full of requests from vehicles holding no
+        more than this one. May push out another vehicle's request (see `drain_evicted`)."""
         with self._condition:
-            if self._closed or self._size >= self.limit or self.vehicle_full(request.header.vehicle):
+            vehicle = request.accounted_vehicle
+            if self._closed or self.vehicle_full(vehicle):
                 return False
-            vehicle = request.header.vehicle
+            if self._size >= self.limit:
+                victim = self._eviction_victim(vehicle)
+                if victim is None:
+                    return False
+                self._remove(victim)
+                self._evicted.append(victim)
+            request.vehicle = vehicle
+            if not self._queued_per_vehicle.get(vehicle):
+                self._activate(vehicle)
             self._queued_per_vehicle[vehicle] = self._queued_per_vehicle.get(vehicle, 0) + 1
             request.sequence = next(self._sequence)
-            heapq.heappush(self._heaps.setdefault(request.model, []),
-                           (self._key(request), request.sequence, request))
+            entry = (self._key(request), request.sequence, request)
+            heapq.heappush(self._by_model.setdefault(request.model, []), entry)
+            heapq.heappush(self._by_vehicle.setdefault(vehicle, []), entry)
+            self._entries += 2
+            self._live.add(request.sequence)
             self._size += 1
             self._condition.notify()
             return True
 
     def vehicle_full(self, vehicle: str) -> bool:
         return self.per_vehicle_limit is not None and self._queued_per_vehicle.get(vehicle, 0) >= self.per_vehicle_limit
+
+    def queued_by_vehicle(self) -> dict[str, int]:
+        """Requests queued now, by vehicle."""
+        with self._condition:
+            return dict(self._queued_per_vehicle)
+
+    def served_ms(self, vehicle: str) -> float:
+        """Expected worker time charged to a vehicle so far, divided by its weight."""
+        with self._condition:
+            return self._served_ms.get(vehicle, 0.0)
+
+    def drain_evicted(self) -> list[PendingRequest]:
+        """Requests pushed out of the full queue since the last call (answer them `rejected`)."""
+        with self._condition:
+            evicted, self._evicted = self._evicted, []
+            return evicted
+
+    def _eviction_victim(self, vehicle: str) -> PendingRequest | None:
+        """The least urgent request of the vehicle holding the most (by weight), if it holds more
+        than `vehicle` would after this push."""
+        incoming_load = (self._queued_per_vehicle.get(vehicle, 0) + 1) / self._weight(vehicle)
+        fullest = max(self._queued_per_vehicle, default=None,
+                      key=lambda name: self._queued_per_vehicle[name] / self._weight(name))
+        if fullest is None or fullest == vehicle or \
+                self._queued_per_vehicle[fullest] / self._weight(fullest) <= incoming_load:
+            return None
+        candidates = [entry for entry in self._by_vehicle[fullest] if entry[1] in self._live]
+        return max(candidates, key=lambda entry: entry[:2])[2]
+
+    def _activate(self, vehicle: str) -> None:
+        """A vehicle with nothing queued starts sending: no credit for its idle time beyond the slack."""
+        floor = self._virtual_ms - (self.fair_share_slack_ms if math.isfinite(self.fair_share_slack_ms) else 0.0)
+        self._served_ms[vehicle] = max(self._served_ms.get(vehicle, floor), floor)
+        if len(self._served_ms) > 4 * max(16, len(self._queued_per_vehicle)):
+            # Forget idle vehicles without debt: they would start at the floor anyway.
+            self._served_ms = {name: served for name, served in self._served_ms.items()
+                               if served > floor or self._queued_per_vehicle.get(name) or name == vehicle}
+
+    # ------------------------------------------------------------ taking work
 
     def take(self, now_ms: float) -> Decision:
         """The next decision at now_ms (empty when nothing is queued). Never blocks."""
@@ -106,18 +211,24 @@ class RequestQueue:
     def wait_and_take(self, now: Callable[[], float], timeout_s: float) -> Decision | None:
         """Block until there is work or timeout; None once the queue is closed and empty."""
         with self._condition:
-            if self._size == 0 and not self._closed:
+            if self._size == 0 and not self._evicted and not self._closed:
                 self._condition.wait(timeout_s)
-            if self._size == 0 and self._closed:
+            if self._size == 0 and not self._evicted and self._closed:
                 return None
             return self._take_locked(now())
 
     def close(self) -> list[PendingRequest]:
-        """Refuse new requests, wake every waiting worker, and hand back everything still queued."""
+        """Refuse new requests, wake every waiting worker, and hand back everything still queued
+        (and not yet handed out as pushed out)."""
         with self._condition:
             self._closed = True
-            remaining = [entry[2] for heap in self._heaps.values() for entry in heap]
-            self._heaps.clear()
+            remaining = [entry[2] for heap in self._by_model.values() for entry in heap if entry[1] in self._live]
+            remaining += self._evicted
+            self._evicted = []
+            self._by_model.clear()
+            self._by_vehicle.clear()
+            self._live.clear()
+            self._entries = 0
             self._queued_per_vehicle.clear()
             self._size = 0
             self._condition.notify_all()
@@ -127,59 +238,128 @@ class RequestQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def _pop(self, model: str) -> PendingRequest:
-        heap = self._heaps[model]
-        request = heapq.heappop(heap)[2]
-        if not heap:
-            del self._heaps[model]
+    def _remove(self, request: PendingRequest) -> None:
+        """Take a queued request out (its heap entries go stale and are skipped later)."""
+        self._live.discard(request.sequence)
         self._size -= 1
-        vehicle = request.header.vehicle
+        vehicle = request.accounted_vehicle
         self._queued_per_vehicle[vehicle] -= 1
         if not self._queued_per_vehicle[vehicle]:
             del self._queued_per_vehicle[vehicle]
-        return request
+        if self._entries > _COMPACT_FACTOR * 2 * max(self._size, 16):
+            self._compact()
 
-    def _most_urgent_model(self) -> str | None:
-        best = None
-        for model, heap in self._heaps.items():
-            if best is None or heap[0][:2] < self._heaps[best][0][:2]:
-                best = model
-        return best
+    def _compact(self) -> None:
+        for heaps in (self._by_model, self._by_vehicle):
+            for name in list(heaps):
+                live = [entry for entry in heaps[name] if entry[1] in self._live]
+                if live:
+                    heapq.heapify(live)
+                    heaps[name] = live
+                else:
+                    del heaps[name]
+        self._entries = 2 * self._size
+
+    def _head(self, heaps: dict[str, list[_Entry]], name: str) -> _Entry | None:
+        heap = heaps.get(name)
+        while heap and heap[0][1] not in self._live:
+            heapq.heappop(heap)
+            self._entries -= 1
+        if not heap:
+            heaps.pop(name, None)
+            return None
+        return heap[0]
+
+    def _eligible_vehicles(self) -> list[str]:
+        backlogged = list(self._queued_per_vehicle)
+        if not backlogged:
+            return []
+        least = min(self._served_ms.get(name, 0.0) for name in backlogged)
+        return [name for name in backlogged
+                if self._served_ms.get(name, 0.0) == least
+                or self._served_ms.get(name, 0.0) - least < self.fair_share_slack_ms]
+
+    def _is_eligible(self, vehicle: str) -> bool:
+        return vehicle in self._eligible_vehicles()
+
+    def _next_head(self) -> PendingRequest | None:
+        """The most urgent head among the eligible vehicles."""
+        best: _Entry | None = None
+        for vehicle in self._eligible_vehicles():
+            entry = self._head(self._by_vehicle, vehicle)
+            if entry is not None and (best is None or entry[:2] < best[:2]):
+                best = entry
+        return best[2] if best is not None else None
+
+    def _charge(self, vehicle: str, cost_ms: float) -> None:
+        self._served_ms[vehicle] = self._served_ms.get(vehicle, self._virtual_ms) + max(0.0, cost_ms) / self._weight(vehicle)
+
+    def _advance_virtual_time(self, served: list[PendingRequest]) -> None:
+        """The virtual time: the least service of the vehicles competing in this decision (those
+        still queued and those just served), so a vehicle that was alone does not leave a newcomer
+        credit for work nobody competed for."""
+        competing = set(self._queued_per_vehicle) | {request.accounted_vehicle for request in served}
+        if competing:
+            least = min(self._served_ms.get(name, 0.0) for name in competing)
+            self._virtual_ms = max(self._virtual_ms, least)
 
     def _take_locked(self, now_ms: float) -> Decision:
-        decision = Decision()
+        decision = Decision(rejected=self._evicted)
+        self._evicted = []
         while True:
-            model = self._most_urgent_model()
-            if model is None:
+            head = self._next_head()
+            if head is None:
                 return decision
-            head = self._heaps[model][0][2]
-            if self.policy == "edf" and head.deadline_ms - now_ms < self.expected_ms(model, 1):
-                decision.expired.append(self._pop(model))
+            if self.policy == "edf" and head.deadline_ms - now_ms < self.expected_ms(head.model, 1):
+                self._remove(head)
+                decision.expired.append(head)
                 continue
             break
-        decision.batch.append(self._pop(model))
-        finish_limit_ms = head.deadline_ms if self.policy == "edf" else float("inf")
+        model = head.model
+        self._remove(head)
+        decision.batch.append(head)
+        batch_ms = self.expected_ms(model, 1)
+        self._charge(head.accounted_vehicle, batch_ms)
         if self.policy == "edf":
-            finish_limit_ms = min(finish_limit_ms, self._latest_start_for_other_models(model, now_ms))
-        heap = self._heaps.get(model)
-        while heap and len(decision.batch) < self.max_batch_size:
-            # A bigger batch must still finish before the head's deadline (the earliest), and
-            # must not push another model's head past its deadline when a single run would not.
-            if now_ms + self.expected_ms(model, len(decision.batch) + 1) > finish_limit_ms:
-                break
-            decision.batch.append(self._pop(model))
-            heap = self._heaps.get(model)
+            finish_limit_ms = min(head.deadline_ms, self._latest_start_for_other_models(model, now_ms))
+        else:
+            finish_limit_ms = math.inf
+        if self.max_batch_size > 1:
+            self._head(self._by_model, model)
+            candidates = sorted(entry for entry in self._by_model.get(model, []) if entry[1] in self._live)
+            for _, _, request in candidates:
+                if len(decision.batch) >= self.max_batch_size:
+                    break
+                bigger_ms = self.expected_ms(model, len(decision.batch) + 1)
+                # A bigger batch must still finish before the earliest deadline in it, and must not
+                # push another model's head past its deadline when a single run would not.
+                if now_ms + bigger_ms > finish_limit_ms:
+                    break
+                if self.policy == "edf" and now_ms + bigger_ms > request.deadline_ms:
+                    continue
+                if not self._is_eligible(request.accounted_vehicle):
+                    continue  # over its share: it does not ride along on others' time
+                self._remove(request)
+                decision.batch.append(request)
+                self._charge(request.accounted_vehicle, bigger_ms - batch_ms)
+                batch_ms = bigger_ms
+                if self.policy == "edf":
+                    finish_limit_ms = min(finish_limit_ms, request.deadline_ms)
+        self._advance_virtual_time(decision.batch)
         return decision
 
     def _latest_start_for_other_models(self, model: str, now_ms: float) -> float:
         """Latest time another model's head can start and still make its deadline, over the heads
         that could make it if this model ran only one request first."""
         single_ms = self.expected_ms(model, 1)
-        latest = float("inf")
-        for other, heap in self._heaps.items():
-            if other == model or not heap:
+        latest = math.inf
+        for other in list(self._by_model):
+            if other == model:
                 continue
-            other_head = heap[0][2]
+            entry = self._head(self._by_model, other)
+            if entry is None:
+                continue
+            other_head = entry[2]
             other_ms = self.expected_ms(other, 1)
             if now_ms + single_ms + other_ms <= other_head.deadline_ms:
                 latest = min(latest, other_head.deadline_ms - other_ms)

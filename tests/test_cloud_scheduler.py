@@ -157,12 +157,43 @@ def test_runtime_estimate_recovers_from_a_spike_once_stale():
     estimate = RuntimeEstimate(initial_ms_per_image=10.0, smoothing=1.0, stale_after_ms=1000.0, clock=clock)
     estimate.observe_batch(1, 10.0)
     clock.advance_to(100.0)
-    estimate.observe_batch(1, 500.0)  # a hiccup: now every 100 ms request would be expired unrun
-    assert estimate.expected_ms(1) == pytest.approx(500.0)
+    estimate.observe_batch(1, 500.0)  # a hiccup: counts for at most 3x the estimate
+    assert estimate.expected_ms(1) == pytest.approx(30.0)
     clock.advance_to(1200.0)  # nothing ran since: fall back to the best seen so a request can run
     assert estimate.expected_ms(1) == pytest.approx(10.0)
     estimate.observe_batch(1, 12.0)
     assert estimate.expected_ms(1) == pytest.approx(12.0)
+
+
+def test_one_pathological_decode_cannot_move_the_estimate_past_a_robust_bound():
+    # The attack of issue 12: one 16384x16384 PNG took 4.8-27 s to decode; the decode time went
+    # into the estimate and every later request was expired unrun, for good.
+    clock = SimulatedClock()
+    estimate = RuntimeEstimate(initial_ms_per_image=20.0, stale_after_ms=2000.0, clock=clock)
+    for step in range(10):
+        clock.advance_to(step * 100.0)
+        estimate.observe_decode(2.0)
+        estimate.observe_batch(1, 20.0)
+    settled_ms = estimate.expected_ms(1)
+    clock.advance_to(1000.0)
+    estimate.observe_decode(27_000.0)
+    estimate.observe_batch(1, 20.0)
+    assert estimate.expected_ms(1) <= settled_ms + 3 * 2.0  # at most 3x the median decode of 2 ms
+    assert estimate.expected_ms(1) < 200.0  # a 200 ms request still runs
+
+
+def test_decode_estimate_goes_stale_and_recovers_like_inference():
+    clock = SimulatedClock()
+    estimate = RuntimeEstimate(initial_ms_per_image=10.0, smoothing=1.0, stale_after_ms=1000.0, clock=clock)
+    estimate.observe_decode(5.0)
+    estimate.observe_batch(1, 10.0)
+    for step in range(1, 20):  # a lasting slowdown of the decoder moves the estimate (median follows)
+        clock.advance_to(step * 10.0)
+        estimate.observe_decode(50.0)
+        estimate.observe_batch(1, 10.0)
+    assert estimate.decode_ms(1) == pytest.approx(50.0)
+    clock.advance_to(5000.0)  # then nothing ran: the best decode seen lets a request through
+    assert estimate.expected_ms(1) == pytest.approx(15.0)
 
 
 def test_per_vehicle_limit_keeps_room_for_other_vehicles():
@@ -179,3 +210,154 @@ def test_per_vehicle_limit_keeps_room_for_other_vehicles():
     assert queue.push(from_vehicle("quiet", "q1"))
     queue.take(0)  # f1 leaves the queue: the flood may queue one more
     assert not queue.vehicle_full("flood") and queue.push(from_vehicle("flood", "f4"))
+
+
+# ---------------------------------------------------------------- fair share across vehicles
+
+
+def vehicle_request(vehicle: str, name: str, arrival_ms: float, budget_ms: float, model: str = "m",
+                    claimed: str | None = None) -> PendingRequest:
+    header = RequestHeader(vehicle=claimed or vehicle, request_id=name, task="FRONT", model=model, codec="raw",
+                           shape=(1, 1, 3), budget_ms=budget_ms)
+    return PendingRequest(identity=vehicle.encode(), header=header, payload=b"xxx", arrival_ms=arrival_ms,
+                          deadline_ms=arrival_ms + budget_ms, vehicle=vehicle)
+
+
+def simulate_cloud(arrivals: list[PendingRequest], queue: RequestQueue, runtime_ms: float,
+                   until_ms: float) -> dict[str, dict[str, int]]:
+    """One worker on a simulated clock: per vehicle, how many requests were sent, finished on
+    time, expired, rejected (pushed out or refused)."""
+    outcome: dict[str, dict[str, int]] = {}
+
+    def count(request: PendingRequest, what: str) -> None:
+        per_vehicle = outcome.setdefault(request.accounted_vehicle, {"sent": 0, "on_time": 0, "late": 0,
+                                                                     "expired": 0, "rejected": 0})
+        per_vehicle[what] += 1
+
+    arrivals = sorted(arrivals, key=lambda request: request.arrival_ms)
+    next_arrival = 0
+    now_ms = 0.0
+    while now_ms <= until_ms:
+        while next_arrival < len(arrivals) and arrivals[next_arrival].arrival_ms <= now_ms:
+            request = arrivals[next_arrival]
+            next_arrival += 1
+            count(request, "sent")
+            if not queue.push(request):
+                count(request, "rejected")
+            for pushed_out in queue.drain_evicted():
+                count(pushed_out, "rejected")
+        decision = queue.take(now_ms)
+        for request in decision.expired:
+            count(request, "expired")
+        if decision.batch:
+            now_ms += queue.expected_ms(decision.batch[0].model, len(decision.batch))
+            for request in decision.batch:
+                count(request, "on_time" if now_ms <= request.deadline_ms else "late")
+            continue
+        if next_arrival >= len(arrivals):
+            break
+        now_ms = arrivals[next_arrival].arrival_ms
+    return outcome
+
+
+def fleet_arrivals(seconds: float, flood_per_s: float) -> list[PendingRequest]:
+    """car-1: 2 cameras every 100 ms, 200 ms budget (20% of a 10 ms/request worker). car-2: a
+    flood with shorter budgets (150 ms)."""
+    arrivals = [vehicle_request("car-1", f"good-{frame}-{camera}", frame * 100.0, 200.0)
+                for frame in range(int(seconds * 10)) for camera in range(2)]
+    if flood_per_s:
+        period_ms = 1000.0 / flood_per_s
+        for index in range(int(seconds * flood_per_s)):
+            arrivals.append(vehicle_request("car-2", f"flood-{index}", index * period_ms + 0.5, 150.0))
+    return arrivals
+
+
+def on_time_rate(outcome: dict, vehicle: str = "car-1") -> float:
+    return outcome[vehicle]["on_time"] / outcome[vehicle]["sent"]
+
+
+def run_fleet(flood_per_s: float, **queue_options) -> dict:
+    queue = RequestQueue("edf", expected_ms=linear_runtime(10.0), **{"limit": 256, "max_batch_size": 1,
+                                                                      **queue_options})
+    return simulate_cloud(fleet_arrivals(10.0, flood_per_s), queue, 10.0, until_ms=12_000)
+
+
+@pytest.mark.parametrize(("per_vehicle_limit", "max_batch_size"), [(None, 1), (16, 1), (16, 8)])
+def test_a_flooding_vehicle_cannot_starve_a_well_behaved_one(per_vehicle_limit, max_batch_size):
+    # Worker capacity 100 requests/s: each of two vehicles' fair share is 50/s. car-2 sends 10x
+    # that (500/s) with shorter budgets than car-1's, which EDF alone would always serve first.
+    options = {"per_vehicle_limit": per_vehicle_limit, "max_batch_size": max_batch_size}
+    alone = on_time_rate(run_fleet(0.0, **options))
+    assert alone == 1.0
+    flooded = run_fleet(500.0, **options)
+    assert on_time_rate(flooded) >= 0.95 * alone
+    assert flooded["car-2"]["on_time"] > 0.7 * 800  # the flooder still gets the rest of the worker
+    if max_batch_size == 1:
+        strict_edf = run_fleet(500.0, fair_share=False, **options)
+        assert on_time_rate(strict_edf) < 0.7  # what the service did before the fair share (issue 12)
+
+
+def test_a_full_queue_pushes_out_the_flooders_request_not_the_newcomers():
+    queue = RequestQueue("edf", limit=4, max_batch_size=1, expected_ms=linear_runtime(10.0))
+    for index in range(4):
+        assert queue.push(vehicle_request("flood", f"f{index}", 0.0, 100.0 + index))
+    assert queue.push(vehicle_request("quiet", "q0", 0.0, 500.0))
+    assert ids(queue.drain_evicted()) == ["f3"]  # the flooder's least urgent request
+    assert queue.queued_by_vehicle() == {"flood": 3, "quiet": 1}
+    assert not queue.push(vehicle_request("flood", "f4", 0.0, 50.0))  # full, and the flood holds the most
+    assert queue.drain_evicted() == [] and len(queue) == 4
+
+
+def test_pushed_out_requests_come_back_in_the_next_decision_when_not_drained():
+    queue = RequestQueue("edf", limit=2, max_batch_size=1, expected_ms=linear_runtime(10.0))
+    assert queue.push(vehicle_request("flood", "f0", 0.0, 100.0))
+    assert queue.push(vehicle_request("flood", "f1", 0.0, 300.0))
+    assert queue.push(vehicle_request("quiet", "q0", 0.0, 500.0))
+    decision = queue.take(0.0)
+    assert ids(decision.rejected) == ["f1"] and ids(decision.batch) == ["f0"]
+
+
+def test_requests_are_accounted_under_the_explicit_vehicle_not_the_claimed_one():
+    queue = RequestQueue("edf", limit=10, max_batch_size=1, expected_ms=linear_runtime(1.0), per_vehicle_limit=1)
+    assert queue.push(vehicle_request("car-2", "a", 0.0, 100.0, claimed="car-1"))
+    assert queue.vehicle_full("car-2") and not queue.vehicle_full("car-1")
+    assert queue.push(vehicle_request("car-1", "b", 0.0, 100.0))
+    assert not queue.push(vehicle_request("car-2", "c", 0.0, 100.0, claimed="car-3"))
+
+
+def test_fair_share_follows_weights_under_contention():
+    queue = RequestQueue("edf", limit=1000, max_batch_size=1, expected_ms=linear_runtime(10.0),
+                         vehicle_weights={"gold": 3.0}, fair_share_slack_ms=0.0)
+    for index in range(200):
+        queue.push(vehicle_request("gold", f"g{index}", 0.0, 1e9))
+        queue.push(vehicle_request("basic", f"b{index}", 0.0, 1e9))
+    served = [queue.take(0.0).batch[0].accounted_vehicle for _ in range(200)]
+    assert served.count("gold") == pytest.approx(150, abs=3)
+
+
+def test_batches_take_only_requests_of_vehicles_within_their_share():
+    def second_batch(fair_share: bool) -> list[str]:
+        queue = RequestQueue("edf", limit=100, max_batch_size=8, expected_ms=linear_runtime(10.0),
+                             fair_share=fair_share, fair_share_slack_ms=0.0)
+        for index in range(8):
+            queue.push(vehicle_request("flood", f"f{index}", 0.0, 1000.0 + index))
+        assert len(queue.take(0.0).batch) == 8  # alone: one big batch
+        for index in range(8):
+            queue.push(vehicle_request("flood", f"g{index}", 0.0, 1000.0 + index))
+        queue.push(vehicle_request("quiet", "q0", 0.0, 5000.0))
+        queue.push(vehicle_request("quiet", "q1", 0.0, 6000.0, model="other"))
+        return ids(queue.take(0.0).batch)
+
+    # Level with quiet, the flood runs its most urgent request; having run it, it is ahead and its
+    # other requests do not ride along on quiet's time; quiet's does.
+    assert second_batch(fair_share=True) == ["g0", "q0"]
+    assert second_batch(fair_share=False) == [f"g{index}" for index in range(8)]
+
+
+def test_single_vehicle_behaviour_is_unchanged_by_the_fair_share():
+    for fair_share in (True, False):
+        queue = RequestQueue("edf", limit=10, max_batch_size=8, expected_ms=linear_runtime(10.0, 10.0),
+                             fair_share=fair_share)
+        for index in range(5):
+            queue.push(request(f"a{index}", deadline_ms=45 + index, model="a"))
+        assert ids(queue.take(now_ms=0).batch) == ["a0", "a1", "a2"]
