@@ -1,14 +1,18 @@
 """CurveZMQ key pairs, allow-list directories and socket security settings.
 
 Layout (the one `zmq.auth.create_certificates` writes): `DIR/NAME.key` holds the public key,
-`DIR/NAME.key_secret` holds both keys; share only the `.key` file. The cloud service has one
-key pair of its own and an allow-list directory of vehicles' `.key` files; a vehicle has its
-own key pair and the cloud's `.key` file.
+`DIR/NAME.key_secret` holds both keys (mode 0600); share only the `.key` file. The cloud
+service has one key pair of its own and an allow-list directory of vehicles' `.key` files (public
+keys only: it refuses a directory holding a secret); the file's name is the vehicle's identity.
+A vehicle has its own key pair and the cloud's `.key` file.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,25 +46,52 @@ def check_key_name(name: str) -> str:
     return name
 
 
-def generate_keypair(name: str, directory: str | Path | None = None, overwrite: bool = False
-                     ) -> tuple[Path, Path]:
-    """Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 0600).
+def generate_keypair(name: str, directory: str | Path | None = None, overwrite: bool = False,
+                     allowlist_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 0600 from the start).
 
     Returns (public_path, secret_path). Refuses to replace an existing pair unless overwrite.
+    With `allowlist_dir`, also copies the public key there (never the secret) as NAME.key, which
+    lets that vehicle in under the name NAME; DIR must then be another directory.
     """
     check_key_name(name)
     directory = Path(directory) if directory is not None else default_key_dir()
     public_path = directory / f"{name}{PUBLIC_SUFFIX}"
     secret_path = directory / f"{name}{SECRET_SUFFIX}"
-    if not overwrite and (public_path.exists() or secret_path.exists()):
-        raise UserError(f"{public_path}: a key pair named '{name}' already exists (use --force to replace it)")
+    allowed_path = Path(allowlist_dir) / f"{name}{PUBLIC_SUFFIX}" if allowlist_dir is not None else None
+    if allowed_path is not None and _same_directory(directory, allowed_path.parent):
+        raise UserError(f"{allowed_path.parent}: the allow-list directory must not hold secret keys; "
+                        "generate the pair in another directory")
+    for path in (public_path, secret_path, allowed_path):
+        if path is not None and not overwrite and path.exists():
+            raise UserError(f"{path}: a key named '{name}' already exists (use --force to replace it)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        written_public, written_secret = zmq.auth.create_certificates(directory, name)
-        Path(written_secret).chmod(0o600)
+        # A private (0700) scratch directory beside the target: the secret is never readable by
+        # others, not even between its creation and the chmod.
+        scratch = Path(tempfile.mkdtemp(prefix=".keys-", dir=directory))
+        try:
+            written_public, written_secret = zmq.auth.create_certificates(scratch, name)
+            Path(written_secret).chmod(0o600)
+            Path(written_public).chmod(0o644)
+            os.replace(written_secret, secret_path)
+            os.replace(written_public, public_path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if allowed_path is not None:
+            allowed_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(public_path, allowed_path)
+            allowed_path.chmod(0o644)
     except OSError as error:
         raise UserError(f"{directory}: cannot write keys ({error.strerror or error})") from None
-    return Path(written_public), Path(written_secret)
+    return public_path, secret_path
+
+
+def _same_directory(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve()
+    except OSError:
+        return False
 
 
 def load_public_key(path: str | Path) -> bytes:
@@ -88,13 +119,30 @@ def load_client_keys(secret_path: str | Path, server_public_path: str | Path) ->
 
 
 def allowlisted_public_keys(allowlist_dir: str | Path) -> dict[str, bytes]:
-    """Public keys in an allow-list directory, by file stem. The directory must hold at least one."""
+    """Public keys in an allow-list directory, by file stem (the vehicle's name). The directory
+    must hold at least one, must hold no secret key, and no key twice."""
     allowlist_dir = Path(allowlist_dir)
     if not allowlist_dir.is_dir():
         raise UserError(f"{allowlist_dir}: allow-list directory does not exist")
-    keys = {path.stem: load_public_key(path) for path in sorted(allowlist_dir.glob(f"*{PUBLIC_SUFFIX}"))}
+    secrets = sorted(path.name for path in allowlist_dir.glob(f"*{SECRET_SUFFIX}"))
+    keys: dict[str, bytes] = {}
+    for path in sorted(allowlist_dir.glob(f"*{PUBLIC_SUFFIX}")):
+        public, secret = _load_certificate(path)
+        if secret:
+            secrets.append(path.name)
+        keys[path.stem] = public
+    if secrets:
+        raise UserError(f"{allowlist_dir}: allow-list directory holds secret keys ({', '.join(secrets[:3])}"
+                        f"{', ...' if len(secrets) > 3 else ''}); it takes public .key files only: keep each "
+                        "secret with its owner and copy only NAME.key here")
     if not keys:
         raise UserError(f"{allowlist_dir}: allow-list directory holds no *{PUBLIC_SUFFIX} public keys")
+    names_by_key: dict[bytes, str] = {}
+    for name, public in keys.items():
+        if public in names_by_key:
+            raise UserError(f"{allowlist_dir}: {names_by_key[public]}{PUBLIC_SUFFIX} and {name}{PUBLIC_SUFFIX} hold "
+                            "the same key; a key identifies one vehicle")
+        names_by_key[public] = name
     return keys
 
 

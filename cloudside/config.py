@@ -19,7 +19,7 @@ SCHEDULERS = ("edf", "fifo")
 class ModelEntry(pydantic.BaseModel):
     """One model the service serves."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = pydantic.Field(min_length=1, max_length=128)
     # Inference backend for zoo/registered models: auto, onnxruntime, tensorrt, torch.
@@ -31,6 +31,8 @@ class ModelEntry(pydantic.BaseModel):
     simulated_batch_overhead_ms: float = pydantic.Field(0.0, ge=0)
     # Whether an emulated model still decodes the payload (real CPU work, real decode errors).
     simulated_decode: bool = True
+    # Largest image (width x height) this model takes; null: the service's max_image_pixels.
+    max_image_pixels: int | None = pydantic.Field(None, ge=1)
 
     @property
     def simulated(self) -> bool:
@@ -51,7 +53,7 @@ class SecurityConfig(pydantic.BaseModel):
 
 
 class CloudConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bind: str = pydantic.Field("tcp://127.0.0.1:5555", pattern=r"^(tcp|ipc|inproc)://.+")
     http_host: str = "127.0.0.1"
@@ -61,7 +63,18 @@ class CloudConfig(pydantic.BaseModel):
     scheduler: Literal["edf", "fifo"] = "edf"
     queue_limit: int = pydantic.Field(256, ge=1, le=1_000_000)
     # Queued requests one vehicle may hold (null: no per-vehicle limit), so a flood cannot starve others.
-    per_vehicle_queue_limit: int | None = pydantic.Field(None, ge=1)
+    per_vehicle_queue_limit: int | None = pydantic.Field(64, ge=1)
+    # Share worker time across vehicles (weighted fair queueing; EDF within a vehicle's share).
+    fair_share: bool = True
+    # A vehicle starting to send after a pause may get this much worker time ahead of vehicles
+    # that kept the workers busy; vehicles this close to the least-served one compete by deadline.
+    fair_share_slack_ms: float = pydantic.Field(100.0, ge=0)
+    # Relative shares by vehicle name (default 1 each).
+    vehicle_weights: dict[str, float] = pydantic.Field(default_factory=dict)
+    # Largest image (width x height) any model takes unless its entry says otherwise. Checked
+    # against the request's shape and the image's own header before anything is decoded.
+    # Default: the largest Waymo camera frame, 1920 x 1280.
+    max_image_pixels: int = pydantic.Field(1920 * 1280, ge=1)
     max_payload_bytes: int = pydantic.Field(16 * 1024 * 1024, ge=1)
     max_batch_size: int = pydantic.Field(8, ge=1, le=256)
     workers: int = pydantic.Field(1, ge=1, le=64)
@@ -71,6 +84,14 @@ class CloudConfig(pydantic.BaseModel):
     shutdown_grace_ms: float = pydantic.Field(2000.0, ge=0)
     warmup_iterations: int = pydantic.Field(2, ge=0)
     security: SecurityConfig = SecurityConfig()
+
+    @pydantic.field_validator("vehicle_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for vehicle, weight in value.items():
+            if not weight > 0:
+                raise ValueError(f"weight of '{vehicle}' must be positive, got {weight}")
+        return value
 
     @pydantic.field_validator("models")
     @classmethod

@@ -27,6 +27,17 @@ class ServiceMetrics:
             "avcloud_cloud_deadline_misses",
             "Requests that missed their server-side deadline (expired, or finished late)",
             ["vehicle", "model"], registry=self.registry)
+        self.identity_mismatches = Counter(
+            "avcloud_cloud_identity_mismatches",
+            "Requests rejected because their header named another vehicle than the sender's key, by the key's vehicle",
+            ["vehicle"], registry=self.registry)
+        self.worker_time = Counter(
+            "avcloud_cloud_worker_seconds", "Worker time (decode + the request's share of its batch) by vehicle",
+            ["vehicle"], registry=self.registry)
+        self.unsafe_images = Counter(
+            "avcloud_cloud_unsafe_images",
+            "Images refused before decoding (too large for the model, header disagreeing with the request, malformed)",
+            ["vehicle", "model"], registry=self.registry)
         self.queue_time = Histogram(
             "avcloud_cloud_queue_time_seconds", "Arrival to taken by a worker", ["model"],
             buckets=_TIME_BUCKETS_S, registry=self.registry)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from avcloud import keys
 from avcloud.clock import Clock, WallClock
@@ -43,8 +42,10 @@ from avcloud.protocol import (
     encode_reply,
     reply_to,
 )
+from cloudside.auth import VehicleAuthenticator, vehicle_of
 from cloudside.config import CloudConfig
 from cloudside.health import HealthServer, ServiceMetrics
+from cloudside.image_header import UnsafeImage, read_image_header
 from cloudside.runners import ModelRunner, RuntimeEstimate, build_runner
 from cloudside.scheduler import PendingRequest, RequestQueue
 
@@ -75,13 +76,18 @@ class CloudService:
         self.runners: dict[str, ModelRunner] = {}
         self.estimates: dict[str, RuntimeEstimate] = {}
         self.queue = RequestQueue(config.scheduler, config.queue_limit, config.max_batch_size, self.expected_ms,
-                                  per_vehicle_limit=config.per_vehicle_queue_limit)
+                                  per_vehicle_limit=config.per_vehicle_queue_limit, fair_share=config.fair_share,
+                                  fair_share_slack_ms=config.fair_share_slack_ms,
+                                  vehicle_weights=config.vehicle_weights)
+        self._max_image_pixels = {entry.name: entry.max_image_pixels or config.max_image_pixels
+                                  for entry in config.models}
+        self._allowlist: dict[str, bytes] = {}  # vehicle name -> public key (CurveZMQ on)
         self.server_public_key: bytes | None = None
         self.address: str | None = None
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._reply_receiver: zmq.Socket | None = None
-        self._authenticator: ThreadAuthenticator | None = None
+        self._authenticator: VehicleAuthenticator | None = None
         self._health: HealthServer | None = None
         self._io_thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
@@ -168,7 +174,7 @@ class CloudService:
             sender = self._reply_sender()
             try:
                 for request in leftovers:
-                    self._send_reply(sender, request.identity, reply_to(
+                    self._send_reply(sender, request, reply_to(
                         request.header, EXPIRED, "service shutting down before the request could run",
                         self._timings(request)))
             finally:
@@ -211,9 +217,10 @@ class CloudService:
                 f"no CurveZMQ keys configured ({missing} not set); refusing to start. "
                 "Generate them with `avcloud keys generate`, or pass --insecure")
         server_keys = keys.load_server_keys(security.server_secret_key)
-        allowed = keys.allowlisted_public_keys(security.allowlist_dir)
+        self._allowlist = keys.allowlisted_public_keys(security.allowlist_dir)
         self.server_public_key = server_keys.public
-        self._announce(f"CurveZMQ on: {len(allowed)} allow-listed vehicle key(s) in {security.allowlist_dir}")
+        self._announce(f"CurveZMQ on: {len(self._allowlist)} allow-listed vehicle key(s) in {security.allowlist_dir}; "
+                       "a request's vehicle is its key's name")
         return server_keys
 
     def _load_models(self) -> None:
@@ -244,9 +251,9 @@ class CloudService:
     def _open_sockets(self, server_keys: keys.KeyPair | None) -> None:
         self._context = zmq.Context()
         if server_keys is not None:
-            self._authenticator = ThreadAuthenticator(self._context, log=logging.getLogger("avcloud.cloud.auth"))
+            self._authenticator = VehicleAuthenticator(self._context, self._allowlist,
+                                                       log=logging.getLogger("avcloud.cloud.auth"))
             self._authenticator.start()
-            self._authenticator.configure_curve(domain="*", location=str(self.config.security.allowlist_dir))
         self._router = self._context.socket(zmq.ROUTER)
         self._router.linger = 500
         self._router.maxmsgsize = max(_HARD_FRAME_LIMIT_BYTES, 4 * self.config.max_payload_bytes)
@@ -301,7 +308,8 @@ class CloudService:
                         except Exception as error:  # a bug must cost one request, not the service
                             logger.exception("request handling failed")
                             self._reply_now(frames[0].bytes, ReplyHeader(
-                                status=ERROR, reason=f"internal: {type(error).__name__}"))
+                                status=ERROR, reason=f"internal: {type(error).__name__}"),
+                                self._sender_of(frames))
             # Stopping: workers are done; pass on the replies still in flight, read nothing new.
             while replies.poll(_POLL_MS):
                 self._forward_replies()
@@ -323,57 +331,102 @@ class CloudService:
             except zmq.ZMQError as error:  # peer gone or its queue full: the reply is lost, not us
                 logger.debug("reply dropped: %s", error)
 
-    def _reply_now(self, identity: bytes, header: ReplyHeader) -> None:
-        """Answer from the I/O thread itself (no detections: only non-ok replies and pongs)."""
-        self._count(header)
+    def _reply_now(self, identity: bytes, header: ReplyHeader, vehicle: str | None) -> None:
+        """Answer from the I/O thread itself (no detections: only non-ok replies and pongs);
+        `vehicle` is who is accounted for it (the key's vehicle, else what the header claims)."""
+        self._count(header, vehicle)
         try:
             self._router.send_multipart([identity, *encode_reply(header)], copy=False)
         except zmq.ZMQError as error:
             logger.debug("reply dropped: %s", error)
 
+    def _sender_of(self, frames: list[Any]) -> str | None:
+        """The authenticated vehicle of a message (CurveZMQ on), else None."""
+        if self.insecure or len(frames) < 2:
+            return None
+        return vehicle_of(frames[1])
+
     def _handle_message(self, frames: list[Any]) -> None:
         arrival_ms = self.clock.now_ms()
         identity = frames[0].bytes
+        sender = self._sender_of(frames)
         try:
             header, payload = decode_request(frames[1:])
         except ProtocolError as error:
             self._reply_now(identity, ReplyHeader(status=ERROR, reason=error.reason, request_id=error.request_id,
-                                                  vehicle=error.vehicle))
+                                                  vehicle=error.vehicle), sender or error.vehicle)
             return
+        if sender is not None and header.vehicle != sender:
+            # The key says who sends; a header naming another vehicle is refused and counted, so
+            # one vehicle can neither spend another's share nor have its requests blamed on it.
+            self.metrics.identity_mismatches.labels(self._vehicle_label(sender)).inc()
+            logger.warning("vehicle %r sent a request claiming to be %r: rejected", sender, header.vehicle)
+            self._reply_now(identity, reply_to(header, REJECTED, f"vehicle '{header.vehicle}' is not this "
+                                               f"connection's vehicle ('{sender}', from its key)"), sender)
+            return
+        vehicle = sender if sender is not None else header.vehicle
         if header.kind == PING:
             total_ms = self.clock.now_ms() - arrival_ms
-            self._reply_now(identity, reply_to(header, OK, timings=ServerTimings(total_ms=total_ms)))
+            self._reply_now(identity, reply_to(header, OK, timings=ServerTimings(total_ms=total_ms)), vehicle)
             return
         if header.model not in self.runners:
             self._reply_now(identity, reply_to(header, REJECTED, f"unknown model '{header.model}' "
-                                               f"(serving: {', '.join(self.runners)})"))
+                                               f"(serving: {', '.join(self.runners)})"), vehicle)
             return
         if payload.nbytes > self.config.max_payload_bytes:
             self._reply_now(identity, reply_to(header, REJECTED, f"payload is {payload.nbytes} bytes, over the "
-                                               f"limit of {self.config.max_payload_bytes}"))
+                                               f"limit of {self.config.max_payload_bytes}"), vehicle)
+            return
+        refusal = self._check_image(header, payload)
+        if refusal is not None:
+            self.metrics.unsafe_images.labels(self._vehicle_label(vehicle), header.model).inc()
+            self._reply_now(identity, reply_to(header, *refusal), vehicle)
             return
         if self._draining:
-            self._reply_now(identity, reply_to(header, REJECTED, "service shutting down"))
+            self._reply_now(identity, reply_to(header, REJECTED, "service shutting down"), vehicle)
             return
         deadline_ms = arrival_ms + header.budget_ms - self.config.downlink_allowance_ms
         request = PendingRequest(identity=identity, header=header, payload=payload, arrival_ms=arrival_ms,
-                                 deadline_ms=deadline_ms)
+                                 deadline_ms=deadline_ms, vehicle=vehicle)
         if self.config.scheduler == "edf":
             needed_ms = self.expected_ms(header.model, 1)
             if deadline_ms - arrival_ms < needed_ms:
                 self._reply_now(identity, reply_to(header, EXPIRED, _expiry_reason(
-                    deadline_ms - arrival_ms, header.model, needed_ms), self._timings(request)))
+                    deadline_ms - arrival_ms, header.model, needed_ms), self._timings(request)), vehicle)
                 return
         if not self.queue.push(request):
             if self.queue.closed:
                 reason = "service shutting down"
-            elif self.queue.vehicle_full(header.vehicle):
+            elif self.queue.vehicle_full(vehicle):
                 reason = f"vehicle queue share full ({self.queue.per_vehicle_limit} requests)"
             else:
                 reason = f"queue full ({self.queue.limit} requests)"
-            self._reply_now(identity, reply_to(header, REJECTED, reason, self._timings(request)))
+            self._reply_now(identity, reply_to(header, REJECTED, reason, self._timings(request)), vehicle)
             return
+        for pushed_out in self.queue.drain_evicted():
+            self._reply_now(pushed_out.identity, reply_to(pushed_out.header, REJECTED, _PUSHED_OUT,
+                                                          self._timings(pushed_out)), pushed_out.accounted_vehicle)
         self.metrics.queue_depth.set(len(self.queue))
+
+    def _check_image(self, header: RequestHeader, payload: Any) -> tuple[str, str] | None:
+        """(status, reason) refusing an image before anything decodes it, or None to accept it:
+        larger than the model takes, or (encoded images the model decodes) a header that is
+        malformed or names other dimensions than the request."""
+        height, width = header.height, header.width
+        limit = self._max_image_pixels.get(header.model, self.config.max_image_pixels)
+        if width * height > limit:
+            return REJECTED, (f"image {width}x{height} is {width * height / 1e6:.1f} Mpx, over {header.model}'s "
+                              f"limit of {limit / 1e6:.1f} Mpx (max_image_pixels)")
+        if header.codec == "raw" or not self.runners[header.model].decodes_images:
+            return None
+        try:
+            image = read_image_header(payload, header.codec)
+        except UnsafeImage as error:
+            return ERROR, f"undecodable image: {error}"
+        if (image.width, image.height) != (width, height):
+            return ERROR, (f"undecodable image: its {header.codec} header says {image.width}x{image.height}, "
+                           f"the request's shape {width}x{height}")
+        return None
 
     # ------------------------------------------------------------ workers
 
@@ -384,10 +437,10 @@ class CloudService:
         sender.connect(self._reply_endpoint)
         return sender
 
-    def _send_reply(self, sender: zmq.Socket, identity: bytes, header: ReplyHeader,
+    def _send_reply(self, sender: zmq.Socket, request: PendingRequest, header: ReplyHeader,
                     detections: np.ndarray | None = None) -> None:
-        self._count(header)
-        sender.send_multipart([identity, *encode_reply(header, detections)], copy=False)
+        self._count(header, request.accounted_vehicle)
+        sender.send_multipart([request.identity, *encode_reply(header, detections)], copy=False)
 
     def _worker_loop(self) -> None:
         sender = self._reply_sender()
@@ -396,16 +449,19 @@ class CloudService:
                 decision = self.queue.wait_and_take(self.clock.now_ms, timeout_s=0.1)
                 if decision is None:
                     return
-                if not decision.expired and not decision.batch:
+                if not decision.expired and not decision.batch and not decision.rejected:
                     continue
                 with self._busy_lock:
                     self._busy_workers += 1
                 try:
                     self.metrics.queue_depth.set(len(self.queue))
                     now_ms = self.clock.now_ms()
+                    for request in decision.rejected:
+                        self._send_reply(sender, request, reply_to(
+                            request.header, REJECTED, _PUSHED_OUT, self._timings(request, taken_ms=now_ms)))
                     for request in decision.expired:
                         needed_ms = self.expected_ms(request.model, 1)
-                        self._send_reply(sender, request.identity, reply_to(
+                        self._send_reply(sender, request, reply_to(
                             request.header, EXPIRED, _expiry_reason(request.deadline_ms - now_ms, request.model,
                                                                     needed_ms),
                             self._timings(request, taken_ms=now_ms)))
@@ -439,7 +495,7 @@ class CloudService:
                     image = _decode(request.payload, header)
                 except Exception as error:  # any codec failure is the sender's bad image
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    self._send_reply(sender, request.identity, reply_to(
+                    self._send_reply(sender, request, reply_to(
                         header, ERROR, f"undecodable image: {reason}"[:300],
                         self._timings(request, taken_ms=taken_ms)))
                     continue
@@ -461,18 +517,21 @@ class CloudService:
         except Exception as error:  # a model failure answers this batch; the service keeps serving
             logger.exception("model %s failed on a batch of %d", model, len(runnable))
             for request in runnable:
-                self._send_reply(sender, request.identity, reply_to(
+                self._send_reply(sender, request, reply_to(
                     request.header, ERROR, f"internal: model {model} failed ({type(error).__name__})",
                     self._timings(request, taken_ms=taken_ms)))
             return
         inference_ms = self.clock.now_ms() - started_ms
         estimate.observe_batch(len(runnable), inference_ms)
+        for request in runnable:
+            self.metrics.worker_time.labels(self._vehicle_label(request.accounted_vehicle)).inc(
+                (decode_ms[id(request)] + inference_ms / len(runnable)) / 1000.0)
         self.metrics.inference_time.labels(model).observe(inference_ms / 1000.0)
         self.metrics.batch_size.labels(model).observe(len(runnable))
         self.metrics.expected_runtime.labels(model).set(self.expected_ms(model, 1) / 1000.0)
         for request, detections in zip(runnable, results, strict=True):
             finished_ms = self.clock.now_ms()
-            self._send_reply(sender, request.identity, reply_to(
+            self._send_reply(sender, request, reply_to(
                 request.header, OK, None,
                 self._timings(request, taken_ms=taken_ms, decode_ms=decode_ms[id(request)],
                               inference_ms=inference_ms),
@@ -489,14 +548,18 @@ class CloudService:
             self._vehicle_labels.add(vehicle)
         return vehicle
 
-    def _count(self, header: ReplyHeader) -> None:
-        vehicle = self._vehicle_label(header.vehicle)
+    def _count(self, header: ReplyHeader, vehicle: str | None) -> None:
+        """Count a reply under the vehicle it is accounted to (not what its header echoes)."""
+        vehicle = self._vehicle_label(vehicle)
         model = header.model if header.model in self.runners else _UNKNOWN
         if header.kind == "pong":
             model = "(ping)"
         self.metrics.requests.labels(vehicle, model, header.status).inc()
         if header.status == EXPIRED or (header.status == OK and header.late):
             self.metrics.deadline_misses.labels(vehicle, model).inc()
+
+
+_PUSHED_OUT = "pushed out of the full queue by another vehicle's request (this vehicle holds the most)"
 
 
 def _expiry_reason(left_ms: float, model: str, needed_ms: float) -> str:

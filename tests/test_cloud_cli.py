@@ -74,7 +74,7 @@ def test_cli_exit_code_and_message_for_user_errors(tmp_path):
 
 def test_example_config_loads_with_paths_relative_to_it():
     config = load_cloud_config(REPO_ROOT / "docs" / "examples" / "cloud.yaml")
-    assert config.security.allowlist_dir == REPO_ROOT / "docs" / "examples" / "keys" / "cars"
+    assert config.security.allowlist_dir == REPO_ROOT / "docs" / "examples" / "keys" / "allowed"
     assert config.scheduler == "edf" and config.models[0].simulated
 
 
@@ -116,7 +116,7 @@ def test_serve_insecure_warns_serves_and_stops_on_sigterm(tmp_path):
 def test_serve_with_keys_accepts_allowlisted_vehicle(tmp_path):
     server_dir, cars_dir = tmp_path / "server", tmp_path / "cars"
     assert avcloud("keys", "generate", "cloud", "--dir", str(server_dir)).returncode == 0
-    keys.generate_keypair("car-1", cars_dir)
+    keys.generate_keypair("car-1", tmp_path / "car-1", allowlist_dir=cars_dir)
     config = tmp_path / "cloud.yaml"
     config.write_text(EMULATED_CONFIG + "security:\n  server_secret_key: server/cloud.key_secret\n"
                       "  allowlist_dir: cars\n")
@@ -131,7 +131,7 @@ def test_serve_with_keys_accepts_allowlisted_vehicle(tmp_path):
                 break
         assert ready.startswith("READY") and "CurveZMQ" in ready
         address = re.search(r"on (tcp://\S+?),", ready).group(1)
-        with CloudClient(address, "car-1", cars_dir / "car-1.key_secret", server_dir / "cloud.key") as client:
+        with CloudClient(address, "car-1", tmp_path / "car-1" / "car-1.key_secret", server_dir / "cloud.key") as client:
             assert client.ping(timeout_ms=5000) is not None
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=20)

@@ -293,9 +293,11 @@ def test_refuses_to_start_without_keys_unless_insecure():
 
 @pytest.fixture()
 def key_dirs(tmp_path):
+    """The service's pair, the allow-list (public keys only), the cars' own pairs, a stranger's."""
     server_dir, allow_dir, stranger_dir = tmp_path / "server", tmp_path / "allow", tmp_path / "stranger"
     keys.generate_keypair("cloud", server_dir)
-    keys.generate_keypair("car-ok", allow_dir)
+    for car in ("car-ok", "car-2"):
+        keys.generate_keypair(car, tmp_path / "cars", allowlist_dir=allow_dir)
     keys.generate_keypair("car-unknown", stranger_dir)
     return server_dir, allow_dir, stranger_dir
 
@@ -305,7 +307,8 @@ def test_only_allowlisted_vehicles_get_replies(key_dirs):
     config = make_config(security={"server_secret_key": str(server_dir / "cloud.key_secret"),
                                    "allowlist_dir": str(allow_dir)})
     with CloudService(config, announce=lambda line: None) as running:
-        allowed = CloudClient(running.address, "car-ok", allow_dir / "car-ok.key_secret", server_dir / "cloud.key")
+        allowed = CloudClient(running.address, "car-ok", allow_dir.parent / "cars" / "car-ok.key_secret",
+                              server_dir / "cloud.key")
         stranger = CloudClient(running.address, "car-x", stranger_dir / "car-unknown.key_secret",
                                server_dir / "cloud.key")
         plaintext = CloudClient(running.address, "car-y")

@@ -4,6 +4,7 @@ code) talks to the real service: the page is enough to interoperate."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,16 +17,17 @@ from cloudside.service import CloudService
 
 @pytest.fixture()
 def secure_service(tmp_path):
-    for directory in ("server", "cars"):
+    for directory in ("server", "cars", "car-7"):
         (tmp_path / directory).mkdir()
     server_public, server_secret = zmq.auth.create_certificates(tmp_path / "server", "cloud")
-    zmq.auth.create_certificates(tmp_path / "cars", "car-7")
+    car_public, _ = zmq.auth.create_certificates(tmp_path / "car-7", "car-7")
+    shutil.copy(car_public, tmp_path / "cars")  # the allow-list holds public keys only
     config = CloudConfig.model_validate({
         "bind": "tcp://127.0.0.1:0", "http_port": None,
         "models": [{"name": "avd-cloud-m", "simulated_runtime_ms": 2, "simulated_decode": False}],
         "security": {"server_secret_key": server_secret, "allowlist_dir": str(tmp_path / "cars")}})
     with CloudService(config, announce=lambda line: None) as service:
-        yield service, server_public, tmp_path / "cars" / "car-7.key_secret"
+        yield service, server_public, tmp_path / "car-7" / "car-7.key_secret"
 
 
 def test_hand_written_client_round_trip(secure_service):

@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ping.add_argument("--key", type=Path, default=None, metavar="FILE",
                       help="this client's .key_secret file (omit for a service run with --insecure)")
     ping.add_argument("--server-key", type=Path, default=None, metavar="FILE", help="the service's .key file")
-    ping.add_argument("--vehicle", default="ping", help="vehicle id to send")
+    ping.add_argument("--vehicle", default=None,
+                      help="vehicle id to send; with CurveZMQ it must be the key's vehicle (default: the key "
+                           "file's name, e.g. car-1 for car-1.key_secret; 'ping' without keys)")
     ping.add_argument("--count", type=int, default=3, help="pings to send")
     ping.add_argument("--timeout-ms", type=float, default=2000.0, help="wait this long for each reply")
     ping.set_defaults(handler=run_ping)
@@ -95,13 +97,19 @@ def run_ping(args: argparse.Namespace) -> int:
 
     if (args.key is None) != (args.server_key is None):
         raise UserError("--key and --server-key go together (both for CurveZMQ, neither for --insecure services)")
+    vehicle = args.vehicle
+    if vehicle is None:
+        vehicle = args.key.name.removesuffix(".key_secret") if args.key is not None else "ping"
     answered = 0
-    with CloudClient(args.address, args.vehicle, args.key, args.server_key) as client:
+    with CloudClient(args.address, vehicle, args.key, args.server_key) as client:
         for _ in range(max(1, args.count)):
             started = time.perf_counter()
             reply = client.ping(timeout_ms=args.timeout_ms)
             if reply is None:
                 print(f"no reply from {args.address} within {args.timeout_ms:.0f} ms")
+                continue
+            if reply.status != "ok":
+                print(f"{reply.status} from {args.address}: {reply.reason}")
                 continue
             answered += 1
             print(f"pong from {args.address}: {(time.perf_counter() - started) * 1000.0:.2f} ms")

@@ -15,12 +15,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions.required = True
 
     generate = actions.add_parser(
-        "generate", help="write NAME.key (public) and NAME.key_secret (secret)",
-        description="Write DIR/NAME.key (public key, share it) and DIR/NAME.key_secret (keep it). "
-                    "To let a vehicle in, copy its NAME.key into the service's allow-list directory.")
+        "generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 0600)",
+        description="Write DIR/NAME.key (public key, share it) and DIR/NAME.key_secret (keep it, mode 0600). "
+                    "To let a vehicle in, copy only its NAME.key into the service's allow-list directory "
+                    "(--allow-into does that); the file name is the vehicle's identity. An allow-list "
+                    "directory holding a secret key is refused.")
     generate.add_argument("name", metavar="NAME", help="key pair name, e.g. car-7 or cloud")
     generate.add_argument("--dir", type=Path, default=None,
-                          help=f"output directory (default: {keys.default_key_dir()})")
+                          help=f"output directory for the pair (default: {keys.default_key_dir()})")
+    generate.add_argument("--allow-into", type=Path, default=None, metavar="ALLOWLIST_DIR",
+                          help="also copy the public key into this allow-list directory (never the secret)")
     generate.add_argument("--force", action="store_true", help="replace an existing pair of that name")
     generate.set_defaults(handler=run_generate)
 
@@ -30,9 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    public_path, secret_path = keys.generate_keypair(args.name, args.dir, overwrite=args.force)
+    public_path, secret_path = keys.generate_keypair(args.name, args.dir, overwrite=args.force,
+                                                     allowlist_dir=args.allow_into)
     print(f"public key: {public_path}")
     print(f"secret key: {secret_path}  (keep private)")
+    if args.allow_into is not None:
+        print(f"allowed:    {args.allow_into / public_path.name}  (vehicle '{args.name}')")
     return 0
 
 
