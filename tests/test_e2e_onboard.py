@@ -276,13 +276,13 @@ def test_curve_end_to_end_through_the_emulator_and_unknown_vehicles_get_nothing(
     from avcloud.keys import generate_keypair
 
     generate_keypair("cloud", tmp_path / "server")
-    generate_keypair("car-0", tmp_path / "cars")
+    generate_keypair("car-0", tmp_path / "car-0", allowlist_dir=tmp_path / "cars")  # the allow-list: public keys only
     _, stranger_secret = generate_keypair("stranger", tmp_path / "elsewhere")
     cloud_security = {"server_secret_key": str(tmp_path / "server" / "cloud.key_secret"),
                       "allowlist_dir": str(tmp_path / "cars")}
     trace = DeliverySchedule(np.repeat(np.arange(1, 1001), 2))
     cameras = ("FRONT",)
-    for secret, expect_cloud in ((tmp_path / "cars" / "car-0.key_secret", True), (stranger_secret, False)):
+    for secret, expect_cloud in ((tmp_path / "car-0" / "car-0.key_secret", True), (stranger_secret, False)):
         node_security = {"client_secret_key": str(secret),
                          "server_public_key": str(tmp_path / "server" / "cloud.key")}
         system = Loopback(cameras, trace, cloud_security=cloud_security, node_security=node_security).start()

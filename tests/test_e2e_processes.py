@@ -94,7 +94,7 @@ def test_all_processes_with_curve_through_the_link_emulator(tmp_path, env):
     scene = write_synthetic_scene(tmp_path / "scene.tfrecord", frames=frames, cameras=cameras, progress=False,
                                   workers=1)
     generate_keypair("cloud", tmp_path / "server")
-    car_public, car_secret = generate_keypair("car-0", tmp_path / "cars")
+    car_public, car_secret = generate_keypair("car-0", tmp_path / "car-0", allowlist_dir=tmp_path / "cars")
     cloud_port, link_port, camera_port, output_port = (free_port() for _ in range(4))
     (tmp_path / "cloud.yaml").write_text(
         f"bind: tcp://127.0.0.1:{cloud_port}\nhttp_port: null\n"
