@@ -146,7 +146,7 @@ def test_register_accepts_an_onnx_following_the_convention(tmp_path, cache):
 def test_register_rejects_an_onnx_with_another_output_convention(tmp_path, cache):
     onnx_path = tmp_path / "feature_map.onnx"
     export_tiny_onnx(onnx_path, "feature_map")
-    with pytest.raises(ConfigError, match=r"shape \[1, 3, 48, 64\].*output convention is \[N, 6\]"):
+    with pytest.raises(ConfigError, match=r"shape \[1, 3, 48, 64\].*convention is \[N, 6\]"):
         register_model(onnx_path, write_card(tmp_path))
     assert not (cache / "models" / "my-detector").exists()
 
@@ -154,7 +154,7 @@ def test_register_rejects_an_onnx_with_another_output_convention(tmp_path, cache
 def test_register_rejects_input_size_mismatch_and_garbage(tmp_path, cache):
     onnx_path = tmp_path / "good.onnx"
     export_tiny_onnx(onnx_path, "rows")
-    with pytest.raises(ConfigError, match="does not match the card's 3x100x64"):
+    with pytest.raises(ConfigError, match="does not match the card.s 3x100x64 \\(NCHW\\)"):
         register_model(onnx_path, write_card(tmp_path, input_height=100))
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00not onnx")

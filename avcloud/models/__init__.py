@@ -8,8 +8,13 @@ from avcloud.models.backends import BACKEND_NAMES, BackendUnavailable, Inference
 from avcloud.models.cards import ModelCard, OutputConvention, load_card, save_card
 from avcloud.models.detector import Detector
 from avcloud.models.zoo import (
+    FAMILIES,
     SHIPPED_DIR,
+    Family,
+    family_for_scene,
+    family_of,
     get_card,
+    is_synthetic_scene_name,
     list_cards,
     register_model,
     registered_dir,
@@ -18,6 +23,11 @@ from avcloud.models.zoo import (
 
 __all__ = [
     "BACKEND_NAMES",
+    "FAMILIES",
+    "Family",
+    "family_for_scene",
+    "family_of",
+    "is_synthetic_scene_name",
     "SHIPPED_DIR",
     "BackendUnavailable",
     "Detector",

