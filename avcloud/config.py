@@ -6,6 +6,7 @@ params file); this module only turns files and `key:=value` overrides into valid
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +21,20 @@ ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        data_bytes = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start} is 0x{data_bytes[error.start]:02x}); "
+                          "expected YAML") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it contains NUL bytes); expected YAML")
+    try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -51,6 +61,16 @@ def load_config(model_cls: type[ModelT], path: str | Path, overrides: dict[str, 
     for dotted_key, value in (overrides or {}).items():
         apply_override(data, dotted_key, value)
     return validate(model_cls, data, str(path))
+
+
+def check_number(flag: str, value: float, *, above: float | None = None, at_least: float | None = None) -> float:
+    """A numeric command-line value: finite (no nan, no inf) and within bounds, else a one-line
+    UserError naming the flag."""
+    bounds = " > " + f"{above:g}" if above is not None else (" >= " + f"{at_least:g}" if at_least is not None else "")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) \
+            or (above is not None and not value > above) or (at_least is not None and not value >= at_least):
+        raise ConfigError(f"{flag} must be a finite number{bounds}, got {value}")
+    return value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
