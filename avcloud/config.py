@@ -52,8 +52,11 @@ def validate(model_cls: type[ModelT], data: dict[str, Any], source: str) -> Mode
         return model_cls.model_validate(data)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in first["loc"])
+        if not field:  # a check across fields names them itself
+            raise ConfigError(f"{source}: {message}") from None
+        raise ConfigError(f"{source}: field '{field}': {message}") from None
 
 
 def load_config(model_cls: type[ModelT], path: str | Path, overrides: dict[str, Any] | None = None) -> ModelT:

@@ -98,6 +98,13 @@ class OnboardParams(pydantic.BaseModel):
         return value
 
     @pydantic.model_validator(mode="after")
+    def _rtt_below_slo(self) -> OnboardParams:
+        if self.rtt_ms >= self.slo_ms:  # as the replay checks its --rtt-ms and --slo-ms
+            raise ValueError(f"rtt_ms {self.rtt_ms:g} must be below slo_ms {self.slo_ms:g}: no cloud result "
+                             "could ever meet the deadline")
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _keys_or_insecure(self) -> OnboardParams:
         security = self.security
         if not security.insecure and (security.client_secret_key is None or security.server_public_key is None):

@@ -117,6 +117,12 @@ def inspect_scene(path: Path, verify_crc: bool = True, skip_corrupt: bool = Fals
     else:
         fmt, frames_iter = "waymo-v1", _v1_frames(path, verify_crc, skip_corrupt, skipped)
     frames_detail = list(frames_iter)
+    if not frames_detail:
+        # What the player and the replay refuse, inspect does not report as a valid 0-frame scene.
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: no records (empty file)")
+        detail = f" ({skipped[0]} corrupt record(s) skipped)" if skipped[0] else ""
+        raise DataError(f"{path}: no frames{detail}")
     cameras: list[str] = []
     for frame in frames_detail:
         for name in frame["cameras"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,18 +146,42 @@ def _run_instances(args: argparse.Namespace, allocator) -> int:
     if args.json:
         raise UserError("--json goes with --profile; --instances always writes JSON lines")
     problems = read_instances(args.instances)
+    target = f"--out {args.out}" if args.out is not None else "standard output"
     try:
-        output = args.out.open("w") if args.out is not None else sys.stdout
+        output = args.out.open("wb") if args.out is not None else sys.stdout.buffer
     except OSError as error:
-        raise UserError(f"{args.out}: cannot write ({error.strerror or error})") from None
+        raise UserError(f"--out {args.out}: cannot write ({error.strerror or error})") from None
+    written = 0
     try:
         for problem in problems:
             allocation = allocator.solve(problem)
-            output.write(json.dumps(allocation_record(allocation, args.method)) + "\n")
-    finally:
-        if output is not sys.stdout:
+            output.write((json.dumps(allocation_record(allocation, args.method)) + "\n").encode())
+            output.flush()  # line by line: a write error leaves only whole lines behind
+            written += 1
+        if output is not sys.stdout.buffer:
             output.close()
+    except OSError as error:
+        if output is not sys.stdout.buffer:
+            _cut_back(output, written)
+        raise UserError(f"{target}: cannot write ({error.strerror or error}); {written} of {len(problems)} "
+                        "allocation(s) were written before") from None
     return 0
+
+
+def _cut_back(output, whole_lines: int) -> None:
+    """Close a failed output file, cutting off a partly written last line where possible."""
+    import contextlib
+
+    with contextlib.suppress(OSError, ValueError):
+        output.close()
+    with contextlib.suppress(OSError, ValueError):
+        path = Path(output.name)
+        if path.is_file():
+            data = path.read_bytes()
+            keep = 0
+            for _ in range(whole_lines):
+                keep = data.index(b"\n", keep) + 1
+            os.truncate(path, keep)
 
 
 def _run_profile(args: argparse.Namespace, allocator) -> int:
