@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -31,14 +31,33 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
-from avcloud.compression import CompressionConfig, configuration_name, decode_image, encode_for_model
+from avcloud.compression import (
+    CompressionConfig,
+    configuration_name,
+    decode_image,
+    encode_for_model,
+    parse_configuration_name,
+)
 from avcloud.errors import DataError, UserError
 from avcloud.paths import cache_dir
-from avcloud.types import DETECTION_COLUMNS, GroundTruth, empty_detections
+from avcloud.pools import serve_the_parent_only, stop_pool
+from avcloud.profile_format import (
+    ENCODE_COLUMN,
+    GROUND_TRUTH_NAME,
+    MODEL_COLUMN,
+    RUNTIME_COLUMN,
+    RUNTIME_SPREAD_COLUMN,
+    SERVICE_COLUMN,
+    SIZE_COLUMN,
+    UTILITY_COLUMN,
+    WINDOW_COLUMN,
+    detections_from_bytes,
+    write_table,
+)
+from avcloud.types import DETECTION_COLUMNS, GroundTruth
 
 TABLE_NAME = "profile.parquet"
 CACHE_NAME = "detections.parquet"
-GROUND_TRUTH_NAME = "ground_truth.parquet"
 NO_COMPRESSION = CompressionConfig("None", "None")
 TURBO_CODECS: tuple[str, ...] = (
     "imgcompNone-inpcompNone",
@@ -93,67 +112,6 @@ class ProfileResult:
 # ----------------------------------------------------------------------------- detection cache
 
 
-def _detections_from_bytes(data: bytes) -> np.ndarray:
-    if not data:
-        return empty_detections()
-    return np.frombuffer(data, dtype=np.float32).reshape(-1, DETECTION_COLUMNS)
-
-
-class DetectionCache:
-    """Per-frame detections of every configuration, loaded once into dicts for fast lookup."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            table = pq.read_table(self.path, columns=["frame_index", "camera", "config", "size_bytes", "detections"])
-        except (OSError, pa.ArrowException) as error:
-            raise DataError(f"{self.path}: cannot read the detection cache ({error})") from None
-        columns = table.to_pydict()
-        self._detections: dict[tuple[int, str, str], np.ndarray] = {}
-        self._size_bytes: dict[tuple[int, str, str], int] = {}
-        for frame_index, camera, config, size_bytes, data in zip(
-            columns["frame_index"], columns["camera"], columns["config"], columns["size_bytes"],
-            columns["detections"], strict=True,
-        ):
-            key = (int(frame_index), camera, config)
-            self._detections[key] = _detections_from_bytes(data)
-            self._size_bytes[key] = int(size_bytes)
-        self.configs: list[str] = sorted(set(columns["config"]))
-        self.frame_indices: list[int] = sorted(set(int(index) for index in columns["frame_index"]))
-        self.cameras: list[str] = sorted(set(columns["camera"]))
-        self._ground_truth: dict[tuple[int, str], GroundTruth] | None = None
-
-    def detections(self, frame_index: int, camera: str, config: str) -> np.ndarray:
-        try:
-            return self._detections[(frame_index, camera, config)]
-        except KeyError:
-            raise KeyError(f"no detections cached for frame {frame_index}, camera {camera}, config {config}") from None
-
-    def size_bytes(self, frame_index: int, camera: str, config: str) -> int:
-        try:
-            return self._size_bytes[(frame_index, camera, config)]
-        except KeyError:
-            raise KeyError(f"no size cached for frame {frame_index}, camera {camera}, config {config}") from None
-
-    def ground_truth(self, frame_index: int, camera: str) -> GroundTruth:
-        """Labels of that image, from ground_truth.parquet beside the cache."""
-        if self._ground_truth is None:
-            self._ground_truth = read_ground_truth(self.path.parent / GROUND_TRUTH_NAME)
-        return self._ground_truth[(frame_index, camera)]
-
-
-def read_ground_truth(path: Path) -> dict[tuple[int, str], GroundTruth]:
-    try:
-        columns = pq.read_table(path).to_pydict()
-    except (OSError, pa.ArrowException) as error:
-        raise DataError(f"{path}: cannot read ground truth ({error})") from None
-    result = {}
-    for frame_index, camera, data in zip(columns["frame_index"], columns["camera"], columns["detections"], strict=True):
-        rows = _detections_from_bytes(data)
-        result[(int(frame_index), camera)] = GroundTruth(rows[:, :4].copy(), rows[:, 5].astype(np.int32))
-    return result
-
-
 # ----------------------------------------------------------------------------- planning
 
 
@@ -193,6 +151,9 @@ _worker_state: dict[str, object] = {}
 def _init_worker(scene_path: str, plan: _Plan, backend: str, work_dir: str) -> None:
     from avcloud.models import Detector
     from datasets.scene import open_scene
+
+    if multiprocessing.parent_process() is not None:  # a pool worker, not the single-process path
+        serve_the_parent_only()
 
     _worker_state["scene"] = open_scene(scene_path)
     _worker_state["detectors"] = {
@@ -263,13 +224,27 @@ def _profile_frame(frame_index: int) -> int:
 
 @dataclass(frozen=True)
 class _Timing:
-    runtime_ms: float
+    runtime_ms: float  # RUNTIME_PERCENTILE of the repeated timings: robust to a busy machine's spikes
+    runtime_spread_ms: float  # P90 - P10 of the same timings
     encode_ms: float
     backend: str
 
 
-def _timing_pass(scene, plan: _Plan, backend: str, frame_indices: Sequence[int], samples: int = 3) -> dict[str, _Timing]:
-    """Median encode and server-side (decode + inference) times, one process, one thread."""
+# A low percentile of repeated timings: what the configuration costs when nothing interferes, so
+# that one slow run (another process, a page fault) does not make an option look unusable.
+RUNTIME_PERCENTILE = 20.0
+TIMING_FRAMES = 5
+
+
+def _robust_ms(times: Sequence[float]) -> tuple[float, float]:
+    low, p10, p90 = np.percentile(np.asarray(times, dtype=float), [RUNTIME_PERCENTILE, 10.0, 90.0])
+    return float(low), float(p90 - p10)
+
+
+def _timing_pass(scene, plan: _Plan, backend: str, frame_indices: Sequence[int],
+                 samples: int = TIMING_FRAMES) -> dict[str, _Timing]:
+    """Encode and server-side (decode + inference) times, one process, one thread: each
+    configuration timed on every camera of `samples` frames spread over the scene."""
     from avcloud.models import Detector
 
     detectors = {name: Detector.load(name, backend, num_threads=1) for name in plan.onboard_models + plan.cloud_models}
@@ -298,14 +273,33 @@ def _timing_pass(scene, plan: _Plan, backend: str, frame_indices: Sequence[int],
                     detectors[model].detect(decoded, output_size_wh=source_wh)
                     runtime_ms.setdefault(name, []).append((time.perf_counter() - started) * 1000.0)
                     encode_ms.setdefault(name, []).append(encoded.encode_ms)
-    return {
-        name: _Timing(
-            statistics.median(times),
-            statistics.median(encode_ms[name]) if name in encode_ms else 0.0,
-            detectors[name.split("-imgcomp")[0]].backend_name,
-        )
-        for name, times in runtime_ms.items()
-    }
+    timings = {}
+    for name, times in runtime_ms.items():
+        runtime, spread = _robust_ms(times)
+        timings[name] = _Timing(runtime, spread, _robust_ms(encode_ms[name])[0] if name in encode_ms else 0.0,
+                                detectors[parse_configuration_name(name)[0]].backend_name)
+    return timings
+
+
+def measure_cloud_runtimes(scene_path: str | Path, models: Sequence[str], codecs: Sequence[str],
+                           out_path: str | Path, backend: str = "onnxruntime", frames: int = TIMING_FRAMES) -> Path:
+    """The timing pass alone, written as a cloud runtime table (`Model`, `Runtime [ms]`, spread,
+    backend) that `avcloud replay --cloud PATH.csv` reads: run it on the machine whose runtimes
+    you want to declare (a GPU server), on an otherwise idle machine."""
+    from datasets.scene import open_scene
+
+    plan = _make_plan(models, codecs)
+    scene = open_scene(Path(scene_path))
+    timings = _timing_pass(scene, plan, backend, list(range(scene.num_frames)), samples=frames)
+    names = sorted(name for name in timings if parse_configuration_name(name)[0] in plan.cloud_models)
+    table = pa.table({
+        MODEL_COLUMN: names,
+        RUNTIME_COLUMN: [round(timings[name].runtime_ms, 3) for name in names],
+        RUNTIME_SPREAD_COLUMN: [round(timings[name].runtime_spread_ms, 3) for name in names],
+        "Backend": [timings[name].backend for name in names],
+    })
+    write_table(table, out_path)
+    return Path(out_path)
 
 
 # ----------------------------------------------------------------------------- table
@@ -328,7 +322,7 @@ def _profile_table(
         (int(f), c): GroundTruth(rows[:, :4].copy(), rows[:, 5].astype(np.int32))
         for f, c, rows in zip(
             truth["frame_index"].to_pylist(), truth["camera"].to_pylist(),
-            (_detections_from_bytes(data) for data in truth["detections"].to_pylist()), strict=True,
+            (detections_from_bytes(data) for data in truth["detections"].to_pylist()), strict=True,
         )
     }
     columns = cache.to_pydict()
@@ -339,8 +333,8 @@ def _profile_table(
     ):
         grouped.setdefault((config, camera), {})[int(frame_index)] = (int(size_bytes), data)
     out: dict[str, list] = {key: [] for key in (
-        "Model", "Network Transport Size [Mb]", "Runtime [ms]", "Utility", "Service", "Window", "Encode [ms]",
-        "Backend", "Frames", "Ground Truth")}
+        MODEL_COLUMN, SIZE_COLUMN, RUNTIME_COLUMN, RUNTIME_SPREAD_COLUMN, UTILITY_COLUMN, SERVICE_COLUMN,
+        WINDOW_COLUMN, ENCODE_COLUMN, "Backend", "Frames", "Ground Truth")}
     # mAP is undefined where a camera (or a window of it) has no labelled object at all. The
     # optimizer needs a number, so such rows take the next wider estimate: the camera's
     # whole-scene mAP for a window, the mAP over all cameras for a whole camera.
@@ -352,12 +346,12 @@ def _profile_table(
             per_frame = grouped[(config, camera)]
             for index in frame_indices:
                 if index in per_frame:
-                    detections.append(_detections_from_bytes(per_frame[index][1]))
+                    detections.append(detections_from_bytes(per_frame[index][1]))
                     truths.append(truth_by_key[(index, camera)])
         pooled_map[config] = float(evaluate(detections, truths).map)
     for (config, camera), per_frame in sorted(grouped.items()):
         frames = [index for index in frame_indices if index in per_frame]
-        detections = [_detections_from_bytes(per_frame[index][1]) for index in frames]
+        detections = [detections_from_bytes(per_frame[index][1]) for index in frames]
         truths = [truth_by_key[(index, camera)] for index in frames]
         sizes_mbit = [per_frame[index][0] * 8 / 1e6 for index in frames]
         timing = timings[config]
@@ -372,13 +366,14 @@ def _profile_table(
                 windows.append((window_index, utility, float(np.mean(sizes_mbit[window])), len(sizes_mbit[window]),
                                 sum(len(t) for t in truths[window])))
         for window_index, utility, size_mbit, frame_count, truth_count in windows:
-            out["Model"].append(config)
-            out["Network Transport Size [Mb]"].append(size_mbit)
-            out["Runtime [ms]"].append(timing.runtime_ms)
-            out["Utility"].append(utility)
-            out["Service"].append(camera)
-            out["Window"].append(window_index)
-            out["Encode [ms]"].append(timing.encode_ms)
+            out[MODEL_COLUMN].append(config)
+            out[SIZE_COLUMN].append(size_mbit)
+            out[RUNTIME_COLUMN].append(timing.runtime_ms)
+            out[RUNTIME_SPREAD_COLUMN].append(timing.runtime_spread_ms)
+            out[UTILITY_COLUMN].append(utility)
+            out[SERVICE_COLUMN].append(camera)
+            out[WINDOW_COLUMN].append(window_index)
+            out[ENCODE_COLUMN].append(timing.encode_ms)
             out["Backend"].append(timing.backend)
             out["Frames"].append(frame_count)
             out["Ground Truth"].append(truth_count)
@@ -512,10 +507,10 @@ def run_profile(
     table = _profile_table(cache, truth, timings, frame_indices, window_samples)
     table_path = out_dir / table_name
     cache_path = out_dir / CACHE_NAME
-    _write_atomically(cache, cache_path)
-    _write_atomically(truth, out_dir / GROUND_TRUTH_NAME)
-    _write_atomically(table, table_path)
-    _write_csv(table, table_path.with_suffix(".csv"))
+    write_table(cache, cache_path)
+    write_table(truth, out_dir / GROUND_TRUTH_NAME)
+    write_table(table, table_path)
+    write_table(table, table_path.with_suffix(".csv"))
     shutil.rmtree(work_dir, ignore_errors=True)
     return ProfileResult(table_path, cache_path)
 
@@ -526,28 +521,8 @@ def _subsampling(frame_stride: int, max_frames: int | None) -> str:
     return ", ".join(parts)
 
 
-def _write_csv(table: pa.Table, path: Path) -> None:
-    """A plain CSV like TURBO's experiment_model_info.csv (header unquoted)."""
-    import csv
-
-    temporary = path.with_suffix(".partial")
-    with temporary.open("w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(table.column_names)
-        writer.writerows(zip(*(table[name].to_pylist() for name in table.column_names), strict=True))
-    os.replace(temporary, path)
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    temporary = path.with_suffix(".partial")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
-
-
 def _run_frames(scene_path: Path, plan: _Plan, backend: str, work_dir: Path, pending: list[int], total: int,
                 workers: int, progress: bool) -> None:
-    import multiprocessing
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -560,8 +535,9 @@ def _run_frames(scene_path: Path, plan: _Plan, backend: str, work_dir: Path, pen
                 bar.advance(task)
             return
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(str(scene_path), plan, backend, str(work_dir))) as executor:
+        executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(str(scene_path), plan, backend, str(work_dir)))
+        try:
             # Bounded submission keeps memory flat and lets Ctrl-C stop promptly.
             queue = iter(pending)
             in_flight = set()
@@ -577,6 +553,11 @@ def _run_frames(scene_path: Path, plan: _Plan, backend: str, work_dir: Path, pen
                     next_index = next(queue, None)
                     if next_index is not None:
                         in_flight.add(executor.submit(_profile_frame, next_index))
+        except BaseException:  # SIGINT, SIGTERM (avcloud.errors.Terminated) or a failed frame
+            stop_pool(executor)  # finished frames are on disk, each chunk atomic: a rerun resumes
+            raise
+        executor.shutdown(wait=True)
+
 
 
 def profile_dir(scene_path: str | Path, preset: str) -> Path:

@@ -1,8 +1,10 @@
 """Simulated replay speed: scene seconds replayed per wall-clock second, per policy.
 
-Runs on the default scene's cached profile (profiling first if it is not cached yet; that
-time is reported separately and not counted in the speed). Target: >= 50x real time per policy
-for 5 cameras.
+Each policy is the shipped onboard agent (onboard.daemon.OnboardAgent) on a simulated clock
+with the replay's fake I/O, on the default scene's cached profile (profiling first if it is not
+cached yet; that time is reported separately and not counted in the speed). Target: >= 100x
+real time per policy run for 5 cameras. The oracle is chosen in hindsight among one run per
+capacity fraction: its figure is per run, and its total is reported beside it.
 
     python benchmarks/bench_replay.py [--quick] [--trace PATH] [--scene PATH] [--profile DIR] [--out FILE.json]
 """
@@ -28,8 +30,8 @@ from avcloud.replay.job import (
     default_trace_path,
 )
 from avcloud.replay.metrics import summarise_policies
-from avcloud.replay.policies import POLICY_NAMES, make_policy
 from avcloud.replay.simulator import simulate_policy
+from optimizer.policies import POLICY_NAMES, get_policy
 
 
 def main() -> int:
@@ -55,16 +57,19 @@ def main() -> int:
         walls = []
         for _ in range(repetitions):
             started = time.perf_counter()
-            if name == "oracle":  # as the replay runs it: one simulation per capacity fraction
-                runs[name] = best_oracle_run(case)
+            spec = get_policy(name)
+            if spec.planner == "oracle":  # as the replay runs it: one simulation per capacity fraction
+                runs[name] = best_oracle_run(case, name=name)
             else:
-                policy = make_policy(name, case.schedule)
-                runs[name] = simulate_policy(policy, scenario, case.schedule)  # type: ignore[arg-type]
+                runs[name] = simulate_policy(spec, scenario, case.schedule, case.detections_at)
             walls.append(time.perf_counter() - started)
         wall_s = statistics.median(walls)
+        agent_runs = len(get_policy(name).oracle_capacity_fractions) if get_policy(name).planner == "oracle" else 1
         policies[name] = {
             "simulate_wall_s_median": wall_s,
-            "scene_seconds_per_wall_second": scenario.duration_s / wall_s,
+            "agent_runs": agent_runs,
+            "scene_seconds_per_wall_second": scenario.duration_s * agent_runs / wall_s,
+            "scene_seconds_per_wall_second_all_runs": scenario.duration_s / wall_s,
             "frames_per_wall_second": scenario.num_frames / wall_s,
             "mean_solve_us": float(runs[name].solve_us.mean()),
         }
@@ -88,7 +93,8 @@ def main() -> int:
         "metrics_all_policies_s": metrics_s,
         "policies": policies,
         "slowest_scene_seconds_per_wall_second": min(p["scene_seconds_per_wall_second"] for p in policies.values()),
-        "target_scene_seconds_per_wall_second": 50.0,
+        "target_scene_seconds_per_wall_second": 100.0,
+        "cloud_runtimes": case.cloud.name if case.cloud else None,
     }
     write_report(result, args.out)
     return 0

@@ -40,6 +40,7 @@ from onboard.daemon import OnboardAgent  # noqa: E402
 from onboard.inference import CameraDecoder, CompressionEncoder, ModelInputs  # noqa: E402
 from onboard.measurement import LinkMeasurement  # noqa: E402
 from onboard.planning import build_planner  # noqa: E402
+from optimizer.policies import get_policy  # noqa: E402
 from onboard.transport import CloudTransport  # noqa: E402
 
 TARGET_P99_MS = 15.0
@@ -186,7 +187,7 @@ def measure_onboard_overhead(frames: int, compression: str = "input", encode_wor
     """
     cameras = ALL_CAMERAS
     services = tuple(Service(camera, option_table(compression)) for camera in cameras)
-    planner = TimedPlanner(build_planner(services, "exact"))
+    planner = TimedPlanner(build_planner(services, get_policy("turbo")))
     encoder = Timed(CompressionEncoder({CLOUD_MODEL: MODEL_INPUT_WH}))
     router = AnsweringRouter()  # forked before this process opens any ZeroMQ context
     context = zmq.Context()

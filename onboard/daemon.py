@@ -26,17 +26,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from avcloud.clock import Clock
-from avcloud.protocol import PONG, ProtocolError, RequestHeader, decode_reply, encode_request
+from avcloud.protocol import PONG, ProtocolError, RequestHeader, decode_reply, encode_request, ping_request
 from avcloud.types import Allocation, Option, Service, critical_bandwidth_mbps, empty_detections
 from onboard.measurement import LinkMeasurement, RequestTiming
 from onboard.merge import TaskFrame, decide
 from onboard.planning import AllocationPlanner
 from onboard.topics import DetectionResult
 
-# Frames without any sample for this long plan with enough bandwidth for the cheapest cloud
-# option, so a real request measures the link again (there is no probe traffic).
-STALE_ESTIMATE_MS = 2000.0
+# After this long without a throughput sample, a plan that sends nothing gets one discovery
+# request (the cheapest useful cloud option on one camera, in turn), so a real request measures
+# the link again. The policy spec sets it (optimizer/policies.py: stale_after_ms).
+STALE_ESTIMATE_MS = 1000.0
 RECENT_REQUESTS = 256
+# The RTT is measured by a tiny ping this often (its pong is answered at once by the cloud).
+PING_INTERVAL_MS = 1000.0
+PINGS_KEPT = 8
 ALLOCATIONS_KEPT = 8
 MAX_ENCODING_PER_CAMERA = 2  # frames being compressed at once per camera (bounds memory)
 # A capture stamp older than this is taken as coming from another clock, not as a late frame.
@@ -139,6 +143,9 @@ class OnboardAgent:
         encode_executor: Executor | None = None,
         log_event: Callable[..., None] | None = None,
         log_replies: bool = False,
+        stale_after_ms: float = STALE_ESTIMATE_MS,
+        ping_interval_ms: float = PING_INTERVAL_MS,
+        rediscover: bool = True,
     ) -> None:
         self.services = tuple(services)
         self.cameras = [service.name for service in self.services]
@@ -162,6 +169,11 @@ class OnboardAgent:
         self.encode_executor = encode_executor  # None: compress inline in on_camera_frame
         self.log_event = log_event or (lambda event, **fields: None)
         self.log_replies = log_replies
+        self.stale_after_ms = stale_after_ms
+        self.ping_interval_ms = ping_interval_ms
+        self.rediscover = rediscover  # False for policies whose plan ignores the uplink (onboard, naive)
+        self._pings: collections.OrderedDict[int, float] = collections.OrderedDict()  # request id -> send time
+        self._next_ping_ms = -math.inf if math.isfinite(ping_interval_ms) else math.inf  # inf: never ping
         self._last_reply_ms = -math.inf
         self.counters = AgentCounters()
         self._cameras = {camera: _CameraState() for camera in self.cameras}
@@ -172,7 +184,23 @@ class OnboardAgent:
         self._next_request_id = 1
         self._consecutive_timeouts = 0
         self._last_reset_ms = -math.inf
-        self.cheapest_cloud_bandwidth_mbps = self._cheapest_cloud_bandwidth(measurement.initial_rtt_ms)
+        self._discovery_camera = 0
+        self._last_discovery_ms = -math.inf
+
+    @classmethod
+    def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
+                   planner: AllocationPlanner | None = None, estimator=None, **io_and_settings: Any) -> OnboardAgent:
+        """The agent a policy spec (optimizer.policies.PolicySpec) asks for: its planner, its
+        measurement and its discovery and ping settings. The live node and the replay both build
+        their agent here, so they make the same decisions from the same events."""
+        from onboard.measurement import build_measurement
+        from onboard.planning import build_planner
+
+        return cls(services=services, slo_ms=slo_ms, clock=clock,
+                   planner=planner or build_planner(services, policy),
+                   measurement=build_measurement(policy, initial_rtt_ms, estimator),
+                   stale_after_ms=policy.stale_after_ms, rediscover=policy.measures,
+                   ping_interval_ms=policy.ping_interval_ms, **io_and_settings)
 
     # ------------------------------------------------------------ events
 
@@ -183,10 +211,14 @@ class OnboardAgent:
             now_ms = self.clock.now_ms()
             rtt_ms = self.measurement.rtt_ms
             bandwidth_mbps = self.measurement.bandwidth_mbps()
-            if now_ms - self.measurement.last_sample_ms > STALE_ESTIMATE_MS:
-                bandwidth_mbps = max(bandwidth_mbps, self.cheapest_cloud_bandwidth_mbps)
+            stale = now_ms - self.measurement.last_sample_ms > self.stale_after_ms
             allocation = self.planner.plan(bandwidth_mbps, rtt_ms, self.slo_ms,
-                                           tuple(self.measurement.samples_mbps))
+                                           self.measurement.forecast_samples_mbps())
+            # At most one discovery request per stale interval, whatever became of the last one.
+            if (self.rediscover and stale and now_ms - self._last_discovery_ms > self.stale_after_ms
+                    and self._sends_nothing(allocation)):
+                self._add_discovery_request(allocation, rtt_ms)
+                self._last_discovery_ms = now_ms
             self._allocations[frame_index] = allocation
             while len(self._allocations) > ALLOCATIONS_KEPT:
                 self._allocations.popitem(last=False)
@@ -226,6 +258,9 @@ class OnboardAgent:
             return
         if option is not None and not option.is_fallback:
             share_mbps = float(allocation.bandwidth_mbps.get(camera, 0.0))
+            if allocation.extra.get("discovery") == camera or allocation.extra.get("bandwidth_aware") is False:
+                # Sent to learn the uplink, or planned without a notion of it: only RTT + runtime must fit.
+                share_mbps = math.inf
             task.cloud_pending = True
             if self.encode_executor is None:
                 self._queue_request(task, option, share_mbps, self._encode_now(image_bgr, option, full_size_wh))
@@ -242,7 +277,8 @@ class OnboardAgent:
                     future = self.encode_executor.submit(self.encoder, image_bgr, option.name, full_size_wh)
                     encoding.append((task, option, share_mbps, future))
                     future.add_done_callback(lambda _: self.wake())
-            self.step()  # the cloud request is the long pole: on the wire before the fallback starts
+            if self.encode_executor is None:
+                self.step()  # the cloud request is the long pole: on the wire before the fallback starts
         self._start_fallback(task, image_bgr, full_size_wh)
         self.step()
 
@@ -279,7 +315,12 @@ class OnboardAgent:
         except ProtocolError:
             self.counters.bad_replies += 1
             return
-        if header.kind == PONG or not isinstance(header.request_id, int):
+        if not isinstance(header.request_id, int):
+            return
+        if header.kind == PONG:
+            ping_sent_ms = self._pings.pop(header.request_id, None)
+            if ping_sent_ms is not None:
+                self.measurement.on_pong(ping_sent_ms, now_ms, header.timings.total_ms)
             return
         self.counters.replies += 1
         timing = self._recent.pop(header.request_id, None)
@@ -341,6 +382,8 @@ class OnboardAgent:
             self._collect_fallback(camera)
             self._collect_encodings(camera)
             self._send_waiting(camera, now_ms)
+        if now_ms >= self._next_ping_ms:
+            self._send_ping(now_ms)
         self._publish_ready(now_ms)
 
     def next_wakeup_ms(self) -> float:
@@ -367,12 +410,39 @@ class OnboardAgent:
 
     # ------------------------------------------------------------ internals
 
-    def _cheapest_cloud_bandwidth(self, rtt_ms: float) -> float:
-        bandwidths = [critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms, self.slo_ms)
-                      for options in self.options.values() for option in options.values()
-                      if not option.is_fallback]
-        finite = [bandwidth for bandwidth in bandwidths if math.isfinite(bandwidth)]
-        return min(finite) if finite else 0.0
+    def _sends_nothing(self, allocation: Allocation) -> bool:
+        return all(self.options[camera].get(choice) is None or self.options[camera][choice].is_fallback
+                   for camera, choice in allocation.choices.items())
+
+    def _add_discovery_request(self, allocation: Allocation, rtt_ms: float) -> None:
+        """A planner that allocates nothing learns nothing: when the estimate is stale, one camera
+        (in turn) sends its cheapest cloud option that beats its on-car result. It is a real
+        request, and its result is published when on time."""
+        for _ in range(len(self.cameras)):
+            camera = self.cameras[self._discovery_camera % len(self.cameras)]
+            self._discovery_camera += 1
+            options = self.options[camera].values()
+            fallback_utility = max((option.utility for option in options if option.is_fallback), default=0.0)
+            useful = [(option.size_mbit, -option.utility, option.name) for option in options
+                      if not option.is_fallback and option.utility > fallback_utility
+                      and math.isfinite(critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms,
+                                                                self.slo_ms))]
+            if useful:
+                choice = self.options[camera][min(useful)[2]]
+                allocation.choices[camera] = choice.name
+                allocation.bandwidth_mbps[camera] = critical_bandwidth_mbps(choice.size_mbit, choice.runtime_ms,
+                                                                            rtt_ms, self.slo_ms)
+                allocation.extra["discovery"] = camera
+                return
+
+    def _send_ping(self, now_ms: float) -> None:
+        self._next_ping_ms = now_ms + self.ping_interval_ms
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        if self.link.send(ping_request(self.vehicle, request_id)):
+            self._pings[request_id] = now_ms
+            while len(self._pings) > PINGS_KEPT:
+                self._pings.popitem(last=False)
 
     def _send_waiting(self, camera: str, now_ms: float) -> None:
         state = self._cameras[camera]

@@ -1,16 +1,17 @@
-"""Uplink bandwidth and network RTT measured from the cloud requests themselves (no probe traffic).
+"""Uplink bandwidth and network RTT, measured by the car from its own traffic.
 
-For each reply:
-- network round trip = reply arrival - send time - server time (`timings_ms.total`), less the
-  request's own upload time at the current bandwidth estimate; the RTT estimate is the smallest
-  of the recent ones (the one least inflated by queueing);
-- uplink transfer time = reply arrival - transfer start - server time - RTT estimate, where the
-  transfer start is the later of the send time and the estimated end of the upload of the
-  request sent just before (the uplink is one FIFO queue, so a request waits for earlier ones);
-- throughput sample = request bits / transfer time, clamped to a plausible range.
-A request that times out gives no sample (the cloud may be the slow part); if its reply still
-comes, late, it is measured then. When no sample has come for a while the daemon plans with
-enough bandwidth for one cheap real request, which measures the link again (onboard/daemon.py).
+- RTT: the agent sends a tiny ping every `ping_interval_ms` (about 100 bytes a second); the
+  cloud answers at once. RTT sample = pong arrival - ping send - server time; the estimate is
+  the smallest of the recent ones (the one least inflated by queueing behind the car's own
+  uploads). Until the first pong, the configured prior.
+- Uplink transfer time of a request = reply arrival - transfer start - server time
+  (`timings_ms.total`) - RTT estimate, where the transfer start is the later of the send time
+  and the estimated end of the upload of the request sent just before (the uplink is one FIFO
+  queue, so a request waits for earlier ones).
+- Throughput sample = request bits / transfer time, clamped to a plausible range.
+A request that times out gives an upper-bound sample (see `on_timeout`); if its reply still
+comes, late, it is measured then. When no sample has come for a while the agent plans a cheap
+real request, which measures the link again (onboard/daemon.py).
 
 Samples go to an `optimizer.bandwidth` estimator (`observe(time_ms, throughput_mbps)`,
 `estimate_mbps()`), and are kept for the quantile planner.
@@ -26,7 +27,7 @@ from typing import Protocol
 MIN_TRANSFER_MS = 1.0
 MIN_SAMPLE_MBPS = 0.01
 MAX_SAMPLE_MBPS = 10_000.0
-RTT_WINDOW = 32
+RTT_WINDOW = 16  # pings: the last 16 s at the default interval
 
 
 class BandwidthEstimator(Protocol):
@@ -43,6 +44,27 @@ class RequestTiming:
     size_bytes: int
     send_ms: float
     capture_ms: float = float("nan")  # when its frame's latency budget started (for logs)
+
+
+class SeededEstimator:
+    """An estimator that answers the policy's initial bandwidth until it has seen a sample (and
+    whenever its own estimate is not a positive number)."""
+
+    def __init__(self, inner: BandwidthEstimator, initial_mbps: float) -> None:
+        self.inner = inner
+        self.initial_mbps = initial_mbps
+        self.seen = False
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self.seen = True
+        self.inner.observe(time_ms, throughput_mbps)
+
+    def estimate_mbps(self) -> float:
+        if not self.seen:
+            return self.initial_mbps
+        estimate = self.inner.estimate_mbps()
+        return float(estimate) if estimate is not None and math.isfinite(estimate) and estimate > 0 \
+            else self.initial_mbps
 
 
 class LinkMeasurement:
@@ -65,23 +87,28 @@ class LinkMeasurement:
     def bandwidth_mbps(self) -> float:
         return float(self.estimator.estimate_mbps())
 
+    def forecast_samples_mbps(self) -> tuple[float, ...]:
+        """Equally likely values of the next interval's bandwidth: the forecaster's distribution when
+        the estimator is one (`samples_mbps()`), else the recent samples themselves."""
+        inner = getattr(self.estimator, "inner", self.estimator)
+        forecast = getattr(inner, "samples_mbps", None)
+        if callable(forecast):
+            return tuple(float(value) for value in forecast())
+        return tuple(self.samples_mbps)
+
     def on_reply(self, request: RequestTiming, arrival_ms: float, server_ms: float) -> float | None:
         """Account a reply; returns the throughput sample taken, if any."""
         self.replies += 1
-        round_trip_ms = arrival_ms - request.send_ms - max(0.0, server_ms)
-        # The round trip includes this request's own upload; take out what the current estimate
-        # says it cost, so the RTT is the network's and a large request does not inflate it.
-        # At the most optimistic recent rate, so a low estimate cannot drag the RTT (and through it
-        # the next samples) further down.
-        optimistic_mbps = max([self.bandwidth_mbps(), *self.samples_mbps, MIN_SAMPLE_MBPS])
-        own_upload_ms = request.size_bytes * 8 / 1000.0 / optimistic_mbps
-        self._rtts_ms.append(max(0.0, round_trip_ms - own_upload_ms))
         upload_end_ms = arrival_ms - max(0.0, server_ms) - self.rtt_ms
         previous_end_ms = self._upload_end_ms
         start_ms = max(request.send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else request.send_ms
         transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
         return self._observe(arrival_ms, request.size_bytes, transfer_ms)
+
+    def on_pong(self, send_ms: float, arrival_ms: float, server_ms: float) -> None:
+        """A ping came back: one RTT sample (a ping's upload is negligible)."""
+        self._rtts_ms.append(max(0.0, arrival_ms - send_ms - max(0.0, server_ms)))
 
     def on_timeout(self, request: RequestTiming, now_ms: float) -> float:
         """A request got no reply within its frame's budget: its size over the time since sending is
@@ -98,3 +125,12 @@ class LinkMeasurement:
         self.samples_mbps.append(sample_mbps)
         self.last_sample_ms = now_ms
         return sample_mbps
+
+
+def build_measurement(policy, initial_rtt_ms: float, estimator: BandwidthEstimator | None = None) -> LinkMeasurement:
+    """The measurement a policy spec (optimizer.policies.PolicySpec) asks for: its estimator,
+    seeded with its initial estimate. The daemon and the replay both build it here."""
+    from optimizer.policies import make_estimator
+
+    seeded = SeededEstimator(estimator or make_estimator(policy), policy.initial_estimate_mbps)
+    return LinkMeasurement(seeded, initial_rtt_ms, max(policy.quantile_window, policy.estimator_window))

@@ -31,7 +31,7 @@ from avcloud.clock import Clock, WallClock
 from avcloud.errors import ConfigError
 from avcloud.types import Service
 from onboard.daemon import FallbackDetector, FrameEncoder, OnboardAgent
-from onboard.measurement import BandwidthEstimator, LinkMeasurement
+from onboard.measurement import BandwidthEstimator
 from onboard.params import OnboardParams
 from onboard.planning import AllocationPlanner, build_planner, onboard_only_services
 from onboard.topics import (
@@ -65,34 +65,6 @@ def structured_logger(name: str, stream: Any = None) -> logging.Logger:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
-
-
-def make_estimator(params: OnboardParams) -> BandwidthEstimator:
-    from optimizer import bandwidth
-
-    if params.method == "quantile":
-        return bandwidth.QuantileForecaster(window=params.quantile_window)
-    return bandwidth.HarmonicMeanEstimator() if params.estimator == "harmonic" else bandwidth.EwmaEstimator()
-
-
-class SeededEstimator:
-    """An estimator that answers the configured initial bandwidth until it has seen a sample."""
-
-    def __init__(self, inner: BandwidthEstimator, initial_mbps: float) -> None:
-        self.inner = inner
-        self.initial_mbps = initial_mbps
-        self.seen = False
-
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
-        self.seen = True
-        self.inner.observe(time_ms, throughput_mbps)
-
-    def estimate_mbps(self) -> float:
-        if not self.seen:
-            return self.initial_mbps
-        estimate = self.inner.estimate_mbps()
-        return float(estimate) if estimate is not None and math.isfinite(estimate) and estimate > 0 \
-            else self.initial_mbps
 
 
 class OnboardNode:
@@ -143,9 +115,10 @@ class OnboardNode:
         self._require(UNCONFIGURED)
         params = self.params
         services = self._services or self._load_services()
-        planner = self._planner or build_planner(services, params.method, params.allocator)
+        policy = params.policy_spec()
+        planner = self._planner or build_planner(services, policy)
         warm_started = time.perf_counter()
-        planner.plan(params.initial_bandwidth_mbps, params.rtt_ms, params.slo_ms, ())  # warm up the solver
+        planner.plan(policy.initial_estimate_mbps, params.rtt_ms, params.slo_ms, ())  # warm up the solver
         solver_warmup_ms = (time.perf_counter() - warm_started) * 1000.0
         fallback = self._fallback
         if fallback is None:
@@ -161,9 +134,6 @@ class OnboardNode:
             from onboard.inference import CameraDecoder
 
             self.decoder = CameraDecoder(params.onboard_model)
-        estimator = SeededEstimator(self._estimator or make_estimator(params),
-                                    params.initial_bandwidth_mbps)
-        measurement = LinkMeasurement(estimator, params.rtt_ms, params.quantile_window)
         self.transport = CloudTransport(self.context, params.endpoints.cloud, params.security.client_secret_key,
                                         params.security.server_public_key, params.security.insecure,
                                         params.send_high_water_mark)
@@ -187,8 +157,8 @@ class OnboardNode:
             self.encode_executor = ThreadPoolExecutor(max_workers=params.encode_workers, thread_name_prefix="encode")
         self.monitor = TopicMonitor({name.decode(): params.camera_rate_hz for name in self._camera_topics},
                                     params.dead_after_periods)
-        self.agent = OnboardAgent(
-            services=services, slo_ms=params.slo_ms, clock=self.clock, planner=planner, measurement=measurement,
+        self.agent = OnboardAgent.for_policy(
+            policy, services, params.slo_ms, params.rtt_ms, self.clock, planner=planner, estimator=self._estimator,
             fallback=fallback, fallback_name=params.onboard_model, executor=self.executor, encoder=encoder,
             link=self.transport, publish=self._publish, vehicle=params.vehicle,
             reconnect_after_timeouts=params.reconnect_after_timeouts,
@@ -197,7 +167,7 @@ class OnboardNode:
             log_replies=params.log_replies,
         )
         self.state = INACTIVE
-        self._event("configured", cameras=params.cameras, method=params.method, cloud=params.endpoints.cloud,
+        self._event("configured", cameras=params.cameras, policy=policy.to_json_dict(), cloud=params.endpoints.cloud,
                     outputs=params.endpoints.outputs, solver_warmup_ms=round(solver_warmup_ms, 2))
 
     def _load_services(self) -> tuple[Service, ...]:

@@ -14,6 +14,7 @@ import pydantic
 
 from avcloud.config import apply_override, load_config, parse_override, validate
 from avcloud.types import ALL_CAMERAS
+from optimizer.policies import DEFAULT_POLICY, POLICIES, PolicySpec, get_policy
 
 
 class TopicParams(pydantic.BaseModel):
@@ -58,15 +59,19 @@ class OnboardParams(pydantic.BaseModel):
 
     # Allocation: options per camera come from the profile table (None: every camera on board).
     profile_path: Path | None = None
-    method: Literal["exact", "quantile"] = "exact"
-    allocator: str = "exact"  # registry name in optimizer.allocators, for method "exact"
+    # A named policy (optimizer/policies.py) decides planner, allocator, estimator and start value;
+    # the fields below, when set, override the policy's.
+    policy: str = DEFAULT_POLICY
+    method: Literal["exact", "quantile"] | None = None  # planner: "exact" = point estimate
+    allocator: str | None = None  # registry name in optimizer.allocators
     slo_ms: float = pydantic.Field(100.0, gt=0)
     # Stop waiting for the cloud this long before the deadline so the on-car result is out in time.
     publish_guard_ms: float = pydantic.Field(3.0, ge=0)
     rtt_ms: float = pydantic.Field(20.0, ge=0)  # prior for the network RTT until replies measure it
-    initial_bandwidth_mbps: float = pydantic.Field(5.0, gt=0)
-    estimator: Literal["ewma", "harmonic"] = "ewma"
-    quantile_window: int = pydantic.Field(50, ge=5)  # bandwidth samples the quantile planner sees
+    initial_bandwidth_mbps: float | None = pydantic.Field(None, gt=0)
+    estimator: Literal["ewma", "harmonic"] | None = None
+    quantile_window: int | None = pydantic.Field(None, ge=2)  # forecast errors the quantile planner sees
+    stale_after_ms: float | None = pydantic.Field(None, gt=0)  # no sample this long: re-discover
 
     # On-car fallback detector (avcloud.models.Detector).
     onboard_model: str = "avd-onboard"
@@ -96,6 +101,32 @@ class OnboardParams(pydantic.BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("camera names must be unique")
         return value
+
+    @pydantic.field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy '{value}' (choose from {', '.join(POLICIES)})")
+        if POLICIES[value].planner == "oracle":
+            raise ValueError(f"policy '{value}' needs the future of the uplink: it runs only in a replay")
+        return value
+
+    def policy_spec(self) -> PolicySpec:
+        """The named policy with this file's overrides applied."""
+        overrides: dict[str, Any] = {}
+        if self.method is not None:
+            overrides["planner"] = "point" if self.method == "exact" else "quantile"
+        for field, spec_field in (("allocator", "allocator"), ("estimator", "estimator"),
+                                  ("initial_bandwidth_mbps", "initial_estimate_mbps"),
+                                  ("quantile_window", "quantile_window"), ("stale_after_ms", "stale_after_ms")):
+            if getattr(self, field) is not None:
+                overrides[spec_field] = getattr(self, field)
+        return get_policy(self.policy, overrides)
+
+    @pydantic.model_validator(mode="after")
+    def _policy_overrides_valid(self) -> OnboardParams:
+        self.policy_spec()  # UserError (one line) for a bad override, e.g. an unknown allocator
+        return self
 
     @pydantic.model_validator(mode="after")
     def _rtt_below_slo(self) -> OnboardParams:

@@ -1,8 +1,10 @@
 """Per-frame allocation for the daemon: which option each camera uses, from the current estimates.
 
-Two modes (params.method): `exact` solves the multiple-choice knapsack at the point estimate of
-the uplink bandwidth; `quantile` hands the recent bandwidth samples to the optimizer's
-`QuantilePlanner`, which plans at the quantile that maximises expected utility.
+The policy spec (optimizer/policies.py) names the mode: `point` solves the allocation at the
+point estimate of the uplink bandwidth with the spec's allocator; `quantile` hands the
+bandwidth forecast (equally likely values) to the optimizer's `QuantilePlanner`, which plans at
+the quantile that maximises expected utility, and uses the point planner until the forecast
+has `quantile_min_samples` values.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from avcloud.errors import UserError
 from avcloud.types import Allocation, AllocationProblem, Option, Service
+from optimizer.policies import PolicySpec
 
 # Measured RTT moves by a few ms every frame; planning at it rounded up to this step keeps the exact
 # solver's per-(options, RTT, SLO) preparation cached (a new budget is then one binary search) and
@@ -43,14 +47,16 @@ class PointEstimatePlanner:
 class QuantileModePlanner:
     """Plans at a quantile of the bandwidth forecast (`optimizer.quantile.QuantilePlanner`)."""
 
-    def __init__(self, services: Sequence[Service], quantile_planner: Any, fallback: AllocationPlanner) -> None:
+    def __init__(self, services: Sequence[Service], quantile_planner: Any, fallback: AllocationPlanner,
+                 min_samples: int = 2) -> None:
         self.services = tuple(services)
         self.quantile_planner = quantile_planner
         self.fallback = fallback  # used until there are samples to forecast from
+        self.min_samples = min_samples
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
-        if len(bandwidth_samples_mbps) < 2:
+        if len(bandwidth_samples_mbps) < self.min_samples:
             return self.fallback.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
         return self.quantile_planner.plan(self.services, planning_rtt_ms(rtt_ms), slo_ms, list(bandwidth_samples_mbps))
 
@@ -61,16 +67,19 @@ def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[S
     return tuple(Service(name=camera, options=(fallback,)) for camera in cameras)
 
 
-def build_planner(services: Sequence[Service], method: str = "exact", allocator_name: str = "exact",
-                  quantile_planner: Any = None) -> AllocationPlanner:
-    """The planner for params.method, wired to the optimizer package."""
+def build_planner(services: Sequence[Service], policy: PolicySpec) -> AllocationPlanner:
+    """The planner a policy spec asks for, wired to the optimizer package.
+
+    The `oracle` planner needs the future of the uplink, which only a replay has: the replay
+    builds it (avcloud/replay/simulator.py) and passes it in place of this one."""
     from optimizer.allocators import get_allocator
 
-    point = PointEstimatePlanner(services, get_allocator(allocator_name))
-    if method == "exact":
+    if policy.planner == "oracle":
+        raise UserError(f"policy '{policy.name}' plans from the trace's future: it runs only in a replay")
+    point = PointEstimatePlanner(services, get_allocator(policy.allocator))
+    if policy.planner == "point":
         return point
-    if quantile_planner is None:
-        from optimizer.quantile import QuantilePlanner
+    from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
-        quantile_planner = QuantilePlanner()
-    return QuantileModePlanner(services, quantile_planner, point)
+    quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES)
+    return QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples)

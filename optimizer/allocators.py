@@ -129,6 +129,8 @@ class NaiveCloudAllocator:
             problem, lambda option, cost: not option.is_fallback and math.isfinite(cost), prefer_cloud=True)
         allocation = allocation_from_indices(problem.services, indices, bandwidths)
         allocation.extra["within_budget"] = sum(bandwidths) <= budget_limit_mbps(problem.budget_mbps)
+        # Its bandwidths are what the options would need, not grants: the agent sends whatever they are.
+        allocation.extra["bandwidth_aware"] = False
         allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
         return allocation
 

@@ -102,9 +102,12 @@ class QuantileForecaster(_SampleChecks):
         self._level_log: float | None = None
         self._errors_log: deque[float] = deque(maxlen=window)
         self._recent_mbps: deque[float] = deque(maxlen=window)
+        self._samples_cache: np.ndarray | None = None  # the forecast changes only with a new sample
+        self._median_cache: float | None = None
 
     def observe(self, time_ms: float, throughput_mbps: float) -> None:
         self._check(time_ms, throughput_mbps)
+        self._samples_cache = self._median_cache = None
         sample_log = math.log(throughput_mbps + LOG_FLOOR_MBPS)
         if self._level_log is None:
             self._level_log = sample_log
@@ -115,12 +118,16 @@ class QuantileForecaster(_SampleChecks):
 
     def samples_mbps(self) -> np.ndarray:
         """Equally likely values of the next interval's throughput (empty before any sample)."""
-        if self._level_log is None:
-            return np.zeros(0)
-        if len(self._errors_log) < 2:
-            return np.asarray(self._recent_mbps, dtype=float)
-        errors = np.asarray(self._errors_log, dtype=float)
-        return np.maximum(np.exp(self._level_log + errors) - LOG_FLOOR_MBPS, 0.0)
+        if self._samples_cache is None:
+            if self._level_log is None:
+                self._samples_cache = np.zeros(0)
+            elif len(self._errors_log) < 2:
+                self._samples_cache = np.asarray(self._recent_mbps, dtype=float)
+            else:
+                errors = np.asarray(self._errors_log, dtype=float)
+                self._samples_cache = np.maximum(np.exp(self._level_log + errors) - LOG_FLOOR_MBPS, 0.0)
+            self._samples_cache.setflags(write=False)
+        return self._samples_cache
 
     def quantile_mbps(self, q: float) -> float | None:
         if not 0 <= q <= 1:
@@ -131,7 +138,9 @@ class QuantileForecaster(_SampleChecks):
         return float(np.quantile(samples, q))
 
     def estimate_mbps(self) -> float | None:
-        return self.quantile_mbps(0.5)
+        if self._median_cache is None:
+            self._median_cache = self.quantile_mbps(0.5)
+        return self._median_cache
 
     def forecast(self) -> dict[str, float | None]:
         return {"p10": self.quantile_mbps(0.1), "p50": self.quantile_mbps(0.5), "p90": self.quantile_mbps(0.9)}

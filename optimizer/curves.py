@@ -5,7 +5,7 @@ It meets the deadline iff the uplink gives it at least its critical bandwidth
 b_c = S / (SLO - t - RTT); see `avcloud.types.critical_bandwidth_mbps`. A service's utility
 curve is the staircase of its non-dominated options: sorted by b_c, utility strictly increasing.
 
-Profile table columns (CSV or Parquet): `Model`, `Network Transport Size [Mb]`, `Runtime [ms]`,
+Profile table columns (CSV or Parquet; read by `avcloud.profile_format`): `Model`, `Network Transport Size [Mb]`, `Runtime [ms]`,
 `Utility`, optional `Service` (camera name; empty = every service) and `Window` (int; empty or
 -1 = the whole scene). When several rows name the same `Model` for a service and window, the
 most specific wins: a row for this service beats a row for every service, and among those a
@@ -14,22 +14,25 @@ row for this window beats a whole-scene row.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from avcloud.errors import DataError
+from avcloud.profile_format import (
+    MODEL_COLUMN,
+    PROFILE_COLUMNS,
+    RUNTIME_COLUMN,
+    SERVICE_COLUMN,
+    SIZE_COLUMN,
+    UTILITY_COLUMN,
+    WINDOW_COLUMN,
+    read_table_records,
+)
 from avcloud.types import Option, Service, critical_bandwidth_mbps
 
-MODEL_COLUMN = "Model"
-SIZE_COLUMN = "Network Transport Size [Mb]"
-RUNTIME_COLUMN = "Runtime [ms]"
-UTILITY_COLUMN = "Utility"
-SERVICE_COLUMN = "Service"
-WINDOW_COLUMN = "Window"
-REQUIRED_COLUMNS = (MODEL_COLUMN, SIZE_COLUMN, RUNTIME_COLUMN, UTILITY_COLUMN)
+REQUIRED_COLUMNS = PROFILE_COLUMNS
 WHOLE_SCENE = -1
 
 
@@ -160,50 +163,8 @@ def best_step_within(curve: Sequence[CurveStep], bandwidth_mbps: float) -> Curve
 def load_profile_table(path: str | Path) -> ProfileTable:
     """Read a profile table from CSV or Parquet (by extension), validating every row."""
     path = Path(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        located = [(f"row {index}", record) for index, record in enumerate(_read_parquet(path))]
-    else:
-        located = _read_csv(path)
-    rows = [_parse_row(record, where, path) for where, record in located]
+    rows = [_parse_row(record, where, path) for where, record in read_table_records(path, REQUIRED_COLUMNS)]
     return ProfileTable(rows, source=str(path))
-
-
-def _read_csv(path: Path) -> list[tuple[str, dict[str, object]]]:
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            _check_columns(path, columns)
-            records = []
-            for record in reader:
-                if None in record:
-                    raise DataError(f"{path} line {reader.line_num}: more fields than the header has")
-                records.append((f"line {reader.line_num}", record))
-            return records
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
-    except (csv.Error, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV file ({error})") from None
-
-
-def _read_parquet(path: Path) -> list[dict[str, object]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    except pa.ArrowException as error:
-        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-    _check_columns(path, table.column_names)
-    return table.to_pylist()
-
-
-def _check_columns(path: Path, columns: Sequence[str]) -> None:
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
 
 
 def _parse_row(record: Mapping[str, object], where: str, path: Path) -> ProfileRow:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from avcloud.clock import SimulatedClock
-from avcloud.protocol import OK, ReplyHeader, ServerTimings, decode_request, encode_reply
+from avcloud.protocol import OK, PING, ReplyHeader, ServerTimings, decode_request, encode_reply, reply_to
 from avcloud.types import Allocation, Option, Service
 from onboard.daemon import EncodedFrame, OnboardAgent
 from onboard.measurement import LinkMeasurement
@@ -69,14 +69,18 @@ class ManualExecutor(Executor):
 
 
 class FakeLink:
+    """Keeps inference requests in `sent` and the agent's RTT pings in `pings`."""
+
     def __init__(self) -> None:
         self.sent: list[list] = []
+        self.pings: list[list] = []
         self.accept = True
         self.resets = 0
 
     def send(self, frames) -> bool:
         if self.accept:
-            self.sent.append(frames)
+            header, _ = decode_request(frames)
+            (self.pings if header.kind == PING else self.sent).append(frames)
         return self.accept
 
     def reset(self) -> None:
@@ -92,7 +96,7 @@ def encode(image: np.ndarray, configuration: str, full_size_wh: tuple[int, int])
 
 
 def make_agent(cloud_cameras=("FRONT",), run_fallback_at_once=True, estimator_mbps=10.0, guard_ms=0.0,
-               encode_executor=None):
+               encode_executor=None, rediscover=False):
     clock = SimulatedClock(1000.0)
     published = []
     link = FakeLink()
@@ -103,7 +107,7 @@ def make_agent(cloud_cameras=("FRONT",), run_fallback_at_once=True, estimator_mb
         measurement=LinkMeasurement(ConstantEstimator(estimator_mbps), initial_rtt_ms=10.0),
         fallback=fallback_detections, fallback_name=FALLBACK.name, executor=executor, encoder=encode,
         link=link, publish=published.append, reconnect_after_timeouts=2, min_reconnect_interval_ms=0.0,
-        publish_guard_ms=guard_ms, encode_executor=encode_executor,
+        publish_guard_ms=guard_ms, encode_executor=encode_executor, rediscover=rediscover,
     )
     return agent, clock, link, executor, published
 
@@ -231,24 +235,39 @@ def test_unreachable_cloud_keeps_publishing_and_resets_the_socket():
     assert agent.pending_frames == 0
 
 
-def test_measurement_uses_reply_timing_and_stale_estimate_plans_for_a_real_request():
+def test_rtt_comes_from_pings_and_bandwidth_from_reply_timing():
     agent, clock, link, _, _ = make_agent(estimator_mbps=2.0)
     estimator = agent.measurement.estimator
     agent.on_camera_frame(0, "FRONT", IMAGE)
-    # No sample yet (stale): the planner got the cheapest cloud option's critical bandwidth, so a
-    # real request measures the link.
-    cheapest_mbps = CLOUD.size_mbit / ((SLO_MS - 30 - 10) / 1000)
-    assert agent.cheapest_cloud_bandwidth_mbps == pytest.approx(cheapest_mbps)
-    assert agent.planner.calls[0] == pytest.approx(cheapest_mbps)
-    clock.advance_to(1060.0)
+    assert len(link.pings) == 1 and agent.measurement.rtt_ms == pytest.approx(10.0)  # the prior until a pong
+    ping_header, _ = decode_request(link.pings[0])
+    clock.advance_to(1012.0)
+    agent.on_reply(encode_reply(reply_to(ping_header, OK, timings=ServerTimings(total_ms=0.5))))
+    assert agent.measurement.rtt_ms == pytest.approx(11.5)
+    clock.advance_to(1061.5)
     agent.on_reply(reply_for(link.sent[0], server_ms=30.0))
-    # Round trip without the server: 30 ms, of which 5000 bytes at 2 Mbps = 20 ms upload.
-    assert agent.measurement.rtt_ms == pytest.approx(10.0)
-    # Transfer = 60 - 30 - 10 = 20 ms for 5000 bytes -> 2 Mbps.
-    assert estimator.observed[-1] == (1060.0, pytest.approx(2.0))
+    # Transfer = 61.5 - 30 (server) - 11.5 (RTT) = 20 ms for 5000 bytes -> 2 Mbps.
+    assert estimator.observed[-1] == (1061.5, pytest.approx(2.0))
     agent.on_camera_frame(1, "FRONT", IMAGE)
-    assert agent.planner.calls[-1] == pytest.approx(2.0)  # fresh sample: the estimate is used as is
+    assert agent.planner.calls[-1] == pytest.approx(2.0)
     assert math.isfinite(agent.next_wakeup_ms())
+
+
+def test_a_stale_plan_that_sends_nothing_gets_one_discovery_request_per_stale_interval():
+    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, rediscover=True)
+    for frame_index in range(30):  # 3 s at 10 Hz, no sample ever arrives
+        clock.advance_to(1000.0 + 100 * frame_index)
+        agent.step()
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+        agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
+    discoveries = [decode_request(frames)[0] for frames in link.sent]
+    # One at the start, then one each time the estimate (the timeout's upper-bound sample, or the
+    # last discovery) has been a second old: never two within a stale interval.
+    frames = [header.frame for header in discoveries]
+    assert frames[0] == 0 and 2 <= len(frames) <= 3
+    assert all(later - earlier > 10 for earlier, later in zip(frames, frames[1:], strict=False))
+    assert {header.task for header in discoveries} == {"FRONT", "SIDE_LEFT"}  # cameras take turns
+    assert all(header.model == "cloud-m" for header in discoveries)
 
 
 def test_publish_guard_gets_the_fallback_out_before_the_deadline():

@@ -171,10 +171,11 @@ def test_decoder_decodes_only_as_finely_as_the_allocated_configuration_needs():
 
 def test_quantile_mode_plans_from_the_bandwidth_samples():
     from onboard.planning import build_planner
+    from optimizer.policies import get_policy
 
     options = (Option("avd-onboard", 0.0, 0.0, 0.3), Option("m-imgcompNone-inpcomp75", 0.5, 20.0, 0.6))  # needs 8.3 Mbps
     services = tuple(Service(camera, options) for camera in ("FRONT", "SIDE_LEFT"))
-    planner = build_planner(services, "quantile")
+    planner = build_planner(services, get_policy("turbo-q"))
     # Too few samples to forecast: the point estimate decides (25 Mbps carries both cameras).
     early = planner.plan(25.0, 20.0, 100.0, [25.0])
     assert set(early.choices.values()) == {"m-imgcompNone-inpcomp75"}

@@ -9,7 +9,8 @@ import pytest
 from avcloud import profiler
 from avcloud.compression import CompressionConfig, decode_image, encode_for_model
 from avcloud.models import Detector
-from avcloud.profiler import DetectionCache, ensure_profile, run_profile
+from avcloud.profile_format import DetectionCache
+from avcloud.profiler import ensure_profile, run_profile
 
 MODELS = ["avd-onboard", "avd-cloud-s"]
 CODECS = ["inpcomp50", "imgcomp90"]

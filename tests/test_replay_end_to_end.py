@@ -8,7 +8,7 @@ import pytest
 
 from avcloud.replay.inputs import open_trace
 from avcloud.replay.job import ReplayOptions, run_case, run_replay
-from avcloud.replay.policies import POLICY_NAMES
+from optimizer.policies import POLICY_NAMES
 
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
@@ -16,7 +16,7 @@ SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 @pytest.mark.skipif(not SHARED_TRACES.is_dir(), reason="../shared/traces not present")
 @pytest.mark.parametrize("trace_name", ["Verizon-LTE-short.up", "TMobile-LTE-short.up"])
 def test_bandwidth_aware_policies_gain_on_a_measured_lte_uplink(trace_name):
-    from test_replay_policies import make_case, mean_score_map
+    from replay_fakes import make_case, mean_score_map
 
     trace = open_trace(SHARED_TRACES / trace_name)
     case = make_case(trace.schedule.opportunities_ms, frames=200)

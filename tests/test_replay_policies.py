@@ -1,4 +1,4 @@
-"""Policies with the real optimizer on a small fake profile and fake detection cache."""
+"""Every named policy, run as the shipped agent by the replay, on a small fake profile and cache."""
 
 from __future__ import annotations
 
@@ -6,65 +6,24 @@ import json
 
 import numpy as np
 import pytest
+from replay_fakes import CAMERAS, FALLBACK, FRAMES, OPTIONS, constant_opportunities, make_case, mean_score_map
 
 from avcloud.errors import UserError
-from avcloud.link import DeliverySchedule
-from avcloud.replay.inputs import ReplayCase, build_scenario
-from avcloud.replay.job import CaseResult, ReplayOptions, check_options, results_document, run_case
-from avcloud.replay.metrics import summarise_policies
-from avcloud.replay.policies import POLICY_NAMES, check_policy_names, make_policy
-from avcloud.replay.simulator import RequestOutcome, simulate_policy
-from avcloud.types import GroundTruth, Option, Service
-
-CAMERAS = ("FRONT", "FRONT_LEFT", "FRONT_RIGHT")
-FALLBACK = Option("car-imgcompNone-inpcompNone", 0.0, 0.0, 0.30)
-OPTIONS = (
-    FALLBACK,
-    Option("s-imgcompNone-inpcomp50", 0.30, 30.0, 0.40),
-    Option("m-imgcompNone-inpcomp75", 0.60, 45.0, 0.48),
-    Option("l-imgcomp90-inpcompNone", 3.00, 60.0, 0.55),
+from avcloud.replay.job import (
+    CaseResult,
+    ReplayOptions,
+    best_oracle_run,
+    check_options,
+    results_document,
+    run_case,
 )
-FRAMES = 100
+from avcloud.replay.metrics import summarise_policies
+from avcloud.replay.simulator import RequestOutcome, simulate_policy
+from optimizer.policies import POLICY_NAMES, check_policy_names, get_policy
 
 
-class FakeCache:
-    """Sizes as the profile says (+/- 10 % per frame); one 'detection' whose score is the option's utility."""
-
-    def __init__(self, frames: int = FRAMES, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.configs = [option.name for option in OPTIONS]
-        self.frame_indices = list(range(frames))
-        self.cameras = list(CAMERAS)
-        self._jitter = rng.uniform(0.9, 1.1, size=(frames, len(CAMERAS)))
-        self._utility = {option.name: option.utility for option in OPTIONS}
-        self._size_mbit = {option.name: option.size_mbit for option in OPTIONS}
-
-    def size_bytes(self, frame_index: int, camera: str, config: str) -> int:
-        return int(self._size_mbit[config] * 1e6 / 8 * self._jitter[frame_index, CAMERAS.index(camera)])
-
-    def detections(self, frame_index: int, camera: str, config: str) -> np.ndarray:
-        return np.array([[0, 0, 10, 10, self._utility[config], 1]], dtype=np.float32)
-
-
-def mean_score_map(detections, ground_truths) -> float:
-    """Stand-in metric: the mean utility of what was published (so cloud results raise it)."""
-    assert len(detections) == len(ground_truths)
-    return float(np.mean([d[0, 4] for d in detections]))
-
-
-def make_case(opportunities_ms, frames: int = FRAMES, rtt_ms: float = 50.0, slo_ms: float = 200.0) -> ReplayCase:
-    cache = FakeCache(frames)
-    services = tuple(Service(camera, OPTIONS) for camera in CAMERAS)
-    scenario = build_scenario(services, cache, cache.frame_indices, 10.0, rtt_ms, slo_ms, {})
-    truth = GroundTruth(np.zeros((1, 4), np.float32), np.ones(1, np.int32))
-    return ReplayCase("fake-scene", "fake.tfrecord", "fake-trace", "fake.up", DeliverySchedule(opportunities_ms),
-                      scenario, {camera: [truth] * frames for camera in CAMERAS}, cache, "profile.parquet", "fake profile")
-
-
-def constant_opportunities(mbps: float, duration_s: float = 20.0) -> np.ndarray:
-    packets_per_ms = mbps / 12.0
-    count = int(duration_s * 1000 * packets_per_ms)
-    return np.ceil((np.arange(count) + 1) / packets_per_ms).astype(np.int64)
+def run(name: str, case, **kwargs):
+    return simulate_policy(get_policy(name), case.scenario, case.schedule, case.detections_at, **kwargs)
 
 
 def test_every_policy_runs_and_onboard_sends_nothing():
@@ -78,23 +37,39 @@ def test_every_policy_runs_and_onboard_sends_nothing():
     assert result.summaries["oracle"]["fraction_of_oracle_gain"] == pytest.approx(1.0)
 
 
+def test_every_frame_of_every_camera_is_published_exactly_once_under_every_policy():
+    case = make_case(constant_opportunities(3.0), frames=40)
+    for name in POLICY_NAMES:
+        result = run(name, case)
+        assert result.counters["published"] == 40 * len(CAMERAS), name
+        assert all(cell is not None for row in result.published for cell in row), name
+
+
 def test_naive_sends_the_most_accurate_configuration_and_misses_on_a_thin_uplink():
     case = make_case(constant_opportunities(2.0))
-    run = simulate_policy(make_policy("naive", case.schedule), case.scenario, case.schedule)
-    planned = {case.scenario.config_names[k] for k in np.unique(run.planned_config)}
+    result = run("naive", case)
+    planned = {case.scenario.config_names[k] for k in np.unique(result.planned_config)}
     assert planned == {"l-imgcomp90-inpcompNone"}
-    sent = np.isin(run.outcome, [RequestOutcome.ON_TIME, RequestOutcome.LATE])
-    assert np.count_nonzero(run.outcome == RequestOutcome.LATE) / np.count_nonzero(sent) > 0.9
+    sent = np.isin(result.outcome, [RequestOutcome.ON_TIME, RequestOutcome.LATE])
+    assert np.count_nonzero(result.outcome == RequestOutcome.LATE) / np.count_nonzero(sent) > 0.9
 
 
 def test_turbo_learns_a_constant_uplink_from_its_own_transfers():
     case = make_case(constant_opportunities(6.0))
-    run = simulate_policy(make_policy("turbo", case.schedule), case.scenario, case.schedule)
-    assert run.estimate_mbps[0] == pytest.approx(1.0)  # the documented start before any sample
-    assert run.samples and np.median([s.throughput_mbps for s in run.samples]) == pytest.approx(6.0, rel=0.15)
-    assert np.nanmedian(run.estimate_mbps[20:]) == pytest.approx(6.0, rel=0.15)
-    sent = np.isin(run.outcome, [RequestOutcome.ON_TIME, RequestOutcome.LATE])
-    assert np.count_nonzero(run.outcome == RequestOutcome.LATE) <= 0.05 * np.count_nonzero(sent)
+    result = run("turbo", case)
+    assert result.estimate_mbps[0] == pytest.approx(1.0)  # the policy's start value before any sample
+    assert result.samples and np.median([s.throughput_mbps for s in result.samples]) == pytest.approx(6.0, rel=0.1)
+    assert np.nanmedian(result.estimate_mbps[20:]) == pytest.approx(6.0, rel=0.1)
+    sent = np.isin(result.outcome, [RequestOutcome.ON_TIME, RequestOutcome.LATE])
+    assert np.count_nonzero(result.outcome == RequestOutcome.LATE) <= 0.05 * np.count_nonzero(sent)
+
+
+def test_the_agent_measures_the_rtt_with_pings():
+    case = make_case(constant_opportunities(6.0), frames=30, rtt_ms=50.0)
+    result = run("turbo", case)
+    # Pings share the uplink with requests, so a sample can only be later than the true RTT.
+    assert np.nanmin(result.rtt_estimate_ms[5:]) >= 50.0
+    assert np.nanmedian(result.rtt_estimate_ms[5:]) == pytest.approx(50.0, abs=2.0)
 
 
 def test_bandwidth_aware_policies_beat_onboard_and_naive_on_a_steady_uplink():
@@ -109,51 +84,45 @@ def test_bandwidth_aware_policies_beat_onboard_and_naive_on_a_steady_uplink():
 def test_estimating_policy_does_not_see_an_outage_coming():
     # 6 Mbps for 5 s, then nothing for 5 s (the trace loops every 10 s).
     steady = constant_opportunities(6.0, 5.0)
-    opportunities = np.concatenate([steady, [10000]])
-    case = make_case(opportunities)
-    turbo = simulate_policy(make_policy("turbo", case.schedule), case.scenario, case.schedule)
-    oracle = simulate_policy(make_policy("oracle", case.schedule), case.scenario, case.schedule)
+    case = make_case(np.concatenate([steady, [10000]]))
+    turbo = run("turbo", case)
+    oracle = run("oracle", case)
     outage = slice(51, 99)
-    assert np.count_nonzero(turbo.outcome[outage] == RequestOutcome.LATE) > 0
+    late = RequestOutcome.LATE
+    assert np.count_nonzero(turbo.outcome[outage] == late) > 0
     # The oracle knows the outage and plans (almost) nothing into it.
-    assert np.count_nonzero(oracle.outcome[outage] == RequestOutcome.LATE) < np.count_nonzero(
-        turbo.outcome[outage] == RequestOutcome.LATE)
+    assert np.count_nonzero(oracle.outcome[outage] == late) < np.count_nonzero(turbo.outcome[outage] == late)
 
 
 def test_oracle_keeps_the_capacity_fraction_that_served_the_most_utility():
-    from avcloud.replay.job import best_oracle_run
-    from avcloud.replay.policies import ORACLE_CAPACITY_FRACTIONS, OraclePolicy
-
     case = make_case(constant_opportunities(6.0), frames=60)
     utilities = {option.name: option.utility for option in OPTIONS}
 
-    def served_utility(run):
-        served = run.served_config()
+    def served_utility(result):
         return sum(utilities[FALLBACK.name] if k == -1 else utilities[case.scenario.config_names[k]]
-                   for k in served.ravel())
+                   for k in result.served_config().ravel())
 
     best = best_oracle_run(case)
-    singles = [simulate_policy(OraclePolicy(case.schedule, fraction), case.scenario, case.schedule)
-               for fraction in ORACLE_CAPACITY_FRACTIONS]
-    assert served_utility(best) == pytest.approx(max(served_utility(run) for run in singles))
+    singles = [run("oracle", case, oracle_capacity_fraction=fraction)
+               for fraction in get_policy("oracle").oracle_capacity_fractions]
+    assert served_utility(best) == pytest.approx(max(served_utility(result) for result in singles))
     assert np.nanmax(best.budget_mbps) <= 6.0 + 1e-9 and best.policy == "oracle"
+    assert best.policy_spec["chosen_capacity_fraction"] in get_policy("oracle").oracle_capacity_fractions
 
 
-def test_policy_that_sends_nothing_probes_after_a_silence():
+def test_a_policy_whose_plan_sends_nothing_rediscovers_the_link_with_one_cheap_request_a_second():
     # 0.5 Mbps: below every cloud option's critical bandwidth, so the allocation alone never sends.
     case = make_case(constant_opportunities(0.5))
-    run = simulate_policy(make_policy("turbo", case.schedule), case.scenario, case.schedule)
-    probes = np.argwhere(run.planned_config != -1)
-    assert 0 < len(probes) <= FRAMES // 10 + 1  # at least one, at most about one per second
-    assert {case.scenario.config_names[run.planned_config[tuple(p)]] for p in probes} == {"s-imgcompNone-inpcomp50"}
+    result = run("turbo", case)
+    discoveries = np.argwhere(result.planned_config != -1)
+    assert 0 < len(discoveries) <= FRAMES // 10 + 1  # at least one, at most about one per second
+    assert {case.scenario.config_names[result.planned_config[tuple(p)]] for p in discoveries} == {
+        "s-imgcompNone-inpcomp50"}
 
 
-def test_only_the_oracle_is_given_the_trace():
-    schedule = DeliverySchedule(constant_opportunities(6.0))
-    for name in POLICY_NAMES:
-        policy = make_policy(name, schedule)
-        holds_schedule = any(value is schedule for value in vars(policy).values())
-        assert holds_schedule == (name == "oracle"), name
+def test_policies_that_ignore_the_uplink_never_rediscover():
+    case = make_case(constant_opportunities(0.5), frames=40)
+    assert run("onboard", case).counters["requests_sent"] == 0
 
 
 def test_policy_names_are_checked():
@@ -164,7 +133,7 @@ def test_policy_names_are_checked():
         check_options(ReplayOptions(rtt_ms=300.0, slo_ms=200.0))
 
 
-def test_results_document_has_every_figure_per_policy_and_is_json():
+def test_results_document_records_every_figure_and_the_full_spec_of_every_policy():
     case = make_case(constant_opportunities(6.0), frames=30)
     result = run_case(case, ("onboard", "turbo", "oracle"), map_function=mean_score_map)
     document = json.loads(json.dumps(results_document([result], ReplayOptions(policies=("onboard", "turbo", "oracle")))))
@@ -172,24 +141,25 @@ def test_results_document_has_every_figure_per_policy_and_is_json():
     assert document["settings"]["rtt_ms"] == 50.0 and document["settings"]["slo_ms"] == 200.0
     (case_figures,) = document["cases"]
     assert case_figures["frames"] == 30 and case_figures["cameras"] == list(CAMERAS)
+    assert case_figures["policy_specs"]["turbo"] == get_policy("turbo").to_json_dict()
     for name in ("onboard", "turbo", "oracle"):
         figures = case_figures["policies"][name]
         for key in ("map", "map_per_camera", "gain_over_onboard_points", "fraction_of_oracle_gain", "cloud_share",
-                    "deadline_miss_rate", "mean_uplink_mbps", "mean_solve_us", "requests_sent"):
+                    "deadline_miss_rate", "mean_uplink_mbps", "mean_solve_us", "requests_sent", "agent_counters"):
             assert key in figures, (name, key)
         assert set(figures["map_per_camera"]) == set(CAMERAS)
 
 
-def test_metrics_publish_cloud_detections_only_when_on_time():
+def test_metrics_score_what_the_agent_published():
     case = make_case(constant_opportunities(6.0), frames=20)
-    run = simulate_policy(make_policy("turbo", case.schedule), case.scenario, case.schedule)
-    summaries = summarise_policies({"turbo": run}, case.scenario, case.detections, case.ground_truths, mean_score_map)
-    served = run.served_config()
-    utilities = {option.name: option.utility for option in OPTIONS}
-    expected = np.mean([utilities[FALLBACK.name] if k == -1 else utilities[case.scenario.config_names[k]]
-                        for k in served.ravel()])
-    assert summaries["turbo"]["map"] == pytest.approx(expected)
+    result = run("turbo", case)
+    summaries = summarise_policies({"turbo": result}, case.scenario, case.detections, case.ground_truths,
+                                   mean_score_map)
+    published = [cell[0, 4] for row in result.published for cell in row]
+    assert summaries["turbo"]["map"] == pytest.approx(np.mean(published))
+    served = result.served_config()
     assert summaries["turbo"]["cloud_share"] == pytest.approx(np.count_nonzero(served != -1) / served.size)
+    assert result.counters["published_cloud"] == np.count_nonzero(served != -1)
 
 
 def test_case_result_keeps_the_runs_for_plots():

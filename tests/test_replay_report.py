@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+from replay_fakes import constant_opportunities, make_case, mean_score_map
 from rich.console import Console
-from test_replay_policies import constant_opportunities, make_case, mean_score_map
 
 from avcloud.replay.job import ReplayOptions, results_document, run_case
-from avcloud.replay.policies import POLICY_NAMES
 from avcloud.replay.report import print_tables, write_report
+from optimizer.policies import POLICY_NAMES
 
 
 def test_report_folder_has_results_plots_and_summaries(tmp_path):

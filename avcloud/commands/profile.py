@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=2, help="parallel processes")
     parser.add_argument("--backend", default="onnxruntime", help="inference backend (auto, onnxruntime, torch, ...)")
     parser.add_argument("--out", default="profile.parquet", help="profile table; detections.parquet goes beside it")
+    parser.add_argument("--cloud-table", type=Path, default=None, metavar="CSV",
+                        help="only time the cloud configurations (decode + inference, a low percentile of "
+                             "repeated runs) and write them as a runtime table for `replay --cloud CSV`")
+    parser.add_argument("--timing-frames", type=int, default=None, metavar="N",
+                        help="frames of the scene each configuration is timed on (all cameras of each)")
     parser.set_defaults(handler=run)
 
 
@@ -45,6 +50,20 @@ def run(args: argparse.Namespace) -> int:
         scene = default_scene_path()
     else:
         scene = Path(args.scene)
+    if args.timing_frames is not None and args.timing_frames < 1:
+        raise UserError(f"--timing-frames must be >= 1 (got {args.timing_frames})")
+    if args.cloud_table is not None:
+        from avcloud.profiler import TIMING_FRAMES, measure_cloud_runtimes
+
+        if args.cloud_table.suffix.lower() != ".csv":
+            raise UserError(f"--cloud-table {args.cloud_table}: the runtime table is a .csv file")
+        try:
+            path = measure_cloud_runtimes(scene, args.models or preset.models, args.codecs or preset.codecs,
+                                          args.cloud_table, args.backend, args.timing_frames or TIMING_FRAMES)
+        except OSError as error:
+            raise UserError(f"--cloud-table {args.cloud_table}: cannot write ({error.strerror or error})") from None
+        print(f"wrote {path}")
+        return 0
     result = run_profile(
         scene,
         models=args.models or preset.models,

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from avcloud.errors import UserError
+from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD
 from avcloud.replay.job import DEFAULT_PRESET, DEFAULT_RTT_MS, DEFAULT_SLO_MS
-from avcloud.replay.policies import POLICY_NAMES
+from optimizer.policies import POLICY_NAMES
 
 DESCRIPTION = """\
 Replay scenes over uplink traces and compare allocation policies by mAP: onboard (never offload),
@@ -50,9 +51,13 @@ def register(subparsers) -> None:
                              "instead of the cached one for --preset")
     parser.add_argument("--frames", type=int, default=None, metavar="N",
                         help="replay only the first N frames of each scene (default: all the profile covers)")
+    parser.add_argument("--cloud", default=DEFAULT_CLOUD, metavar="MODEL",
+                        help="cloud runtimes: 'reference' (default: the shipped table, the same on a quiet or a busy "
+                             "machine), 'measured' (the profile's, timed on this machine), a CSV of 'Model,Runtime [ms]' "
+                             "rows for your device, or 'scale:F' / 'scale:MODEL=F,...' (measured x F)")
     parser.add_argument("--cloud-workers", type=int, default=None, metavar="N",
-                        help="simulate a cloud of N workers serving in arrival order (default: every request served "
-                             "on arrival, as by a GPU pool); with --live, the service's workers (default 1)")
+                        help="simulate a cloud of N workers (EDF with batching, as the service) instead of a GPU "
+                             "pool that serves every request on arrival; with --live, the service's workers (default 1)")
     parser.add_argument("--camera-input-ms", type=float, default=0.0, metavar="MS",
                         help="simulated time the car needs per camera image before compressing it, cameras in "
                              "turn (default 0: raw frames from camera drivers; set it to the JPEG decode time to "
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
         progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
+        cloud=args.cloud,
     )
     check_options(options)
     # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).

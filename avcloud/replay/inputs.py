@@ -7,7 +7,6 @@ size and the real detections (what actually happens); the scene gives the ground
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ import numpy as np
 
 from avcloud.errors import DataError
 from avcloud.link import DeliverySchedule
+from avcloud.profile_format import ENCODE_COLUMN, MODEL_COLUMN, read_table_records
+from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, CloudRuntimes, resolve_cloud, with_runtimes
 from avcloud.replay.simulator import ReplayScenario
 from avcloud.types import ALL_CAMERAS, GroundTruth, Service
-
-ENCODE_COLUMN = "Encode [ms]"
-MODEL_COLUMN = "Model"
 
 
 class DetectionSource(Protocol):
@@ -74,6 +72,12 @@ class ReplayCase:
     detections: DetectionSource
     profile_path: str
     profile_note: str
+    cloud: CloudRuntimes | None = None  # the declared cloud runtimes the case runs with
+
+    def detections_at(self, frame: int, camera: int, config: str) -> np.ndarray:
+        """Cached detections by scenario position (what the replayed car's models return)."""
+        scenario = self.scenario
+        return self.detections.detections(int(scenario.frame_indices[frame]), scenario.cameras[camera], config)
 
 
 def build_scenario(
@@ -111,6 +115,8 @@ def build_scenario(
             for k, config in enumerate(config_names):
                 sizes[f, c, k] = int(cache.size_bytes(int(frame_index), camera, config))
     interval_ms = 1000.0 / frame_rate_hz
+    fallback_runtime_ms = max(option.runtime_ms for service in services for option in service.options
+                              if option.is_fallback)
     return ReplayScenario(
         cameras=cameras,
         frame_indices=frame_indices,
@@ -124,30 +130,17 @@ def build_scenario(
         rtt_ms=rtt_ms,
         slo_ms=slo_ms,
         camera_input_ms=camera_input_ms,
+        fallback_runtime_ms=fallback_runtime_ms,
     )
 
 
 def read_encode_ms(table_path: str | Path) -> dict[str, float]:
     """Mean on-car encode time per configuration from the profile's optional `Encode [ms]` column."""
-    path = Path(table_path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if ENCODE_COLUMN not in table.column_names:
-            return {}
-        records = table.select([MODEL_COLUMN, ENCODE_COLUMN]).to_pylist()
-    else:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if ENCODE_COLUMN not in (reader.fieldnames or []):
-                return {}
-            records = list(reader)
     totals: dict[str, list[float]] = {}
-    for record in records:
+    for _, record in read_table_records(table_path, (MODEL_COLUMN,)):
         try:
-            value = float(record[ENCODE_COLUMN])
-        except (TypeError, ValueError):
+            value = float(record[ENCODE_COLUMN])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
             continue
         if math.isfinite(value) and value >= 0:
             totals.setdefault(str(record[MODEL_COLUMN]).strip(), []).append(value)
@@ -178,7 +171,8 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
     `profile_dir`: use the profile already in that folder (profile.parquet + detections.parquet,
     as the profiler writes them) instead of the cached one for `preset`.
     """
-    from avcloud.profiler import CACHE_NAME, TABLE_NAME, DetectionCache, ProfileResult, ensure_profile
+    from avcloud.profile_format import DetectionCache
+    from avcloud.profiler import CACHE_NAME, TABLE_NAME, ProfileResult, ensure_profile
     from datasets.scene import open_scene
     from optimizer.curves import load_profile_table
 
@@ -219,16 +213,21 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
 
 
 def make_case(scene: ProfiledScene, trace: UplinkTrace, rtt_ms: float, slo_ms: float,
-              max_frames: int | None = None, camera_input_ms: float = 0.0) -> ReplayCase:
-    """One scene x trace; `max_frames` keeps only the first frames the profile covers."""
+              max_frames: int | None = None, camera_input_ms: float = 0.0, cloud: str = DEFAULT_CLOUD) -> ReplayCase:
+    """One scene x trace; `max_frames` keeps only the first frames the profile covers; `cloud`
+    chooses the cloud runtime model (avcloud/replay/cloud_runtimes.py)."""
     frames = scene.scenario_frames if max_frames is None else scene.scenario_frames[:max_frames]
-    scenario = build_scenario(scene.services, scene.detections, frames, scene.frame_rate_hz,
+    measured_ms = {option.name: option.runtime_ms for service in scene.services for option in service.options
+                   if not option.is_fallback}
+    runtimes = resolve_cloud(cloud, measured_ms)
+    scenario = build_scenario(with_runtimes(scene.services, runtimes), scene.detections, frames, scene.frame_rate_hz,
                               rtt_ms, slo_ms, scene.encode_ms_by_config, camera_input_ms)
     ground_truths = {camera: truths[: len(frames)] for camera, truths in scene.ground_truths.items()}
     return ReplayCase(
         scene_name=scene.name, scene_path=scene.path, trace_name=trace.name, trace_path=trace.path,
         schedule=trace.schedule, scenario=scenario, ground_truths=ground_truths,
         detections=scene.detections, profile_path=scene.profile_path, profile_note=scene.profile_note,
+        cloud=runtimes,
     )
 
 

@@ -13,17 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from avcloud.errors import UserError
-from avcloud.replay import policies as policy_module
+from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import ReplayCase, make_case, open_profiled_scene, open_trace
 from avcloud.replay.metrics import MapFunction, datasets_map, summarise_policies
-from avcloud.replay.policies import (
-    ORACLE_CAPACITY_FRACTIONS,
-    POLICY_NAMES,
-    OraclePolicy,
-    check_policy_names,
-    make_policy,
-)
 from avcloud.replay.simulator import PolicyRun, simulate_policy, true_capacity_mbps
+from optimizer.policies import POLICY_NAMES, check_policy_names, get_policy
 
 # A 4G round trip from a car to a regional cloud is typically 40-60 ms.
 DEFAULT_RTT_MS = 50.0
@@ -52,6 +46,8 @@ class ReplayOptions:
     # Simulated time the car needs per camera image before compressing it (cameras in turn):
     # 0 for raw camera frames; the live replay decodes each dataset JPEG first.
     camera_input_ms: float = 0.0
+    # Cloud runtime model (avcloud/replay/cloud_runtimes.py): "reference", "measured", a CSV, "scale:F".
+    cloud: str = DEFAULT_CLOUD
 
 
 @dataclass
@@ -77,6 +73,7 @@ def check_options(options: ReplayOptions) -> tuple[str, ...]:
         raise UserError(f"--cloud-workers must be at least 1 (got {options.cloud_workers})")
     if options.max_frames is not None and options.max_frames < 2:
         raise UserError(f"--frames must be at least 2 (got {options.max_frames})")
+    check_cloud_choice(options.cloud)
     names = check_policy_names(list(options.policies))
     if not names:
         raise UserError("no policy to replay")
@@ -111,11 +108,11 @@ def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress |
     if progress is not None:
         task = progress.add_task(f"replay {case.scene_name} x {case.trace_name}", total=len(policy_names))
     for name in policy_names:
-        if name == "oracle":
-            runs[name] = best_oracle_run(case, cloud_workers)
+        spec = get_policy(name)
+        if spec.planner == "oracle":
+            runs[name] = best_oracle_run(case, cloud_workers, name)
         else:
-            policy = make_policy(name, case.schedule)
-            runs[name] = simulate_policy(policy, case.scenario, case.schedule,  # type: ignore[arg-type]
+            runs[name] = simulate_policy(spec, case.scenario, case.schedule, case.detections_at,
                                          cloud_workers=cloud_workers)
         if progress is not None and task is not None:
             progress.advance(task)
@@ -123,10 +120,11 @@ def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress |
     return CaseResult(case=case, runs=runs, summaries=summaries)
 
 
-def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None) -> PolicyRun:
-    """The oracle at each capacity fraction; the run whose published results have the most
+def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None, name: str = "oracle") -> PolicyRun:
+    """The oracle at each of its capacity fractions; the run whose published results have the most
     profiled utility wins (chosen in hindsight, without looking at the ground truth)."""
     scenario = case.scenario
+    spec = get_policy(name)
     utility = np.zeros((len(scenario.cameras), len(scenario.config_names)))
     fallback_utility = np.zeros(len(scenario.cameras))
     for c, service in enumerate(scenario.services):
@@ -137,15 +135,16 @@ def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None) -> Polic
                 utility[c, scenario.config_position[option.name]] = option.utility
     best: tuple[float, PolicyRun] | None = None
     wall_s = 0.0
-    for fraction in ORACLE_CAPACITY_FRACTIONS:
-        run = simulate_policy(OraclePolicy(case.schedule, fraction), scenario, case.schedule,
-                              cloud_workers=cloud_workers)
+    for fraction in spec.oracle_capacity_fractions:
+        run = simulate_policy(spec, scenario, case.schedule, case.detections_at, cloud_workers=cloud_workers,
+                              oracle_capacity_fraction=fraction)
         wall_s += run.wall_s
         served = run.served_config()
         cameras = np.arange(len(scenario.cameras))[None, :]
         value = float(np.where(served >= 0, utility[cameras, np.maximum(served, 0)], fallback_utility[None, :]).sum())
         if best is None or value > best[0]:
             best = (value, run)
+            run.policy_spec = {**run.policy_spec, "chosen_capacity_fraction": fraction}
     assert best is not None
     best[1].wall_s = wall_s
     return best[1]
@@ -162,7 +161,7 @@ def run_replay(options: ReplayOptions, console: Console | None = None) -> list[C
         scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir)
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames,
-                             options.camera_input_ms)
+                             options.camera_input_ms, options.cloud)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, disable=not options.progress,
                           transient=True) as progress:
@@ -190,6 +189,8 @@ def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode
             "fallback_configuration": scenario.fallback_config,
             "profile": case.profile_path,
             "profile_note": case.profile_note,
+            "cloud_runtimes": case.cloud.describe() if case.cloud is not None else None,
+            "policy_specs": {name: run.policy_spec for name, run in result.runs.items()},
             "policies": result.summaries,
         })
     document = {
@@ -203,10 +204,10 @@ def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode
             "policies": list(check_policy_names(list(options.policies))),
             "profile_preset": options.preset,
             "max_frames": options.max_frames,
-            "initial_estimate_mbps": policy_module.INITIAL_ESTIMATE_MBPS,
-            "point_estimate": f"harmonic mean of the last {policy_module.POINT_ESTIMATE_SAMPLES} throughput samples",
-            "forecast_samples": policy_module.FORECAST_SAMPLES,
-            "probe_interval_ms": policy_module.PROBE_INTERVAL_MS,
+            "cloud": options.cloud,
+            "cloud_workers": options.cloud_workers,
+            "agent": "onboard.daemon.OnboardAgent on a simulated clock" if mode == "simulated"
+            else "the onboard daemon process in real time",
             "overall_map": "mean over cameras of per-camera mAP over all frames",
         },
         "cases": cases,

@@ -38,21 +38,18 @@ from avcloud.replay.job import (
     default_trace_path,
 )
 from avcloud.replay.metrics import add_relative_figures, datasets_map, summarise_policies
-from avcloud.replay.policies import FORECAST_SAMPLES, INITIAL_ESTIMATE_MBPS
 from avcloud.replay.simulator import FALLBACK_INDEX, PolicyRun, ReplayScenario, RequestOutcome
 from avcloud.types import empty_detections
+from optimizer.policies import get_policy
 
 READY_TIMEOUT_S = 120.0
 # Seconds from launching the link emulator and the player until the first frame and trace time 0.
 LIVE_START_MARGIN_S = 4.0
-# Daemon settings per policy: (method, allocator, estimator).
-LIVE_POLICIES: dict[str, tuple[str, str, str]] = {
-    "onboard": ("exact", "onboard", "harmonic"),
-    "naive": ("exact", "naive", "harmonic"),
-    "equal": ("exact", "equal", "harmonic"),
-    "turbo": ("exact", "exact", "harmonic"),
-    "turbo-q": ("quantile", "exact", "harmonic"),
-}
+
+
+def runs_live(policy: str) -> bool:
+    """Every policy runs live except those that plan from the trace's future (oracle)."""
+    return get_policy(policy).planner != "oracle"
 
 
 def free_port() -> int:
@@ -140,9 +137,8 @@ def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario
     """One policy on a fresh stack; returns the recorder's rows."""
     from avcloud.commands.record import read_recording
 
-    method, allocator, estimator = LIVE_POLICIES[policy]
     cloud_port, emu_port, camera_port, output_port = (free_port() for _ in range(4))
-    models = sorted({name.split("-imgcomp")[0] for name in scenario.config_names})
+    models = sorted(set(scenario.models.values()))
     config_path = work_dir / "cloud.yaml"
     config_path.write_text(yaml.safe_dump(cloud_config(f"tcp://127.0.0.1:{cloud_port}", models, cloud_workers)))
     recording = work_dir / f"{policy}.jsonl"
@@ -150,10 +146,9 @@ def run_policy_live(policy: str, scene: ProfiledScene, trace_path: str, scenario
     try:
         group.start(f"{policy}-cloud", ["cloud", "serve", "--config", str(config_path), "--insecure"])
         parameters = {
-            "cameras": list(scenario.cameras), "profile_path": scene.profile_path, "method": method,
-            "allocator": allocator, "estimator": estimator, "slo_ms": slo_ms, "rtt_ms": rtt_ms,
-            # The simulated policies' estimator settings, so both modes plan alike.
-            "initial_bandwidth_mbps": INITIAL_ESTIMATE_MBPS, "quantile_window": FORECAST_SAMPLES,
+            # The same named policy the simulated replay runs (optimizer/policies.py).
+            "cameras": list(scenario.cameras), "profile_path": scene.profile_path, "policy": policy,
+            "slo_ms": slo_ms, "rtt_ms": rtt_ms,
             "endpoints.cameras": f"tcp://127.0.0.1:{camera_port}",
             "endpoints.outputs": f"tcp://127.0.0.1:{output_port}",
             "endpoints.cloud": f"tcp://127.0.0.1:{emu_port}", "security.insecure": True, "log_replies": True,
@@ -259,7 +254,7 @@ def run_from_recording(policy: str, rows: Sequence[dict], scenario: ReplayScenar
 def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
     """Every scene x trace x policy (except oracle) on the real processes, in real time."""
     chosen = check_options(options)
-    policy_names = [name for name in chosen if name in LIVE_POLICIES]
+    policy_names = [name for name in chosen if runs_live(name)]
     if not policy_names:
         raise UserError("live replay: none of the chosen policies can run live (oracle needs the future)")
     if "oracle" in chosen:

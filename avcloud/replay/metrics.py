@@ -44,11 +44,17 @@ class PublishedDetections:
         return found
 
 
-def map_per_camera(served: np.ndarray, published: PublishedDetections, scenario: ReplayScenario,
+def map_per_camera(run: PolicyRun, published: PublishedDetections, scenario: ReplayScenario,
                    ground_truths: Mapping[str, Sequence[GroundTruth]], map_function: MapFunction) -> dict[str, float]:
+    """mAP per camera of what the run published: the agent's own results where the run kept them
+    (a simulated run), else the cached detections of the configuration it served (a recording)."""
+    served = run.served_config()
     figures = {}
     for c, camera in enumerate(scenario.cameras):
-        detections = [published.get(f, c, int(served[f, c])) for f in range(scenario.num_frames)]
+        detections = []
+        for f in range(scenario.num_frames):
+            own = run.published[f][c] if run.published is not None else None
+            detections.append(own if own is not None else published.get(f, c, int(served[f, c])))
         figures[camera] = float(map_function(detections, list(ground_truths[camera])))
     return figures
 
@@ -88,6 +94,7 @@ def summarise_run(run: PolicyRun, scenario: ReplayScenario, map_by_camera: dict[
         "mean_allocated_mbps": float(run.allocated_mbps.mean()) if run.allocated_mbps.size else 0.0,
         "mean_solve_us": float(run.solve_us.mean()) if run.solve_us.size else 0.0,
         "served_configurations": config_use,
+        "agent_counters": run.counters,
         "simulation_wall_s": run.wall_s,
         "scene_seconds_per_wall_second": duration_s / run.wall_s if run.wall_s > 0 else None,
     }
@@ -110,7 +117,7 @@ def summarise_policies(runs: Mapping[str, PolicyRun], scenario: ReplayScenario, 
     published = PublishedDetections(scenario, source)
     summaries = {}
     for name, run in runs.items():
-        per_camera = map_per_camera(run.served_config(), published, scenario, ground_truths, map_function)
+        per_camera = map_per_camera(run, published, scenario, ground_truths, map_function)
         summaries[name] = summarise_run(run, scenario, per_camera)
     add_relative_figures(summaries)
     return summaries

@@ -229,7 +229,8 @@ def write_markdown(document: dict, images: Sequence[Sequence[Path]], path: Path)
     settings = document["settings"]
     parts = [f"# avcloud replay ({document['mode']})", "",
              f"RTT {settings['rtt_ms']:g} ms, SLO {settings['slo_ms']:g} ms, policies: {', '.join(settings['policies'])}. "
-             f"mAP x100; overall = {settings['overall_map']}; `turbo` plans with the {settings['point_estimate']}.", ""]
+             f"mAP x100; overall = {settings['overall_map']}. Each policy is {settings['agent']}; cloud runtimes: "
+             f"`{settings['cloud']}`; every policy's full spec is in results.json.", ""]
     for case, case_images in zip(document["cases"], images, strict=True):
         header, rows = table_rows(case)
         parts += [f"## {case_title(case)}", "", case["profile_note"], "", _markdown_table(header, rows), ""]

@@ -1,50 +1,65 @@
-"""Simulated replay: one allocation policy over one scene's frames and one uplink trace.
+"""Simulated replay: the shipped onboard agent, on a simulated clock, with fake I/O.
 
-Only time is simulated. Every frame (at the scene's rate) the policy chooses, per camera, a cloud
-configuration or the on-car fallback. A chosen frame is encoded (the profile's `Encode [ms]`) and
-put on the shared uplink, a `TraceLink` with Mahimahi semantics that every camera of this policy
-shares, byte for byte the real encoded size of that frame. The result is back at
+This is openpilot's process_replay idea. `onboard.daemon.OnboardAgent`, the per-frame logic the
+daemon runs, is driven here exactly as the live node drives it, except that time and I/O are
+simulated:
 
-    delivery over the uplink + RTT/2 + cloud runtime + RTT/2
+- a `SimulatedClock` and an event loop (`EventLoop`) in place of the node's poll loop: after
+  every event the agent's `step()` runs, and the loop also wakes it at `next_wakeup_ms()`;
+- executors whose work takes simulated time (`SimulatedExecutor`): the on-car fallback takes
+  the profile's fallback runtime on `fallback_workers` workers, compression takes the profile's
+  `Encode [ms]` on `encode_workers` workers (the daemon's default compresses one camera at a
+  time in its loop);
+- an encoder and a fallback backed by the profiler's detection cache: the real encoded sizes
+  and the real detections of every frame, camera and configuration;
+- a `CloudLink` (`SimulatedUplink`) that puts the request's bytes on a `TraceLink` (Mahimahi
+  semantics; every camera of the car shares it), delays them RTT/2 each way, and hands them to
+  a simulated cloud built on `cloudside.scheduler.RequestQueue` (EDF, expiry, batching) with
+  `cloud_workers` workers (None: a GPU pool large enough that no request waits).
 
-and is published if that is no later than capture + SLO; otherwise the on-car result is.
+Requests and replies are real wire messages (`avcloud.protocol`): the agent reads real bytes,
+so what it measures (RTT, throughput from reply timings) is what the live daemon measures.
+Cloud runtimes come from the scenario, i.e. from a declared runtime model
+(avcloud/replay/cloud_runtimes.py), never from the load of the moment.
 
-Sender discipline, as the onboard daemon (onboard/daemon.py): per camera at most one request in
-flight (until its reply arrives or its deadline passes) and one waiting; a newer frame replaces
-the waiting one; a frame is not sent when its remaining budget cannot cover
-RTT + cloud runtime + its upload at the bandwidth the policy planned with (the larger of the
-option's critical bandwidth and the policy's budget; a policy without a budget, naive, only
-checks RTT + runtime). Bytes already on the uplink keep occupying
-it even when their result will be late: that is what a wrong estimate costs.
-
-The policy measures only what the car can. When a reply arrives: size / time the link spent on
-it (from max(enqueue, previous delivery) to its delivery: the car knows its own send log and the
-uplink carries only its own cameras; the reply tells when the cloud received it). When a request
-times out at its deadline: size / time since sending, an upper bound, so an outage drives the
-estimate down without waiting for the late reply.
-
-The cloud: by default every request is served as it arrives (a pool of GPU workers, TURBO's
-assumption). With `cloud_workers=k` it is k workers serving in arrival order, as the live
-service on a small CPU machine is: a request waits for a free worker, and one that could no
-longer finish before its deadline is answered `expired` at once without occupying a worker
-(the service's deadline check).
+`oracle` is the same agent with a planner that reads the trace (`OraclePlanner`).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
-from avcloud.link import BITS_PER_PACKET, PACKET_BYTES, DeliverySchedule, TraceLink
-from avcloud.types import Allocation, Service, critical_bandwidth_mbps
+from avcloud.clock import SimulatedClock
+from avcloud.compression import parse_configuration_name
+from avcloud.link import BITS_PER_PACKET, DeliverySchedule, TraceLink
+from avcloud.protocol import (
+    EXPIRED,
+    OK,
+    PING,
+    REJECTED,
+    ServerTimings,
+    decode_request,
+    encode_reply,
+    reply_to,
+)
+from avcloud.types import Allocation, AllocationProblem, Service
+from optimizer.policies import PolicySpec
 
 FALLBACK_INDEX = -1
+DEFAULT_FRAME_SIZE_WH = (1920, 1280)
+# The simulated cloud's queue bound; it never fills in a single car's replay.
+CLOUD_QUEUE_LIMIT = 100_000
+CLOUD_MAX_BATCH_SIZE = 8
 
 
 class RequestOutcome(IntEnum):
@@ -52,49 +67,16 @@ class RequestOutcome(IntEnum):
 
     FALLBACK = 0  # the allocation chose the on-car fallback; nothing sent
     ON_TIME = 1  # sent, result back before the deadline: the cloud result is published
-    LATE = 2  # sent, result after the deadline: the on-car result is published
-    SUPERSEDED = 3  # waited for the uplink and a newer frame of the same camera replaced it
-    EXPIRED = 4  # waited for the uplink until its budget could no longer cover RTT + runtime
-    REJECTED = 5  # the uplink queue was full (only with a drop-tail queue limit)
+    LATE = 2  # sent, no usable result in time (late, expired or refused): the on-car result is published
+    NOT_SENT = 3  # a cloud option was chosen but the agent dropped the frame before sending it
 
 
 @dataclass(frozen=True)
 class ThroughputSample:
-    """One uplink measurement the car can make from its own send log."""
+    """One uplink measurement the agent took (from its own reply timings)."""
 
-    observed_ms: float  # when the car learns it (the cloud's reply arrives)
-    delivered_ms: float
+    observed_ms: float
     throughput_mbps: float
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class PlanningContext:
-    """Everything a policy may look at when it plans one frame: no trace, no future."""
-
-    frame_position: int
-    now_ms: float
-    services: tuple[Service, ...]
-    rtt_ms: float
-    slo_ms: float
-    frame_interval_ms: float
-
-
-@dataclass
-class PolicyDecision:
-    """A policy's plan for one frame: the allocation, and the figures it planned with."""
-
-    allocation: Allocation
-    budget_mbps: float = math.nan  # bandwidth the allocation was asked to fit
-    estimate_mbps: float = math.nan  # the policy's bandwidth estimate at this frame
-
-
-class Policy(Protocol):
-    name: str
-
-    def plan(self, context: PlanningContext) -> PolicyDecision: ...
-
-    def observe(self, sample: ThroughputSample) -> None: ...
 
 
 @dataclass
@@ -102,7 +84,9 @@ class ReplayScenario:
     """What every policy shares: frames, cameras, options and their real encoded sizes.
 
     `size_bytes[f, c, k]` is the encoded payload of frame position f of camera c under
-    configuration `config_names[k]` (from the profiler's detection cache).
+    configuration `config_names[k]` (from the profiler's detection cache). The services' option
+    runtimes are the declared cloud's (what the car plans with); `runtime_ms[k]` is what the
+    simulated cloud takes for configuration k.
     """
 
     cameras: tuple[str, ...]
@@ -119,6 +103,8 @@ class ReplayScenario:
     # Time the car needs per camera image before it can compress it, cameras in order: 0 for
     # raw images from camera drivers; decoding a dataset's JPEGs costs the live replay this.
     camera_input_ms: float = 0.0
+    fallback_runtime_ms: float = 0.0
+    camera_size_wh: dict[str, tuple[int, int]] = field(default_factory=dict)
     config_position: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +118,7 @@ class ReplayScenario:
             for option in service.options:
                 if option.name not in self.config_position and not option.is_fallback:
                     raise ValueError(f"option '{option.name}' of '{service.name}' has no sizes in the scenario")
+        self.models = {name: parse_configuration_name(name)[0] for name in self.config_names}
 
     @property
     def num_frames(self) -> int:
@@ -155,177 +142,504 @@ class PolicyRun:
     policy: str
     planned_config: np.ndarray  # int32 [F, C], configuration position or FALLBACK_INDEX
     outcome: np.ndarray  # int8 [F, C], RequestOutcome
-    result_ms: np.ndarray  # float64 [F, C], when a sent request's result is back (nan if not sent)
-    budget_mbps: np.ndarray  # float64 [F]
-    estimate_mbps: np.ndarray  # float64 [F]
+    result_ms: np.ndarray  # float64 [F, C], when a sent request's reply reached the car (nan if none)
+    budget_mbps: np.ndarray  # float64 [F], bandwidth the allocation was asked to fit
+    estimate_mbps: np.ndarray  # float64 [F], the agent's bandwidth estimate when it planned
     allocated_mbps: np.ndarray  # float64 [F], sum of the chosen options' critical bandwidths
     solve_us: np.ndarray  # float64 [F]
     sent_bytes: int
     sent_until_ms: float  # last delivery on the uplink
-    transfers: list[tuple[float, float, int]]  # (enqueue_ms, delivered_ms, size_bytes) in send order
+    transfers: list[tuple[float, float, int]]  # (enqueue_ms, delivered_ms, wire bytes) in send order, pings too
     samples: list[ThroughputSample]
     wall_s: float
+    # What the agent published per (frame position, camera): None where scoring should read the
+    # cache (live recordings); the simulated agent's own results otherwise.
+    published: list[list[np.ndarray | None]] | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+    rtt_estimate_ms: np.ndarray | None = None  # float64 [F], the agent's RTT estimate when it planned
+    policy_spec: dict[str, Any] = field(default_factory=dict)
 
     def served_config(self) -> np.ndarray:
         """Configuration whose detections are published per (frame, camera); FALLBACK_INDEX = on-car."""
         return np.where(self.outcome == RequestOutcome.ON_TIME, self.planned_config, FALLBACK_INDEX)
 
 
-# Heap event kinds. At equal times: a camera's slot is freed, then what the car learnt reaches the
-# policy, then a newly encoded frame asks for the slot.
-_SLOT_FREE, _LEARN, _READY = 0, 1, 2
+# ----------------------------------------------------------------------------- simulated time
 
 
-@dataclass
-class _Request:
-    frame: int
+class EventLoop:
+    """Callbacks at simulated times, in time order (ties in the order they were scheduled)."""
+
+    def __init__(self, clock: SimulatedClock) -> None:
+        self.clock = clock
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._sequence = itertools.count()
+
+    def at(self, time_ms: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (max(time_ms, self.clock.now_ms()), next(self._sequence), callback))
+
+    def next_time_ms(self) -> float:
+        return self._events[0][0] if self._events else math.inf
+
+    def run_next(self) -> None:
+        time_ms, _, callback = heapq.heappop(self._events)
+        self.clock.advance_to(time_ms)
+        callback()
+
+
+class SimulatedExecutor(Executor):
+    """An executor whose work takes simulated time: `duration_ms(*args)` on one of `workers`
+    workers (None: as many as there is work), first come first served. The function runs when
+    its work is done, so a cancelled job never runs, as with a real executor's queue."""
+
+    def __init__(self, loop: EventLoop, duration_ms: Callable[..., float], workers: int | None = None) -> None:
+        self.loop = loop
+        self.duration_ms = duration_ms
+        self.workers = workers
+        self._busy = 0
+        self._queue: list[tuple[Future, Callable, tuple]] = []
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        future: Future = Future()
+        self._queue.append((future, fn, args))
+        self._start_queued()
+        return future
+
+    def _start_queued(self) -> None:
+        while self._queue and (self.workers is None or self._busy < self.workers):
+            future, fn, args = self._queue.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue
+            self._busy += 1
+            finish_ms = self.loop.clock.now_ms() + max(0.0, float(self.duration_ms(*args)))
+            self.loop.at(finish_ms, lambda future=future, fn=fn, args=args: self._finish(future, fn, args))
+
+    def _finish(self, future: Future, fn: Callable, args: tuple) -> None:
+        self._busy -= 1
+        try:
+            future.set_result(fn(*args))
+        except Exception as error:  # reported through the future, as a real executor does
+            future.set_exception(error)
+        self._start_queued()
+
+
+# ----------------------------------------------------------------------------- the car's inputs
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """A camera image as the replay knows it: its position in the scenario. The agent never looks
+    inside an image; it hands it to the fallback and the encoder, which read the cache."""
+
+    frame: int  # position in the scenario
     camera: int
-    config: int
-    size_bytes: int
-    deadline_ms: float
-    runtime_ms: float
-    share_mbps: float  # bandwidth the policy planned this request to get
 
 
-class CloudWorkers:
-    """When each request's result leaves the cloud: at once, or after queueing for k workers."""
+class CacheBackedCar:
+    """The fallback detector and the encoder of a replayed car, reading the detection cache."""
 
-    def __init__(self, workers: int | None) -> None:
+    def __init__(self, scenario: ReplayScenario, detections: Callable[[int, int, str], np.ndarray]) -> None:
+        from onboard.daemon import EncodedFrame
+
+        self.scenario = scenario
+        self.detections = detections  # (frame position, camera position, config) -> [N, 6]
+        self._encoded_frame = EncodedFrame
+        self._codecs = {name: parse_configuration_name(name)[1].codec for name in scenario.config_names}
+        largest = int(scenario.size_bytes.max()) if scenario.size_bytes.size else 0
+        self._zeros = memoryview(bytes(largest))
+        self.encoded_config: dict[tuple[int, str], str] = {}  # (frame index, camera) -> config sent
+
+    def fallback(self, image: CachedImage, full_size_wh: tuple[int, int]) -> np.ndarray:
+        return self.detections(image.frame, image.camera, self.scenario.fallback_config)
+
+    def fallback_ms(self, image: CachedImage, full_size_wh: tuple[int, int]) -> float:
+        return self.scenario.fallback_runtime_ms
+
+    def encode(self, image: CachedImage, config: str, full_size_wh: tuple[int, int]):
+        scenario = self.scenario
+        k = scenario.config_position[config]
+        size_bytes = int(scenario.size_bytes[image.frame, image.camera, k])
+        codec = {"None": "raw", "PNG": "png"}.get(self._codecs[config], "jpeg")
+        frame_index = int(scenario.frame_indices[image.frame])
+        self.encoded_config[(frame_index, scenario.cameras[image.camera])] = config
+        height_width = (full_size_wh[1], full_size_wh[0])
+        shape_hw = _raw_shape_hw(size_bytes, full_size_wh) if codec == "raw" else height_width
+        return self._encoded_frame(model=scenario.models[config], codec=codec, payload=self._zeros[:size_bytes],
+                                   shape_hw=shape_hw, frame_shape_hw=height_width,
+                                   encode_ms=float(scenario.encode_ms[k]))
+
+    def encode_ms(self, image: CachedImage, config: str, full_size_wh: tuple[int, int]) -> float:
+        return float(self.scenario.encode_ms[self.scenario.config_position[config]])
+
+
+def _raw_shape_hw(size_bytes: int, full_size_wh: tuple[int, int]) -> tuple[int, int]:
+    """A (height, width) whose raw BGR size is `size_bytes` (the protocol checks raw lengths)."""
+    pixels = size_bytes // 3
+    width = full_size_wh[0] if pixels % full_size_wh[0] == 0 else next(
+        w for w in range(min(pixels, 16384), 0, -1) if pixels % w == 0)
+    return pixels // width, width
+
+
+# ----------------------------------------------------------------------------- the network and the cloud
+
+
+@dataclass(frozen=True)
+class CloudFaults:
+    """Scripted cloud trouble for tests of the agent's invariants: while `down`, requests that
+    reach the cloud are lost (a killed service answers nothing); while `slow`, runtimes are
+    multiplied by the factor."""
+
+    down_ms: tuple[tuple[float, float], ...] = ()
+    slow_ms: tuple[tuple[float, float, float], ...] = ()  # (start, end, runtime factor)
+
+    def is_down(self, time_ms: float) -> bool:
+        return any(start <= time_ms < end for start, end in self.down_ms)
+
+    def runtime_factor(self, time_ms: float) -> float:
+        return math.prod(factor for start, end, factor in self.slow_ms if start <= time_ms < end)
+
+
+class SimulatedCloud:
+    """The cloud service's scheduling on simulated time: `cloudside.scheduler.RequestQueue`
+    (EDF with expiry and deadline-aware batching) in front of `workers` workers (None: a pool
+    large enough that no request waits). A batch takes the sum of its requests' runtimes (no
+    batching gain is assumed)."""
+
+    def __init__(self, loop: EventLoop, scenario: ReplayScenario, workers: int | None = None,
+                 downlink_allowance_ms: float = 0.0, faults: CloudFaults | None = None) -> None:
+        from cloudside.scheduler import RequestQueue
+
         if workers is not None and workers < 1:
             raise ValueError(f"cloud workers must be >= 1 or None (unlimited), got {workers}")
-        self._free_at_ms = [-math.inf] * workers if workers else None
+        self.loop = loop
+        self.scenario = scenario
+        self.workers = workers
+        self.downlink_allowance_ms = downlink_allowance_ms
+        self.faults = faults or CloudFaults()
+        model_ms: dict[str, float] = {}
+        for name, runtime in zip(scenario.config_names, scenario.runtime_ms, strict=True):
+            model = scenario.models[name]
+            model_ms[model] = max(model_ms.get(model, 0.0), float(runtime))
+        self._model_ms = model_ms
+        self.queue = RequestQueue("edf", CLOUD_QUEUE_LIMIT, CLOUD_MAX_BATCH_SIZE,
+                                  lambda model, batch: self._model_ms.get(model, 0.0) * batch)
+        self._busy = 0
+        self.busy_ms = 0.0
 
-    def finish_ms(self, arrival_ms: float, runtime_ms: float, latest_finish_ms: float) -> float:
-        """Finish time of a request arriving at arrival_ms; inf when it is expired unrun."""
-        if self._free_at_ms is None:
-            return arrival_ms + runtime_ms
-        start_ms = max(arrival_ms, self._free_at_ms[0])
-        if start_ms + runtime_ms > latest_finish_ms:
-            return math.inf
-        heapq.heapreplace(self._free_at_ms, start_ms + runtime_ms)
-        return start_ms + runtime_ms
+    def arrive(self, identity: Any, header, payload, runtime_ms: float) -> None:
+        from cloudside.scheduler import PendingRequest
+
+        now_ms = self.loop.clock.now_ms()
+        if self.faults.is_down(now_ms):
+            return  # the service is not running: nothing answers
+        runtime_ms *= self.faults.runtime_factor(now_ms)
+        request = PendingRequest(identity=identity, header=header, payload=(payload, runtime_ms), arrival_ms=now_ms,
+                                 deadline_ms=now_ms + header.budget_ms - self.downlink_allowance_ms)
+        if not self.queue.push(request):
+            identity.reply(reply_to(header, REJECTED, "queue full", _timings(request, now_ms, 0.0)), None)
+            return
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while len(self.queue) and (self.workers is None or self._busy < self.workers):
+            now_ms = self.loop.clock.now_ms()
+            decision = self.queue.take(now_ms)
+            for request in decision.expired:
+                request.identity.reply(reply_to(request.header, EXPIRED, "deadline",
+                                                _timings(request, now_ms, 0.0)), None)
+            if not decision.batch:
+                continue
+            self._busy += 1
+            run_ms = sum(request.payload[1] for request in decision.batch)
+            self.busy_ms += run_ms
+            self.loop.at(now_ms + run_ms, lambda batch=decision.batch, run_ms=run_ms: self._finish(batch, run_ms))
+
+    def _finish(self, batch: list, run_ms: float) -> None:
+        self._busy -= 1
+        now_ms = self.loop.clock.now_ms()
+        for request in batch:
+            request.identity.reply(reply_to(request.header, OK, None, _timings(request, now_ms, run_ms),
+                                            late=now_ms > request.deadline_ms), request.identity.detections())
+        self._dispatch()
 
 
-def simulate_policy(policy: Policy, scenario: ReplayScenario, schedule: DeliverySchedule,
-                    queue_limit_bytes: int | None = None, cloud_workers: int | None = None) -> PolicyRun:
-    """Run one policy over every frame of the scenario on its own uplink following `schedule`.
+def _timings(request, now_ms: float, inference_ms: float) -> ServerTimings:
+    return ServerTimings(queue_ms=max(0.0, now_ms - inference_ms - request.arrival_ms), decode_ms=0.0,
+                         inference_ms=inference_ms, total_ms=now_ms - request.arrival_ms)
 
-    `cloud_workers`: None serves every request on arrival; k queues them for k workers."""
+
+class _ReplyRoute:
+    """Where the cloud's reply to one request goes: back down the car's connection, RTT/2 later."""
+
+    __slots__ = ("uplink", "epoch", "frame_index", "camera")
+
+    def __init__(self, uplink: SimulatedUplink, epoch: int, frame_index: int, camera: str) -> None:
+        self.uplink, self.epoch, self.frame_index, self.camera = uplink, epoch, frame_index, camera
+
+    def detections(self) -> np.ndarray:
+        return self.uplink.reply_detections(self.frame_index, self.camera)
+
+    def reply(self, header, detections: np.ndarray | None) -> None:
+        self.uplink.deliver_reply(self, encode_reply(header, detections))
+
+
+class SimulatedUplink:
+    """The agent's `CloudLink`: request bytes over the trace-driven uplink, RTT/2 each way, to the
+    simulated cloud. A `reset()` (the agent reconnects) drops the replies still owed to the old
+    connection, as a new socket identity does on the real ROUTER."""
+
+    def __init__(self, loop: EventLoop, link: TraceLink, rtt_ms: float, cloud: SimulatedCloud,
+                 car: CacheBackedCar, on_reply: Callable[[list], None]) -> None:
+        self.loop = loop
+        self.link = link
+        self.half_rtt_ms = rtt_ms / 2.0
+        self.cloud = cloud
+        self.car = car
+        self.on_reply = on_reply
+        self.epoch = 0
+        self.resets = 0
+        self.transfers: list[tuple[float, float, int]] = []
+        self.sent: dict[tuple[int, str], float] = {}  # (frame index, camera) -> send time
+        self.replied: dict[tuple[int, str], float] = {}  # (frame index, camera) -> reply arrival time
+        self.sent_bytes = 0
+        self._camera_position = {name: position for position, name in enumerate(car.scenario.cameras)}
+        self._frame_position = {int(index): position for position, index in enumerate(car.scenario.frame_indices)}
+
+    def send(self, frames: list[Any]) -> bool:
+        now_ms = self.loop.clock.now_ms()
+        header, payload = decode_request(frames)
+        wire_bytes = len(frames[0]) + payload.nbytes
+        transfer = self.link.send(now_ms, wire_bytes)
+        if not transfer.accepted:
+            return False
+        self.transfers.append((now_ms, transfer.delivered_ms, wire_bytes))
+        self.sent_bytes += wire_bytes
+        if header.kind == PING:  # the service answers a ping at once (if it is running)
+            if self.cloud.faults.is_down(transfer.delivered_ms + self.half_rtt_ms):
+                return True
+            pong = encode_reply(reply_to(header, OK))
+            epoch = self.epoch
+            self.loop.at(transfer.delivered_ms + 2 * self.half_rtt_ms,
+                         lambda: self.on_reply(pong) if epoch == self.epoch else None)
+            return True
+        self.sent[(header.frame, header.task)] = now_ms
+        config = self.car.encoded_config[(header.frame, header.task)]
+        runtime_ms = float(self.car.scenario.runtime_ms[self.car.scenario.config_position[config]])
+        route = _ReplyRoute(self, self.epoch, header.frame, header.task)
+        self.loop.at(transfer.delivered_ms + self.half_rtt_ms,
+                     lambda: self.cloud.arrive(route, header, payload, runtime_ms))
+        return True
+
+    def reset(self) -> None:
+        self.epoch += 1
+        self.resets += 1
+
+    def reply_detections(self, frame_index: int, camera: str) -> np.ndarray:
+        config = self.car.encoded_config[(frame_index, camera)]
+        return self.car.detections(self._frame_position[frame_index], self._camera_position[camera], config)
+
+    def deliver_reply(self, route: _ReplyRoute, frames: list) -> None:
+        def arrive() -> None:
+            if route.epoch == self.epoch:
+                self.replied[(route.frame_index, route.camera)] = self.loop.clock.now_ms()
+                self.on_reply(frames)
+
+        self.loop.at(self.loop.clock.now_ms() + self.half_rtt_ms, arrive)
+
+
+# ----------------------------------------------------------------------------- planners
+
+
+class OraclePlanner:
+    """Plans for the trace's true capacity over the coming frame interval, times a fraction: the
+    upper bound, and the only planner given the trace."""
+
+    def __init__(self, services: tuple[Service, ...], schedule: DeliverySchedule, clock: SimulatedClock,
+                 frame_interval_ms: float, capacity_fraction: float, allocator_name: str = "exact") -> None:
+        from onboard.planning import planning_rtt_ms
+        from optimizer.allocators import get_allocator
+
+        self.services = services
+        self.schedule = schedule
+        self.clock = clock
+        self.frame_interval_ms = frame_interval_ms
+        self.capacity_fraction = capacity_fraction
+        self.allocator = get_allocator(allocator_name)
+        self._planning_rtt_ms = planning_rtt_ms
+
+    def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float, bandwidth_samples_mbps) -> Allocation:
+        now_ms = self.clock.now_ms()
+        capacity_mbps = self.schedule.capacity_mbps(now_ms, now_ms + self.frame_interval_ms)
+        budget_mbps = capacity_mbps * self.capacity_fraction
+        allocation = self.allocator.solve(AllocationProblem(self.services, budget_mbps,
+                                                            self._planning_rtt_ms(rtt_ms), slo_ms))
+        allocation.extra["planning_budget_mbps"] = budget_mbps
+        return allocation
+
+
+class _RecordingPlanner:
+    """Passes planning through and remembers the budget each allocation was asked to fit."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.last_budget_mbps = math.nan
+
+    def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps) -> Allocation:
+        allocation = self.inner.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
+        self.last_budget_mbps = float(allocation.extra.get("planning_budget_mbps", bandwidth_mbps))
+        return allocation
+
+
+class _RecordingEstimator:
+    """Passes samples to the policy's estimator and keeps them for the report."""
+
+    def __init__(self, inner, samples: list[ThroughputSample]) -> None:
+        self.inner = inner
+        self.samples = samples
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self.samples.append(ThroughputSample(time_ms, throughput_mbps))
+        self.inner.observe(time_ms, throughput_mbps)
+
+    def estimate_mbps(self):
+        return self.inner.estimate_mbps()
+
+    def samples_mbps(self):
+        forecast = getattr(self.inner, "samples_mbps", None)
+        return forecast() if callable(forecast) else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class CarSettings:
+    """The daemon settings a replayed car runs with (onboard/params.py defaults)."""
+
+    fallback_workers: int = 2
+    # The daemon compresses in its loop, one camera at a time: one worker taking the profile's
+    # encode time. 0 compresses inline at no simulated cost (the node's code path exactly).
+    encode_workers: int = 1
+    publish_guard_ms: float = 3.0
+
+
+def simulate_policy(policy: PolicySpec, scenario: ReplayScenario, schedule: DeliverySchedule,
+                    detections: Callable[[int, int, str], np.ndarray], queue_limit_bytes: int | None = None,
+                    cloud_workers: int | None = None, car: CarSettings | None = None,
+                    oracle_capacity_fraction: float = 1.0, cloud_faults: CloudFaults | None = None,
+                    planner=None) -> PolicyRun:
+    """Run the shipped agent with one policy over every frame of the scenario, on its own uplink.
+
+    `detections(frame position, camera position, config)` reads the detection cache.
+    `cloud_workers`: None serves every request on arrival (a GPU pool); k queues them for k workers.
+    """
+    from onboard.daemon import OnboardAgent
+    from onboard.planning import build_planner
+    from optimizer.policies import make_estimator
+
     started = time.perf_counter()
-    cloud = CloudWorkers(cloud_workers)
+    car = car or CarSettings()
+    clock = SimulatedClock(0.0)
+    loop = EventLoop(clock)
     frames, cameras = scenario.num_frames, len(scenario.cameras)
-    link = TraceLink(schedule, queue_limit_bytes=queue_limit_bytes)
-    half_rtt_ms = scenario.rtt_ms / 2.0
-    planned = np.full((frames, cameras), FALLBACK_INDEX, dtype=np.int32)
-    outcome = np.zeros((frames, cameras), dtype=np.int8)
+    samples: list[ThroughputSample] = []
+    if planner is not None:  # tests script the allocation
+        inner_planner = planner
+    elif policy.planner == "oracle":
+        inner_planner = OraclePlanner(scenario.services, schedule, clock, scenario.frame_interval_ms,
+                                      oracle_capacity_fraction, policy.allocator)
+    else:
+        inner_planner = build_planner(scenario.services, policy)
+    recording_planner = _RecordingPlanner(inner_planner)
+    cache_car = CacheBackedCar(scenario, detections)
+    cloud = SimulatedCloud(loop, scenario, cloud_workers, faults=cloud_faults)
+    published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
+    sources = np.zeros((frames, cameras), dtype=np.int8)  # 1 = cloud
     result_ms = np.full((frames, cameras), math.nan)
+    frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
+    camera_position = {name: position for position, name in enumerate(scenario.cameras)}
+
+    def publish(result) -> None:
+        f, c = frame_position[result.frame_index], camera_position[result.camera]
+        published[f][c] = result.detections
+        sources[f, c] = result.source == "cloud"
+
+    agent_box: list[OnboardAgent] = []
+    woken: list[bool] = []  # an executor finished: the agent asked for a step (the node's wake pipe)
+
+    def on_reply(reply_frames: list) -> None:
+        agent_box[0].on_reply(reply_frames)
+
+    uplink = SimulatedUplink(loop, TraceLink(schedule, queue_limit_bytes=queue_limit_bytes), scenario.rtt_ms,
+                             cloud, cache_car, on_reply)
+    agent = OnboardAgent.for_policy(
+        policy, scenario.services, scenario.slo_ms, scenario.rtt_ms, clock, planner=recording_planner,
+        estimator=_RecordingEstimator(make_estimator(policy), samples),
+        fallback=cache_car.fallback, fallback_name=scenario.fallback_config,
+        executor=SimulatedExecutor(loop, cache_car.fallback_ms, car.fallback_workers),
+        encoder=cache_car.encode, link=uplink, publish=publish, publish_guard_ms=car.publish_guard_ms,
+        encode_executor=SimulatedExecutor(loop, cache_car.encode_ms, car.encode_workers) if car.encode_workers else None,
+        wake=lambda: woken.append(True),
+    )
+    measurement = agent.measurement
+    agent_box.append(agent)
+
+    planned = np.full((frames, cameras), FALLBACK_INDEX, dtype=np.int32)
     budget_mbps = np.full(frames, math.nan)
     estimate_mbps = np.full(frames, math.nan)
+    rtt_estimate_ms = np.full(frames, math.nan)
     allocated_mbps = np.zeros(frames)
     solve_us = np.zeros(frames)
-    transfers: list[tuple[float, float, int]] = []
-    samples: list[ThroughputSample] = []
-    in_flight: list[_Request | None] = [None] * cameras
-    waiting: list[_Request | None] = [None] * cameras
-    events: list[tuple[float, int, int, object]] = []
-    sequence = 0
-    last_delivery_ms = -math.inf
-    sent_bytes = 0
+    default_wh = DEFAULT_FRAME_SIZE_WH
 
-    def push(time_ms: float, kind: int, payload: object) -> None:
-        nonlocal sequence
-        heapq.heappush(events, (time_ms, kind, sequence, payload))
-        sequence += 1
+    def start_frame(f: int) -> None:
+        frame_index = int(scenario.frame_indices[f])
+        estimate_mbps[f] = measurement.bandwidth_mbps()
+        allocation = agent.allocation_for(frame_index)
+        budget_mbps[f] = recording_planner.last_budget_mbps
+        rtt_estimate_ms[f] = measurement.rtt_ms
+        solve_us[f] = allocation.solve_us
+        allocated_mbps[f] = sum(allocation.bandwidth_mbps.values())
+        for c, camera in enumerate(scenario.cameras):
+            k = scenario.config_position.get(allocation.choices.get(camera, ""))
+            if k is not None:
+                planned[f, c] = k
+        capture_ms = float(scenario.capture_ms[f])
+        for c, camera in enumerate(scenario.cameras):
+            size_wh = scenario.camera_size_wh.get(camera, default_wh)
+            image = CachedImage(f, c)
+            arrive_ms = capture_ms + (c + 1) * scenario.camera_input_ms
+            loop.at(arrive_ms, lambda frame_index=frame_index, camera=camera, image=image, size_wh=size_wh:
+                    agent.on_camera_frame(frame_index, camera, image, capture_ms, size_wh))
 
-    def send(request: _Request, now_ms: float) -> None:
-        nonlocal last_delivery_ms, sent_bytes
-        upload_ms = request.size_bytes * 8 / 1000.0 / request.share_mbps if request.share_mbps > 0 else math.inf
-        if request.deadline_ms - now_ms < scenario.rtt_ms + request.runtime_ms + upload_ms:
-            outcome[request.frame, request.camera] = RequestOutcome.EXPIRED
-            return
-        transfer = link.send(now_ms, request.size_bytes)
-        if not transfer.accepted:
-            outcome[request.frame, request.camera] = RequestOutcome.REJECTED
-            return
-        delivered_ms = transfer.delivered_ms
-        busy_ms = max(delivered_ms - max(now_ms, last_delivery_ms), 1.0)
-        last_delivery_ms = delivered_ms
-        sent_bytes += request.size_bytes
-        transfers.append((now_ms, delivered_ms, request.size_bytes))
-        finished_ms = cloud.finish_ms(delivered_ms + half_rtt_ms, request.runtime_ms,
-                                      request.deadline_ms - half_rtt_ms)
-        # An expired request's reply comes back at once (its deadline is what frees the slot).
-        back_ms = (finished_ms if math.isfinite(finished_ms) else delivered_ms + half_rtt_ms) + half_rtt_ms
-        result_ms[request.frame, request.camera] = back_ms
-        on_time = math.isfinite(finished_ms) and back_ms <= request.deadline_ms
-        outcome[request.frame, request.camera] = RequestOutcome.ON_TIME if on_time else RequestOutcome.LATE
-        in_flight[request.camera] = request
-        push(min(back_ms, request.deadline_ms), _SLOT_FREE, request)
-        if back_ms > request.deadline_ms:
-            timed_out_mbps = request.size_bytes * 8 / 1000.0 / max(request.deadline_ms - now_ms, 1.0)
-            push(request.deadline_ms, _LEARN, ThroughputSample(request.deadline_ms, delivered_ms, timed_out_mbps,
-                                                               request.size_bytes))
-        sample = ThroughputSample(back_ms, delivered_ms, request.size_bytes * 8 / busy_ms / 1000.0, request.size_bytes)
-        push(back_ms, _LEARN, sample)
+    for f in range(frames):
+        loop.at(float(scenario.capture_ms[f]), lambda f=f: start_frame(f))
+    # The node's loop: wait for the next event or the agent's next wake-up, whichever is first.
+    # Agent events (a camera frame, a reply) step the agent themselves; executors wake it.
+    last_wakeup_ms = -math.inf
+    while True:
+        event_ms = loop.next_time_ms()
+        wakeup_ms = agent.next_wakeup_ms()
+        if last_wakeup_ms < wakeup_ms <= event_ms and math.isfinite(wakeup_ms):
+            clock.advance_to(max(wakeup_ms, clock.now_ms()))
+            last_wakeup_ms = wakeup_ms
+            agent.step()
+        elif math.isfinite(event_ms):
+            loop.run_next()
+            while loop.next_time_ms() == event_ms:  # everything due now, then one step (a poll round)
+                loop.run_next()
+            if woken:
+                woken.clear()
+                agent.step()
+        else:
+            break
 
-    def process_until(limit_ms: float) -> None:
-        while events and events[0][0] <= limit_ms:
-            now_ms, kind, _, payload = heapq.heappop(events)
-            if kind == _SLOT_FREE:
-                camera = payload.camera  # type: ignore[attr-defined]
-                if in_flight[camera] is payload:
-                    in_flight[camera] = None
-                    queued = waiting[camera]
-                    if queued is not None:
-                        waiting[camera] = None
-                        send(queued, now_ms)
-            elif kind == _LEARN:
-                samples.append(payload)  # type: ignore[arg-type]
-                policy.observe(payload)  # type: ignore[arg-type]
-            else:
-                request: _Request = payload  # type: ignore[assignment]
-                if in_flight[request.camera] is None:
-                    send(request, now_ms)
-                else:
-                    replaced = waiting[request.camera]
-                    if replaced is not None:
-                        outcome[replaced.frame, replaced.camera] = RequestOutcome.SUPERSEDED
-                    waiting[request.camera] = request
-
-    service_by_camera = {service.name: position for position, service in enumerate(scenario.services)}
-    option_by_name = [{option.name: option for option in service.options} for service in scenario.services]
-    frame_interval_ms = scenario.frame_interval_ms
-    for frame in range(frames):
-        now_ms = float(scenario.capture_ms[frame])
-        process_until(now_ms)
-        context = PlanningContext(frame, now_ms, scenario.services, scenario.rtt_ms, scenario.slo_ms,
-                                  frame_interval_ms)
-        decision = policy.plan(context)
-        budget_mbps[frame] = decision.budget_mbps
-        estimate_mbps[frame] = decision.estimate_mbps
-        solve_us[frame] = decision.allocation.solve_us
-        ready: list[tuple[float, float, _Request]] = []
-        for camera_name, option_name in decision.allocation.choices.items():
-            camera = service_by_camera[camera_name]
-            option = option_by_name[camera][option_name]
-            if option.is_fallback:
-                continue
-            config = scenario.config_position[option_name]
-            planned[frame, camera] = config
-            option_mbps = critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, scenario.rtt_ms, scenario.slo_ms)
-            allocated_mbps[frame] += option_mbps
-            # A policy without a bandwidth notion (naive) cannot predict the upload: it sends whenever
-            # RTT + runtime still fit, and learns the hard way.
-            share_mbps = max(option_mbps, decision.budget_mbps) if math.isfinite(decision.budget_mbps) else math.inf
-            request = _Request(frame, camera, config, int(scenario.size_bytes[frame, camera, config]),
-                               now_ms + scenario.slo_ms, float(scenario.runtime_ms[config]), share_mbps)
-            # Earliest deadline on the wire first: the request with least slack for the uplink goes first.
-            slack_ms = scenario.slo_ms - request.runtime_ms
-            input_ms = (camera + 1) * scenario.camera_input_ms
-            ready.append((now_ms + input_ms + float(scenario.encode_ms[config]), slack_ms, request))
-        for ready_ms, _, request in sorted(ready, key=lambda item: (item[0], item[1])):
-            push(ready_ms, _READY, request)
-    process_until(math.inf)  # every slot frees eventually, so every waiting frame is sent or dropped
+    outcome = np.where(planned == FALLBACK_INDEX, RequestOutcome.FALLBACK, RequestOutcome.NOT_SENT).astype(np.int8)
+    for (frame_index, camera), _ in uplink.sent.items():
+        f, c = frame_position[frame_index], camera_position[camera]
+        outcome[f, c] = RequestOutcome.ON_TIME if sources[f, c] else RequestOutcome.LATE
+    for (frame_index, camera), arrival_ms in uplink.replied.items():
+        result_ms[frame_position[frame_index], camera_position[camera]] = arrival_ms
     return PolicyRun(
         policy=policy.name,
         planned_config=planned,
@@ -335,11 +649,15 @@ def simulate_policy(policy: Policy, scenario: ReplayScenario, schedule: Delivery
         estimate_mbps=estimate_mbps,
         allocated_mbps=allocated_mbps,
         solve_us=solve_us,
-        sent_bytes=sent_bytes,
-        sent_until_ms=last_delivery_ms if transfers else 0.0,
-        transfers=transfers,
+        sent_bytes=uplink.sent_bytes,
+        sent_until_ms=max((delivered for _, delivered, _ in uplink.transfers), default=0.0),
+        transfers=uplink.transfers,
         samples=samples,
         wall_s=time.perf_counter() - started,
+        published=published,
+        counters={key: int(value) for key, value in agent.counters.__dict__.items()},
+        rtt_estimate_ms=rtt_estimate_ms,
+        policy_spec=policy.to_json_dict(),
     )
 
 
@@ -348,19 +666,3 @@ def true_capacity_mbps(schedule: DeliverySchedule, start_ms: float, end_ms: floa
     starts_ms = np.arange(start_ms, end_ms, bin_ms)
     capacity = np.array([schedule.packets_between(s, s + bin_ms) for s in starts_ms], dtype=float)
     return starts_ms, capacity * BITS_PER_PACKET / (bin_ms * 1000.0)
-
-
-__all__ = [
-    "FALLBACK_INDEX",
-    "CloudWorkers",
-    "PACKET_BYTES",
-    "PlanningContext",
-    "Policy",
-    "PolicyDecision",
-    "PolicyRun",
-    "ReplayScenario",
-    "RequestOutcome",
-    "ThroughputSample",
-    "simulate_policy",
-    "true_capacity_mbps",
-]

@@ -1,0 +1,147 @@
+"""Allocation policies: one declarative spec per name, read by the daemon and by the replay.
+
+A policy is everything that decides what a car sends: how it plans (the planner method and
+the allocator), what it believes about its uplink (the estimator, its window and its start
+value) and what it does when that belief is old (re-discovery after `stale_after_ms` without a
+sample: the next frames plan with at least the bandwidth of the cheapest cloud option, so a
+real request measures the link again).
+
+| name | planner | allocator | plans with |
+|---|---|---|---|
+| `onboard` | point | onboard | nothing: every camera on the on-car fallback |
+| `naive` | point | naive | nothing: every camera sends its most accurate cloud option |
+| `equal` | point | equal | point estimate; equal share per camera, best option within it |
+| `turbo` | point | exact | point estimate: harmonic mean of the last samples (TURBO) |
+| `turbo-q` | quantile | exact | forecast distribution; the quantile that maximises expected utility |
+| `oracle` | oracle | exact | the trace's true capacity over the next frame interval (replay only) |
+
+The onboard daemon takes a name (`-p policy:=turbo-q`) and optional field overrides; the replay
+and the live replay take the same names, and every run records the full spec it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from avcloud.errors import UserError
+from optimizer.allocators import ALLOCATORS
+from optimizer.bandwidth import EwmaEstimator, HarmonicMeanEstimator, QuantileForecaster
+
+PlannerMethod = Literal["point", "quantile", "oracle"]
+EstimatorName = Literal["harmonic", "ewma"]
+PLANNER_METHODS: tuple[str, ...] = ("point", "quantile", "oracle")
+ESTIMATORS: tuple[str, ...] = ("harmonic", "ewma")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Every setting that makes one allocation policy; see the module docstring."""
+
+    name: str
+    planner: PlannerMethod = "point"
+    allocator: str = "exact"  # optimizer.allocators registry name (point and oracle planners)
+    estimator: EstimatorName = "harmonic"  # point estimate of the uplink (quantile: the forecaster)
+    estimator_window: int = 5  # samples in the harmonic mean
+    ewma_alpha: float = 0.3
+    initial_estimate_mbps: float = 1.0  # planned with until the first sample
+    stale_after_ms: float = 1000.0  # no sample this long and a plan that sends nothing: one discovery request
+    ping_interval_ms: float = 1000.0  # RTT pings (inf: none, for a policy that never sends)
+    quantile_window: int = 20  # one-step forecast errors the quantile planner sees
+    quantile_min_samples: int = 2  # fewer samples: plan at the point estimate
+    quantiles: tuple[float, ...] | None = None  # None: optimizer.quantile.DEFAULT_QUANTILES
+    # Oracle only: plan for this fraction of the true capacity; the replay tries each and keeps the
+    # best in hindsight (planning at exactly the capacity is not the best one can do).
+    oracle_capacity_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.planner in PLANNER_METHODS, f"planner must be one of {', '.join(PLANNER_METHODS)}"),
+            (self.allocator in ALLOCATORS, f"allocator must be one of {', '.join(ALLOCATORS)}"),
+            (self.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}"),
+            (isinstance(self.estimator_window, int) and self.estimator_window >= 1, "estimator_window must be >= 1"),
+            (0 < self.ewma_alpha <= 1, "ewma_alpha must be in (0, 1]"),
+            (math.isfinite(self.initial_estimate_mbps) and self.initial_estimate_mbps > 0,
+             "initial_estimate_mbps must be a finite number > 0"),
+            (self.stale_after_ms > 0 and not math.isnan(self.stale_after_ms), "stale_after_ms must be > 0"),
+            (self.ping_interval_ms > 0 and not math.isnan(self.ping_interval_ms), "ping_interval_ms must be > 0"),
+            (isinstance(self.quantile_window, int) and self.quantile_window >= 2, "quantile_window must be >= 2"),
+            (isinstance(self.quantile_min_samples, int) and self.quantile_min_samples >= 1,
+             "quantile_min_samples must be >= 1"),
+            (self.quantiles is None or (len(self.quantiles) > 0 and all(0 <= q <= 1 for q in self.quantiles)),
+             "quantiles must be numbers in [0, 1]"),
+            (len(self.oracle_capacity_fractions) > 0 and all(f > 0 for f in self.oracle_capacity_fractions),
+             "oracle_capacity_fractions must be numbers > 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"policy '{self.name}': {message}")
+
+    @property
+    def measures(self) -> bool:
+        """Whether the policy's plan depends on its own uplink measurements."""
+        return self.planner != "oracle" and self.allocator not in ("onboard", "naive")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> PolicySpec:
+        """A copy with some fields replaced; UserError naming an unknown field or a bad value."""
+        known = {item.name for item in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(f"policy '{self.name}': unknown field '{unknown[0]}' (fields: {', '.join(sorted(known))})")
+        values = dict(overrides)
+        for key in ("quantiles", "oracle_capacity_fractions"):
+            if values.get(key) is not None:
+                values[key] = tuple(float(value) for value in values[key])
+        try:
+            return dataclasses.replace(self, **values)
+        except TypeError as error:
+            raise UserError(f"policy '{self.name}': {error}") from None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("quantiles", "oracle_capacity_fractions"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+
+POLICIES: dict[str, PolicySpec] = {
+    spec.name: spec for spec in (
+        PolicySpec("onboard", allocator="onboard", ping_interval_ms=math.inf),
+        PolicySpec("naive", allocator="naive"),
+        PolicySpec("equal", allocator="equal"),
+        PolicySpec("turbo", allocator="exact"),
+        PolicySpec("turbo-q", planner="quantile"),
+        PolicySpec("oracle", planner="oracle"),
+    )
+}
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+# The daemon plans with this policy unless its params name another.
+DEFAULT_POLICY = "turbo-q"
+
+
+def get_policy(name: str, overrides: Mapping[str, Any] | None = None) -> PolicySpec:
+    """The named policy, with optional field overrides; UserError naming the choices."""
+    spec = POLICIES.get(name)
+    if spec is None:
+        raise UserError(f"unknown policy '{name}' (choose from {', '.join(POLICY_NAMES)})")
+    return spec.with_overrides(overrides) if overrides else spec
+
+
+def check_policy_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate and de-duplicate policy names, keeping the canonical order."""
+    for name in names:
+        get_policy(name)
+    return tuple(name for name in POLICY_NAMES if name in set(names))
+
+
+def make_estimator(spec: PolicySpec):
+    """The bandwidth estimator the spec asks for (`observe(time_ms, mbps)`, `estimate_mbps()`)."""
+    if spec.planner == "quantile":
+        return QuantileForecaster(window=spec.quantile_window, alpha=spec.ewma_alpha)
+    if spec.estimator == "ewma":
+        return EwmaEstimator(spec.ewma_alpha)
+    return HarmonicMeanEstimator(spec.estimator_window)
