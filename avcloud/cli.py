@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from avcloud import __version__
-from avcloud.errors import UserError
+from avcloud.errors import Terminated, UserError
 
 # One line per subcommand module; adding a command is one module and one line here.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -44,19 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM ends a command the way Ctrl-C does: cleanups run, pools are shut down and children
+    # reaped. Commands that serve until signalled install their own handlers on top.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return int(args.handler(args) or 0)
     except UserError as error:
         print(f"avcloud {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"avcloud {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"avcloud {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

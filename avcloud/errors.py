@@ -11,3 +11,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file (scene, trace, profile) is missing, unreadable or malformed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so every `finally`,
+    `with` and pool shutdown runs on the way out (the CLI exits 143)."""

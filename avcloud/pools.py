@@ -16,6 +16,7 @@ SIGKILL, ends itself instead of waiting forever on its task pipe.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -44,7 +45,9 @@ def stop_pool(executor: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
 def serve_the_parent_only() -> None:
     """Call in a pool worker's initializer (not in the main process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
+    # The pid the parent had when it started this worker (it may be gone before this line runs).
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -1,0 +1,119 @@
+"""Signals end long-running commands cleanly (issue 12): SIGTERM during profiling leaves no pool
+worker behind and a work directory a rerun resumes from; one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    give_up_at = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > give_up_at:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    from datasets.synthetic import write_synthetic_scene
+
+    path = tmp_path_factory.mktemp("scene") / "scene.tfrecord"
+    return write_synthetic_scene(path, frames=40, cameras=["FRONT"], progress=False, workers=1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_profiling_leaves_no_worker_and_a_resumable_cache(tmp_path, scene, sig):
+    # Issue 12: SIGTERM left two ~300 MB pool workers running forever, blocked on a pipe.
+    out = tmp_path / "profile" / "profile.parquet"
+    work_dir = out.parent / ".profile-work"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "avcloud", "profile", "--scene", str(scene), "--models", "avd-onboard", "avd-cloud-l",
+         "--codecs", "inpcomp75", "imgcomp75", "--workers", "2", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        # Mid-profiling: the workers run and the first frames are on disk.
+        wait_for(lambda: process.poll() is not None or any(work_dir.glob("frame-*.parquet")), 120, "a profiled frame")
+        assert process.poll() is None, "profiling finished before the signal: make the scene longer"
+        children = children_of(process.pid)
+        assert len(children) >= 2
+        process.send_signal(sig)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == (143 if sig == signal.SIGTERM else 130)
+    assert stderr.strip().splitlines() == [f"avcloud profile: {'terminated' if sig == signal.SIGTERM else 'interrupted'}"]
+    wait_for(lambda: not any(alive(child) for child in children), 10, "the pool's processes to end")
+    # What was profiled stays: every chunk on disk is complete, the manifest intact.
+    assert json.loads((work_dir / "manifest.json").read_text())["configurations"]
+    chunks = sorted(work_dir.glob("frame-*.parquet"))
+    assert chunks and all(pq.read_table(chunk).num_rows > 0 for chunk in chunks)
+    assert not out.exists()
+
+
+POOL_SCRIPT = """
+import multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from avcloud.pools import serve_the_parent_only
+if __name__ == "__main__":
+    executor = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=serve_the_parent_only)
+    futures = [executor.submit(time.sleep, 600) for _ in range(2)]
+    while len(executor._processes) < 2:
+        time.sleep(0.05)
+    print(" ".join(str(pid) for pid in executor._processes), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_pool_workers_end_themselves_when_their_parent_is_killed(tmp_path):
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+        assert len(workers) == 2 and all(alive(pid) for pid in workers)
+        process.kill()  # SIGKILL: no cleanup at all in the parent
+        process.wait(10)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 15, "orphaned workers to end")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stdout.close()
