@@ -91,6 +91,33 @@ class OutputConvention(pydantic.BaseModel):
         return value
 
 
+class ExtraPass(pydantic.BaseModel):
+    """One more run of the same graph at another input size (the graph's H and W must be symbolic)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    input_width: int = pydantic.Field(gt=0, le=8192)
+    input_height: int = pydantic.Field(gt=0, le=8192)
+    # Keep only boxes whose longer side, in this pass's input pixels, is at least this.
+    min_box_px: float = pydantic.Field(0.0, ge=0.0)
+
+
+class MultiScale(pydantic.BaseModel):
+    """Several input sizes, one graph: large inputs find small objects, a small one the large ones.
+
+    A detector whose box regression is bounded (NanoDet: at most reg_max * stride from the
+    cell centre) cannot box an object larger than about twice that at its input scale; a pass
+    at a smaller input covers those. Each pass keeps the box sizes it is good at; NMS per
+    Waymo type merges them.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    # The main pass (the card's input size) keeps boxes whose longer side is at most this (input px).
+    max_box_px: float | None = pydantic.Field(None, gt=0.0)
+    passes: tuple[ExtraPass, ...] = ()
+
+
 class TorchWeights(pydantic.BaseModel):
     """Optional native weights so the torch backend can run the model without ONNX."""
 
@@ -121,6 +148,7 @@ class ModelCard(pydantic.BaseModel):
     class_names: tuple[str, ...] | None = None
     class_map: dict[int | str, str]
     output: OutputConvention = OutputConvention()
+    multi_scale: MultiScale | None = None
     place: Literal["onboard", "cloud"]
     torch: TorchWeights | None = None
     description: str = ""
@@ -221,6 +249,10 @@ class ModelCard(pydantic.BaseModel):
         if self.class_names is not None:
             data["class_names"] = list(self.class_names)
         # Defaults stay out of the file, so a card says only what differs from the convention.
+        if self.multi_scale is None:
+            data.pop("multi_scale", None)
+        if not self.metrics:
+            data.pop("metrics", None)
         defaults = ModelCard.model_construct()
         for field in ("input_layout", "input_dtype", "resize", "letterbox_fill", "family", "license", "provenance"):
             if getattr(self, field) == getattr(defaults, field, None) and field in data:

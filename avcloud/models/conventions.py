@@ -114,15 +114,15 @@ def decode_yolo(outputs: Sequence[np.ndarray], card: ModelCard) -> np.ndarray:
     if head.ndim == 3 and head.shape[0] == 1:
         head = head[0]
     extra = 5 if card.output.objectness else 4
-    if head.ndim != 2 or min(head.shape) <= extra:
-        raise DataError(f"model output has shape {list(np.shape(outputs[0]))}; the 'yolo' convention is "
-                        f"[1, {extra}+C, N] or [1, N, {extra}+C]")
     layout = card.output.yolo_layout
-    if layout == "auto":
+    if layout == "auto" and head.ndim == 2:
         # N (one row per anchor point) is in the thousands, 4+C at most a few hundred.
         layout = "channels_first" if head.shape[0] < head.shape[1] else "channels_last"
-    if layout == "channels_first":
+    if head.ndim == 2 and layout == "channels_first":
         head = head.T
+    if head.ndim != 2 or head.shape[1] <= extra:
+        raise DataError(f"model output has shape {list(np.shape(outputs[0]))}; the 'yolo' convention is "
+                        f"[1, {extra}+C, N] or [1, N, {extra}+C]")
     centre_x, centre_y, box_w, box_h = head[:, 0], head[:, 1], head[:, 2], head[:, 3]
     boxes = np.stack([centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2, centre_y + box_h / 2], axis=1)
     class_scores = head[:, extra:]
@@ -238,13 +238,20 @@ def nms_per_class(rows: np.ndarray, iou_threshold: float) -> np.ndarray:
     return rows[keep]
 
 
+# A bicycle must score at least this to take a rider: weak bicycle candidates around a
+# walker's legs would otherwise turn pedestrians into cyclists.
+RIDER_BICYCLE_MIN_SCORE = 0.3
+
+
 def merge_riders(rows: np.ndarray, card: ModelCard) -> np.ndarray:
     """Person-on-bicycle pairs -> one CYCLIST-class row (class 'bicycle', the union box).
 
-    A person is a rider of a bicycle when their boxes overlap horizontally by at least half of
-    the narrower box and the person's lower half reaches into the bicycle's upper part. Each
-    bicycle takes the best-scoring such person; that person's own row is dropped. A bicycle
-    without a rider keeps its box at half its score (Waymo does not label parked bicycles).
+    A person is a rider of a bicycle (scoring at least RIDER_BICYCLE_MIN_SCORE) when their
+    boxes overlap horizontally by at least half of the narrower box, the person's top is above
+    the bicycle's and the person's lower half reaches into it. Each bicycle takes the
+    best-scoring such person; that person's own row is dropped and the pair scores the mean of
+    the two. A bicycle without a rider keeps its box at half its score (Waymo does not label
+    parked bicycles).
     """
     person, bicycle = card.class_index("person"), card.class_index("bicycle")
     is_person, is_bicycle = rows[:, 5] == person, rows[:, 5] == bicycle
@@ -257,7 +264,7 @@ def merge_riders(rows: np.ndarray, card: ModelCard) -> np.ndarray:
     for index in np.flatnonzero(is_bicycle):
         bx1, by1, bx2, by2 = rows[index, :4]
         rider = -1
-        for candidate in people:
+        for candidate in people if rows[index, 4] >= RIDER_BICYCLE_MIN_SCORE else ():
             if taken[candidate]:
                 continue
             px1, py1, px2, py2 = rows[candidate, :4]
@@ -277,9 +284,26 @@ def merge_riders(rows: np.ndarray, card: ModelCard) -> np.ndarray:
     return merged[~taken]
 
 
+def rows_to_image(rows: np.ndarray, transform: InputTransform) -> np.ndarray:
+    """Candidate rows with their boxes mapped from model-input pixels to image pixels."""
+    mapped = np.array(rows, dtype=np.float32, copy=True)
+    if len(mapped):
+        mapped[:, :4] = transform.to_image(mapped[:, :4])
+    return mapped
+
+
+def keep_box_sizes(rows: np.ndarray, min_px: float = 0.0, max_px: float | None = None) -> np.ndarray:
+    """Rows whose longer box side lies in [min_px, max_px] (the units of the rows' boxes)."""
+    longer = np.maximum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1])
+    keep = longer >= min_px
+    if max_px is not None:
+        keep &= longer <= max_px
+    return rows[keep]
+
+
 @dataclass
 class PostProcessor:
-    """The shared tail of every convention, built once per card."""
+    """The shared tail of every convention, built once per card; rows come in image pixels."""
 
     card: ModelCard
 
@@ -289,10 +313,9 @@ class PostProcessor:
         for index, waymo_value in lookup.items():
             self._class_table[index] = waymo_value
 
-    def __call__(self, rows: np.ndarray, transform: InputTransform, image_wh: tuple[int, int],
-                 output_size_wh: tuple[int, int]) -> np.ndarray:
+    def __call__(self, rows: np.ndarray, image_wh: tuple[int, int], output_size_wh: tuple[int, int]) -> np.ndarray:
         convention: OutputConvention = self.card.output
-        rows = np.asarray(rows, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, DETECTION_COLUMNS)
         rows = rows[rows[:, 4] >= convention.score_threshold]
         if convention.merge_riders and len(rows):
             rows = merge_riders(rows, self.card)
@@ -310,13 +333,11 @@ class PostProcessor:
         rows = rows[np.argsort(-rows[:, 4], kind="stable")]
         if convention.max_detections is not None:
             rows = rows[: convention.max_detections]
-        boxes = transform.to_image(rows[:, :4])
         scale_x, scale_y = output_size_wh[0] / image_wh[0], output_size_wh[1] / image_wh[1]
         detections = np.empty((len(rows), DETECTION_COLUMNS), dtype=np.float32)
-        detections[:, [0, 2]] = np.clip(boxes[:, [0, 2]] * scale_x, 0, output_size_wh[0])
-        detections[:, [1, 3]] = np.clip(boxes[:, [1, 3]] * scale_y, 0, output_size_wh[1])
-        detections[:, 4] = rows[:, 4]
-        detections[:, 5] = rows[:, 5]
+        detections[:, [0, 2]] = np.clip(rows[:, [0, 2]] * scale_x, 0, output_size_wh[0])
+        detections[:, [1, 3]] = np.clip(rows[:, [1, 3]] * scale_y, 0, output_size_wh[1])
+        detections[:, 4:] = rows[:, 4:]
         return detections
 
 
@@ -326,8 +347,10 @@ __all__ = [
     "ObjectType",
     "PostProcessor",
     "decode",
+    "keep_box_sizes",
     "merge_riders",
     "nms_per_class",
     "resize_for_model",
+    "rows_to_image",
     "to_model_tensor",
 ]

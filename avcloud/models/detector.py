@@ -16,7 +16,14 @@ from avcloud.compression import resize_image
 from avcloud.errors import DataError
 from avcloud.models.backends import InferenceBackend, open_backend
 from avcloud.models.cards import ModelCard
-from avcloud.models.conventions import PostProcessor, decode, resize_for_model, to_model_tensor
+from avcloud.models.conventions import (
+    PostProcessor,
+    decode,
+    keep_box_sizes,
+    resize_for_model,
+    rows_to_image,
+    to_model_tensor,
+)
 from avcloud.types import DETECTION_COLUMNS
 
 
@@ -63,6 +70,13 @@ class Detector:
         self.backend = backend
         self._postprocess = PostProcessor(card)
         self._output_names = tuple(getattr(backend, "output_names", ()))
+        # Extra passes of a multi-scale card: (card at that input size, smallest box kept).
+        self._extra_passes = [
+            (card.model_copy(update={"input_width": extra.input_width, "input_height": extra.input_height,
+                                     "multi_scale": None}), extra.min_box_px)
+            for extra in (card.multi_scale.passes if card.multi_scale else ())
+        ]
+        self._main_max_box_px = card.multi_scale.max_box_px if card.multi_scale else None
 
     @classmethod
     def load(cls, name_or_card: str | ModelCard, backend: str = "auto", num_threads: int | None = None) -> Detector:
@@ -106,7 +120,15 @@ class Detector:
                 zip(images_bgr, transforms, output_sizes_wh, strict=True)):
             image_wh = (image.shape[1], image.shape[0])
             rows = decode(_per_image(outputs, len(images_bgr), index), self.card, self._output_names)
-            results.append(self._postprocess(rows, transform, image_wh, output_size or image_wh))
+            if self._main_max_box_px is not None:
+                rows = keep_box_sizes(rows, max_px=self._main_max_box_px)
+            candidates = [rows_to_image(rows, transform)]
+            for pass_card, min_box_px in self._extra_passes:
+                pass_input, pass_transform = resize_for_model(image, pass_card)
+                pass_outputs = self.backend.run_outputs(to_model_tensor(pass_input, pass_card)[None])
+                pass_rows = keep_box_sizes(decode(pass_outputs, pass_card, self._output_names), min_px=min_box_px)
+                candidates.append(rows_to_image(pass_rows, pass_transform))
+            results.append(self._postprocess(np.concatenate(candidates), image_wh, output_size or image_wh))
         return results
 
 
