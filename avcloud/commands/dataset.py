@@ -119,8 +119,8 @@ def inspect_scene(path: Path, verify_crc: bool = True, skip_corrupt: bool = Fals
     frames_detail = list(frames_iter)
     if not frames_detail:
         # What the player and the replay refuse, inspect does not report as a valid 0-frame scene.
-        if path.is_file() and path.stat().st_size == 0:
-            raise DataError(f"{path}: no records (empty file)")
+        if path.is_file() and path.stat().st_size == 0:  # worded as the player and the replay refuse it
+            raise DataError(f"{path}: not a Waymo scene (too short for a TFRecord: 0 bytes)")
         detail = f" ({skipped[0]} corrupt record(s) skipped)" if skipped[0] else ""
         raise DataError(f"{path}: no frames{detail}")
     cameras: list[str] = []
