@@ -59,6 +59,7 @@ _HARD_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 # Metrics keep at most this many vehicle label values; later ones are counted as "(other)".
 _MAX_VEHICLE_LABELS = 1000
 _UNKNOWN = "(unknown)"
+_MISMATCH_LOG_INTERVAL_MS = 10_000.0
 
 
 class CloudService:
@@ -101,6 +102,7 @@ class CloudService:
         self._busy_workers = 0
         self._busy_lock = threading.Lock()
         self._vehicle_labels: set[str] = set()
+        self._mismatch_logged_ms: dict[str, float] = {}  # by authenticated vehicle (bounded by the allow-list)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -360,7 +362,7 @@ class CloudService:
             # The key says who sends; a header naming another vehicle is refused and counted, so
             # one vehicle can neither spend another's share nor have its requests blamed on it.
             self.metrics.identity_mismatches.labels(self._vehicle_label(sender)).inc()
-            logger.warning("vehicle %r sent a request claiming to be %r: rejected", sender, header.vehicle)
+            self._warn_identity_mismatch(sender, header.vehicle)
             self._reply_now(identity, reply_to(header, REJECTED, f"vehicle '{header.vehicle}' is not this "
                                                f"connection's vehicle ('{sender}', from its key)"), sender)
             return
@@ -380,7 +382,8 @@ class CloudService:
         refusal = self._check_image(header, payload)
         if refusal is not None:
             self.metrics.unsafe_images.labels(self._vehicle_label(vehicle), header.model).inc()
-            self._reply_now(identity, reply_to(header, *refusal), vehicle)
+            self._reply_now(identity, reply_to(header, *refusal, ServerTimings(
+                total_ms=self.clock.now_ms() - arrival_ms)), vehicle)
             return
         if self._draining:
             self._reply_now(identity, reply_to(header, REJECTED, "service shutting down"), vehicle)
@@ -407,6 +410,15 @@ class CloudService:
             self._reply_now(pushed_out.identity, reply_to(pushed_out.header, REJECTED, _PUSHED_OUT,
                                                           self._timings(pushed_out)), pushed_out.accounted_vehicle)
         self.metrics.queue_depth.set(len(self.queue))
+
+    def _warn_identity_mismatch(self, sender: str, claimed: str) -> None:
+        """One log line per sender per 10 s at most: a flood of them must not flood the log."""
+        now_ms = self.clock.now_ms()
+        last_ms = self._mismatch_logged_ms.get(sender)
+        if last_ms is None or now_ms - last_ms >= _MISMATCH_LOG_INTERVAL_MS:
+            self._mismatch_logged_ms[sender] = now_ms
+            logger.warning("vehicle %r sent a request claiming to be %r: rejected (all such requests are counted in "
+                           "avcloud_cloud_identity_mismatches_total)", sender, claimed)
 
     def _check_image(self, header: RequestHeader, payload: Any) -> tuple[str, str] | None:
         """(status, reason) refusing an image before anything decodes it, or None to accept it:
