@@ -222,9 +222,11 @@ def _evaluate_scene(args: argparse.Namespace) -> int:
     classes = sorted({cls for figures in report["models"].values() for cls in figures["ap_per_class"]})
     buckets = [bucket for bucket, _, _ in SIZE_BUCKETS]
     table = Table(title=f"{scene.name}: {len(images)} camera images, raw input"
-                        + (f", family {family.name}" if args.models is None else ""))
-    for column in ["model", "mAP x100", *(f"AP {cls}" for cls in classes), *(f"recall {b}" for b in buckets),
-                   "ms/image"]:
+                        + (f", family {family.name}" if args.models is None else "")
+                        + "; x100; recall at IoU 0.5, score 0.3, by box height; ms per image (1 thread)")
+    short = {"VEHICLE": "veh", "PEDESTRIAN": "ped", "CYCLIST": "cyc", "SIGN": "sign"}
+    table.add_column("model", no_wrap=True)
+    for column in ["mAP", *(f"AP {short.get(cls, cls)}" for cls in classes), *(f"rec {b}" for b in buckets), "ms"]:
         table.add_column(column, justify="right")
 
     def cell(value: float) -> str:
