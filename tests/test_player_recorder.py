@@ -92,12 +92,17 @@ def test_player_refuses_a_rate_that_is_not_a_positive_number(rate):
 def publish_results(endpoint_holder: list, ready: threading.Event, done: threading.Event, results: int,
                     cameras=("FRONT", "SIDE_LEFT")) -> None:
     context = zmq.Context.instance()
-    publisher = context.socket(zmq.PUB)
+    publisher = context.socket(zmq.XPUB)  # sees subscriptions: publish once the recorder has joined
     publisher.linger = 2000
     port = publisher.bind_to_random_port("tcp://127.0.0.1")
     endpoint_holder.append(f"tcp://127.0.0.1:{port}")
     ready.set()
-    time.sleep(0.5)  # the recorder's SUB joins
+    subscriptions = set()
+    while len(subscriptions) < 2:  # the detections prefix and the heartbeat topic
+        if publisher.poll(10_000):
+            subscriptions.add(publisher.recv())
+        else:
+            return
     sent = 0
     frame = 0
     while sent < results:
@@ -161,3 +166,50 @@ def test_recorder_writes_an_mcap_file_every_message_of_which_reads_back(tmp_path
         assert configs == {camera: "cfg-cloud" if allocation.message.frame_index % 2 else ""
                            for camera in ("FRONT", "SIDE_LEFT")}
     assert bandwidth and bandwidth[0].message.estimate_mbps == 5.0 and bandwidth[0].message.rtt_ms == 20.0
+
+
+def test_mcap_recording_pairs_each_result_with_its_camera_image(tmp_path):
+    """Images from the player's topics and results from the node's: a result carries its frame's
+    image stamp, so Foxglove draws the detections over the right image."""
+    player = CameraPlayer("tcp://127.0.0.1:*", rate_hz=1000.0)
+    context = zmq.Context.instance()
+    outputs = context.socket(zmq.XPUB)
+    outputs.linger = 1000
+    port = outputs.bind_to_random_port("tcp://127.0.0.1")
+    path = tmp_path / "drive.mcap"
+    writer = open_recording(path, "mcap")
+    recorder = ResultRecorder(f"tcp://127.0.0.1:{port}", images_endpoint=player.bound_endpoint)
+    thread = threading.Thread(target=recorder.record, args=(writer,), kwargs={"duration_s": 30, "max_rows": 6},
+                              daemon=True)
+    thread.start()
+    try:
+        assert outputs.poll(10_000)  # the recorder has subscribed to the node's outputs
+        give_up_at = time.monotonic() + 10
+        while recorder.images == 0 and time.monotonic() < give_up_at:  # ... and to the camera topics
+            player.play(frames(1, 100, start=0, cameras=("FRONT",)))
+            time.sleep(0.02)
+        player.play(frames(3, 2000, start=1))
+        time.sleep(0.2)
+        for frame in range(1, 4):
+            for camera in ("FRONT", "SIDE_LEFT"):
+                result = DetectionResult(frame, camera, "cloud", 50.0, "cfg", True,
+                                         np.array([[1, 2, 3, 4, 0.5, 1]], np.float32))
+                outputs.send_multipart(encode_detection_result(f"/perception/{camera}/detections", result))
+        thread.join(30)
+    finally:
+        recorder.stop_requested.set()
+        thread.join(5)
+        recorder.close()
+        writer.close()
+        player.close()
+        outputs.close()
+    messages = list(read_mcap(path))
+    stamps = {(m.message.header.frame_id, m.message.data[0]): (m.message.header.stamp.sec, m.message.header.stamp.nanosec)
+              for m in messages if m.schema == "sensor_msgs/msg/CompressedImage"}
+    results = [m.message for m in messages if m.schema == "avcloud_msgs/msg/PerceptionResult"]
+    assert len(results) == 6
+    for result in results:
+        image_stamp = stamps[(result.camera, result.frame_index)]  # the image of that camera and frame
+        assert (result.header.stamp.sec, result.header.stamp.nanosec) == image_stamp
+    allocations = [m.message for m in messages if m.schema == "avcloud_msgs/msg/Allocation"]
+    assert [a.frame_index for a in allocations] == [1, 2, 3]
