@@ -17,6 +17,7 @@ one result per camera per frame.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -177,6 +178,7 @@ class OnboardAgent:
         self._last_reply_ms = -math.inf
         self.counters = AgentCounters()
         self._cameras = {camera: _CameraState() for camera in self.cameras}
+        self._camera_states = list(self._cameras.items())
         self._pending: list[TaskFrame] = []  # unpublished task frames, oldest first
         self._allocations: collections.OrderedDict[int, Allocation] = collections.OrderedDict()
         self._in_flight: dict[int, _Request] = {}
@@ -185,6 +187,8 @@ class OnboardAgent:
         self._consecutive_timeouts = 0
         self._last_reset_ms = -math.inf
         self._discovery_camera = 0
+        self._steps_deferred = 0
+        self._step_requested = False
         self._last_discovery_ms = -math.inf
 
     @classmethod
@@ -353,8 +357,24 @@ class OnboardAgent:
 
     # ------------------------------------------------------------ time
 
+    @contextlib.contextmanager
+    def one_step(self):
+        """Events handled inside take one `step()` at the end instead of one each: for a caller
+        that hands over a burst of events at one instant (the replay's event loop)."""
+        self._steps_deferred += 1
+        try:
+            yield
+        finally:
+            self._steps_deferred -= 1
+            if not self._steps_deferred and self._step_requested:
+                self.step()
+
     def step(self) -> None:
         """Time out requests, send waiting frames, collect fallback results, publish what is due."""
+        if self._steps_deferred:
+            self._step_requested = True
+            return
+        self._step_requested = False
         now_ms = self.clock.now_ms()
         for request_id, request in list(self._in_flight.items()):
             if now_ms >= request.task.cutoff_ms:
@@ -378,12 +398,17 @@ class OnboardAgent:
                            silent_ms=None if math.isinf(self._last_reply_ms) else round(now_ms - self._last_reply_ms, 1))
             self._last_reset_ms = now_ms
             self._consecutive_timeouts = 0
-        for camera in self.cameras:
-            self._collect_fallback(camera)
-            self._collect_encodings(camera)
-            self._send_waiting(camera, now_ms)
-        if now_ms >= self._next_ping_ms:
+        # A ping queued behind the car's own uploads measures them, not the RTT: it goes ahead of
+        # this step's requests, and preferably when nothing is in flight (at most one interval late).
+        if now_ms >= self._next_ping_ms and (not self._in_flight or now_ms >= self._next_ping_ms + self.ping_interval_ms):
             self._send_ping(now_ms)
+        for camera, state in self._camera_states:  # the cheap checks inline: this runs many times a frame
+            if state.fallback_running is not None and state.fallback_running.done():
+                self._collect_fallback(camera)
+            if state.encoding and state.encoding[0][3].done():
+                self._collect_encodings(camera)
+            if state.waiting is not None and state.in_flight is None:
+                self._send_waiting(camera, now_ms)
         self._publish_ready(now_ms)
 
     def next_wakeup_ms(self) -> float:

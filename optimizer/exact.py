@@ -228,6 +228,28 @@ class PreparedServices:
         bandwidths = [float(f.costs[p]) for f, p in zip(self.frontiers, points, strict=True)]
         return indices, bandwidths
 
+    def whole_frontier_states(self, budgets_mbps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Many budgets at once: per budget, the optimal state of the whole problem's cached
+        frontier, its total critical bandwidth and its value (None when the problem is too large
+        to keep its whole frontier). `solution_of_state(state)` gives the options of a state."""
+        if self._whole is None and not self._whole_too_large:
+            self._whole = self._merge(range(len(self.frontiers)), math.inf, CACHED_FRONTIER_MAX_STATES)
+            self._whole_too_large = self._whole is None
+        if self._whole is None:
+            return None
+        limits_mbps = budget_limit_mbps(np.asarray(budgets_mbps, dtype=float))
+        states = np.searchsorted(self._whole.costs, limits_mbps, side="right") - 1
+        return states, self._whole.costs[states], self._whole.values[states]
+
+    def solution_of_state(self, state: int) -> tuple[list[int], list[float]]:
+        """Option index and critical bandwidth per service of a state of the whole frontier."""
+        assert self._whole is not None, "whole_frontier_states() first"
+        points = [0] * len(self.services)
+        self._whole.backtrack(int(state), points)
+        indices = [int(f.option_indices[p]) for f, p in zip(self.frontiers, points, strict=True)]
+        bandwidths = [float(f.costs[p]) for f, p in zip(self.frontiers, points, strict=True)]
+        return indices, bandwidths
+
     def _merge(self, positions, cap_mbps: float, state_limit: int | None = None) -> _FrontierDP | None:
         dp = _FrontierDP()
         for position in positions:

@@ -36,8 +36,23 @@ def check_link(budget_mbps: float, rtt_ms: float, slo_ms: float) -> None:
         raise DataError(f"slo_ms must be a finite number > 0 (got {slo_ms!r})")
 
 
+# The last few service tuples found valid, held by reference: a tuple of frozen services cannot
+# change, and the car plans with the same one every frame.
+_VALID_SERVICES: list[tuple[Service, ...]] = []
+_VALID_SERVICES_KEPT = 8
+
+
 def check_services(services: Sequence[Service]) -> None:
     """Raise DataError naming the service/option if the services cannot form a problem."""
+    if any(services is valid for valid in _VALID_SERVICES):
+        return
+    _check_services(services)
+    if isinstance(services, tuple):
+        _VALID_SERVICES.append(services)
+        del _VALID_SERVICES[:-_VALID_SERVICES_KEPT]
+
+
+def _check_services(services: Sequence[Service]) -> None:
     if not services:
         raise DataError("a problem needs at least one service")
     names = set()

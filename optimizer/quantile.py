@@ -28,6 +28,7 @@ import numpy as np
 from avcloud.errors import DataError
 from avcloud.types import Allocation, Service
 from optimizer.allocators import ExactAllocator
+from optimizer.bandwidth import sorted_quantiles
 from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link, fallback_index
 
 DEFAULT_QUANTILES: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
@@ -56,7 +57,9 @@ class QuantilePlanner:
         bandwidth_samples_mbps: np.ndarray,
     ) -> Allocation:
         started_ns = time.perf_counter_ns()
-        samples_mbps = np.sort(np.asarray(bandwidth_samples_mbps, dtype=float).reshape(-1))
+        samples_mbps = np.asarray(bandwidth_samples_mbps, dtype=float).reshape(-1)
+        if samples_mbps.shape[0] > 1 and (samples_mbps[1:] < samples_mbps[:-1]).any():
+            samples_mbps = np.sort(samples_mbps)
         if samples_mbps.shape[0] == 0:
             raise DataError("the bandwidth forecast has no samples")
         if not (np.all(np.isfinite(samples_mbps)) and samples_mbps[0] >= 0):
@@ -66,10 +69,25 @@ class QuantilePlanner:
         fallback_utility = sum(s.weight * s.options[fallback_index(s)].utility for s in services)
         # A sample b carries a total T iff T <= budget_limit(b); budget_limit is increasing in b.
         sample_limits_mbps = budget_limit_mbps(samples_mbps)
+        budgets = sorted_quantiles(samples_mbps, self.quantiles)
+        found = prepared.whole_frontier_states(budgets)
+        if found is not None:  # every grid point at once from the cached frontier
+            states, totals_mbps, utilities = found
+            carried = samples_mbps.shape[0] - np.searchsorted(sample_limits_mbps, totals_mbps, side="left")
+            successes = carried / samples_mbps.shape[0]
+            expected_values = successes * utilities + (1.0 - successes) * fallback_utility
+            chosen = int(np.argmax(expected_values))  # ties go to the earlier (lower, safer) quantile
+            indices, bandwidths = prepared.solution_of_state(int(states[chosen]))
+            return self._allocation(services, indices, bandwidths, self.quantiles[chosen], float(budgets[chosen]),
+                                    float(expected_values[chosen]), float(successes[chosen]), started_ns)
         best = None
         seen: set[tuple[int, ...]] = set()
-        budgets_mbps = np.quantile(samples_mbps, self.quantiles).tolist()
+        budgets_mbps = budgets.tolist()
+        solved_budget_mbps = None
         for quantile, budget_mbps in zip(self.quantiles, budgets_mbps, strict=True):
+            if budget_mbps == solved_budget_mbps:
+                continue  # the same budget as the lower quantile: the same allocation
+            solved_budget_mbps = budget_mbps
             indices, bandwidths = prepared.solve(budget_mbps)
             if tuple(indices) in seen:
                 continue
@@ -83,6 +101,10 @@ class QuantilePlanner:
             if best is None or expected > best[0]:
                 best = (expected, success, quantile, budget_mbps, indices, bandwidths)
         expected, success, quantile, budget_mbps, indices, bandwidths = best
+        return self._allocation(services, indices, bandwidths, quantile, budget_mbps, expected, success, started_ns)
+
+    @staticmethod
+    def _allocation(services, indices, bandwidths, quantile, budget_mbps, expected, success, started_ns) -> Allocation:
         allocation = allocation_from_indices(
             services,
             indices,

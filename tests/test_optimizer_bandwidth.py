@@ -129,3 +129,25 @@ def test_planner_rejects_empty_or_bad_samples():
         QuantilePlanner().plan(SERVICES, 20.0, 150.0, np.array([]))
     with pytest.raises(DataError, match="finite"):
         QuantilePlanner().plan(SERVICES, 20.0, 150.0, np.array([1.0, np.nan]))
+
+
+def test_quantile_planner_from_the_cached_frontier_equals_one_solve_per_quantile(monkeypatch):
+    from optimizer.exact import PreparedServices
+
+    rng = np.random.default_rng(1)
+    instances = []
+    for _ in range(150):
+        services = []
+        for position in range(int(rng.integers(1, 6))):
+            options = [Option("fb", 0.0, 0.0, float(rng.uniform(0, 0.3)))]
+            options += [Option(f"o{k}", float(rng.uniform(0.05, 3)), float(rng.uniform(5, 80)), float(rng.uniform(0, 1)))
+                        for k in range(int(rng.integers(1, 8)))]
+            services.append(Service(f"s{position}", tuple(options), weight=float(rng.uniform(0.5, 2))))
+        instances.append((tuple(services), rng.lognormal(1.5, 0.6, size=int(rng.integers(2, 40)))))
+    fast = [QuantilePlanner().plan(services, 50.0, 200.0, samples) for services, samples in instances]
+    monkeypatch.setattr(PreparedServices, "whole_frontier_states", lambda self, budgets: None)
+    slow = [QuantilePlanner().plan(services, 50.0, 200.0, samples) for services, samples in instances]
+    for one, other in zip(fast, slow, strict=True):
+        assert one.choices == other.choices
+        assert one.extra["expected_utility"] == pytest.approx(other.extra["expected_utility"], abs=1e-9)
+        assert one.extra["planning_quantile"] == other.extra["planning_quantile"]

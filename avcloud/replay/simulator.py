@@ -349,17 +349,19 @@ class SimulatedCloud:
                                                 _timings(request, now_ms, 0.0)), None)
             if not decision.batch:
                 continue
-            self._busy += 1
             run_ms = sum(request.payload[1] for request in decision.batch)
             self.busy_ms += run_ms
-            self.loop.at(now_ms + run_ms, lambda batch=decision.batch, run_ms=run_ms: self._finish(batch, run_ms))
+            finish_ms = now_ms + run_ms
+            for request in decision.batch:  # the replies leave when the batch is done
+                request.identity.reply(reply_to(request.header, OK, None, _timings(request, finish_ms, run_ms),
+                                                late=finish_ms > request.deadline_ms),
+                                       request.identity.detections(), at_ms=finish_ms)
+            if self.workers is not None:  # a pool that never queues needs no word when a worker frees
+                self._busy += 1
+                self.loop.at(finish_ms, self._release)
 
-    def _finish(self, batch: list, run_ms: float) -> None:
+    def _release(self) -> None:
         self._busy -= 1
-        now_ms = self.loop.clock.now_ms()
-        for request in batch:
-            request.identity.reply(reply_to(request.header, OK, None, _timings(request, now_ms, run_ms),
-                                            late=now_ms > request.deadline_ms), request.identity.detections())
         self._dispatch()
 
 
@@ -379,8 +381,8 @@ class _ReplyRoute:
     def detections(self) -> np.ndarray:
         return self.uplink.reply_detections(self.frame_index, self.camera)
 
-    def reply(self, header, detections: np.ndarray | None) -> None:
-        self.uplink.deliver_reply(self, encode_reply(header, detections))
+    def reply(self, header, detections: np.ndarray | None, at_ms: float | None = None) -> None:
+        self.uplink.deliver_reply(self, encode_reply(header, detections), at_ms)
 
 
 class SimulatedUplink:
@@ -438,13 +440,14 @@ class SimulatedUplink:
         config = self.car.encoded_config[(frame_index, camera)]
         return self.car.detections(self._frame_position[frame_index], self._camera_position[camera], config)
 
-    def deliver_reply(self, route: _ReplyRoute, frames: list) -> None:
+    def deliver_reply(self, route: _ReplyRoute, frames: list, sent_ms: float | None = None) -> None:
+        """The reply leaves the cloud at `sent_ms` (default now) and reaches the car RTT/2 later."""
         def arrive() -> None:
             if route.epoch == self.epoch:
                 self.replied[(route.frame_index, route.camera)] = self.loop.clock.now_ms()
                 self.on_reply(frames)
 
-        self.loop.at(self.loop.clock.now_ms() + self.half_rtt_ms, arrive)
+        self.loop.at((self.loop.clock.now_ms() if sent_ms is None else sent_ms) + self.half_rtt_ms, arrive)
 
 
 # ----------------------------------------------------------------------------- planners
@@ -625,12 +628,13 @@ def simulate_policy(policy: PolicySpec, scenario: ReplayScenario, schedule: Deli
             last_wakeup_ms = wakeup_ms
             agent.step()
         elif math.isfinite(event_ms):
-            loop.run_next()
-            while loop.next_time_ms() == event_ms:  # everything due now, then one step (a poll round)
+            with agent.one_step():  # everything due now, then one step (one round of the node's poll loop)
                 loop.run_next()
-            if woken:
-                woken.clear()
-                agent.step()
+                while loop.next_time_ms() == event_ms:
+                    loop.run_next()
+                if woken:
+                    woken.clear()
+                    agent.step()
         else:
             break
 
