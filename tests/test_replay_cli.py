@@ -66,3 +66,14 @@ def test_negative_rtt(capsys):
 def test_cloud_workers_must_be_positive(capsys):
     code, err = run_cli(capsys, "--cloud-workers", "0")
     assert code == 2 and err.count("\n") == 1 and "--cloud-workers" in err
+
+
+@pytest.mark.parametrize("choice, message", [
+    ("fast", "choose 'reference', 'measured'"),
+    ("scale:0", "a factor must be a finite number > 0"),
+    ("scale:avd-cloud-l=x", "'x' is not a number"),
+    ("nowhere.csv", "no such file"),
+])
+def test_bad_cloud_runtime_model(capsys, choice, message):
+    code, err = run_cli(capsys, "--cloud", choice)
+    assert code == 2 and err.count("\n") == 1 and message in err
