@@ -316,3 +316,10 @@ def test_a_weak_bicycle_does_not_take_a_walker(tmp_path):
     merged = merge_riders(rows, rider_card(tmp_path))
     assert merged[:, 5].tolist() == [0, 1]
     np.testing.assert_array_equal(merged[0], rows[0])
+
+
+def test_multi_scale_needs_a_graph_with_symbolic_height_and_width(tmp_path):
+    onnx_path = xyxy_graph(tmp_path, [[0, 0, 10, 10, 0.9, 0]])  # fixed 64x64 input
+    card = make_card(onnx_path, multi_scale={"passes": [{"input_width": 32, "input_height": 32}]})
+    with pytest.raises(ConfigError, match="'multi_scale' runs the graph at other input sizes"):
+        validate_onnx(onnx_path, card)

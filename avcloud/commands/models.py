@@ -70,7 +70,10 @@ def run_list(args: argparse.Namespace) -> int:
 
     cards = list_cards()
     if args.json:
-        print(json.dumps([{**card.to_yaml_mapping(), "onnx_path": str(card.onnx_path)} for card in cards], indent=2))
+        from avcloud.models import family_of
+
+        print(json.dumps([{**card.to_yaml_mapping(), "family": family_of(card), "onnx_path": str(card.onnx_path)}
+                          for card in cards], indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -82,7 +85,7 @@ def run_list(args: argparse.Namespace) -> int:
         table.add_column(column)
     groups: dict[str, list] = {}
     for card in cards:
-        family = family_of(card.name) or "-"
+        family = family_of(card) or "-"
         groups.setdefault(family, []).append(card)
         waymo_types = ", ".join(dict.fromkeys(card.class_map.values()))
         onnx = card.onnx_path.name if card.onnx_path.is_file() else f"{card.onnx_path.name} (missing)"

@@ -154,9 +154,17 @@ class TensorRTBackend:
             config.set_flag(tensorrt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         input_name = network.get_input(0).name
-        shape = ((card.input_height, card.input_width, 3) if card.channels_last
-                 else (3, card.input_height, card.input_width))
-        profile.set_shape(input_name, (1, *shape), (1, *shape), (max_batch, *shape))
+
+        def image_shape(width: int, height: int) -> tuple[int, int, int]:
+            return (height, width, 3) if card.channels_last else (3, height, width)
+
+        shape = image_shape(card.input_width, card.input_height)
+        # A multi-scale card runs the same engine at its extra passes' sizes too.
+        sizes = [shape] + [image_shape(p.input_width, p.input_height)
+                           for p in (card.multi_scale.passes if card.multi_scale else ())]
+        smallest = tuple(min(size[axis] for size in sizes) for axis in range(3))
+        largest = tuple(max(size[axis] for size in sizes) for axis in range(3))
+        profile.set_shape(input_name, (1, *smallest), (1, *shape), (max_batch, *largest))
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

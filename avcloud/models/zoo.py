@@ -80,11 +80,12 @@ def family_for_scene(is_synthetic: bool) -> Family:
     return FAMILIES[SYNTHETIC_FAMILY if is_synthetic else REAL_FAMILY]
 
 
-def family_of(model_name: str) -> str:
+def family_of(model: str | ModelCard) -> str:
     """Name of the family a model belongs to ('' if none): its card's field, else the family tables."""
-    for card in list_cards():
-        if card.name == model_name and card.family:
-            return card.family
+    card = model if isinstance(model, ModelCard) else next((c for c in list_cards() if c.name == model), None)
+    if card is not None and card.family:
+        return card.family
+    model_name = model.name if isinstance(model, ModelCard) else model
     for family in FAMILIES.values():
         if model_name in family.models:
             return family.name
@@ -161,6 +162,10 @@ def validate_onnx(onnx_path: Path, card: ModelCard) -> None:
         decode(outputs, card, [output.name for output in session.get_outputs()])
     except DataError as error:
         raise ConfigError(f"{onnx_path}: output convention '{card.output.format}' does not fit: {error}") from None
+    spatial_axes = (1, 2) if card.channels_last else (2, 3)
+    if card.multi_scale and card.multi_scale.passes and any(isinstance(shape[axis], int) for axis in spatial_axes):
+        raise ConfigError(f"{onnx_path}: field 'multi_scale' runs the graph at other input sizes, but its input "
+                          f"{shape} fixes height and width (export it with symbolic ones)")
 
 
 def register_model(onnx_path: str | Path, card_path: str | Path) -> ModelCard:
