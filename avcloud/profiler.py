@@ -560,23 +560,27 @@ def _run_frames(scene_path: Path, plan: _Plan, backend: str, work_dir: Path, pen
 
 
 
-def profile_dir(scene_path: str | Path, preset: str) -> Path:
-    preset_settings = PROFILE_PRESETS[preset]
-    key = f"{_file_digest(Path(scene_path))}-{_models_digest(preset_settings.models)}"
+def profile_dir(scene_path: str | Path, preset: str, models: Sequence[str] | None = None) -> Path:
+    """Where the cached profile of a scene, preset and model set lives (the models are the preset's
+    unless given: a real scene is profiled with the real family)."""
+    models = tuple(models) if models else PROFILE_PRESETS[preset].models
+    key = f"{_file_digest(Path(scene_path))}-{_models_digest(models)}"
     return cache_dir() / "profiles" / f"{key}-{preset}-pixels{PIXEL_PIPELINE_VERSION}"
 
 
 def ensure_profile(scene_path: str | Path, preset: str = "demo", progress: bool = True,
-                   workers: int | None = None) -> ProfileResult:
-    """The scene's profile for a preset: computed on first use into cache_dir()/profiles, reused after."""
+                   workers: int | None = None, models: Sequence[str] | None = None) -> ProfileResult:
+    """The scene's profile for a preset (and a model set other than the preset's, if given):
+    computed on first use into cache_dir()/profiles, reused after."""
     if preset not in PROFILE_PRESETS:
         raise UserError(f"unknown profile preset '{preset}' (known: {', '.join(PROFILE_PRESETS)})")
     settings = PROFILE_PRESETS[preset]
-    out_dir = profile_dir(scene_path, preset)
+    models = tuple(models) if models else settings.models
+    out_dir = profile_dir(scene_path, preset, models)
     result = ProfileResult(out_dir / TABLE_NAME, out_dir / CACHE_NAME)
     if result.table_path.exists() and result.cache_path.exists() and result.ground_truth_path.exists():
         return result
     return run_profile(
-        scene_path, settings.models, settings.codecs, out_dir, settings.window_frames, settings.frame_stride,
+        scene_path, models, settings.codecs, out_dir, settings.window_frames, settings.frame_stride,
         settings.max_frames, workers=workers or min(2, os.cpu_count() or 1), progress=progress,
     )

@@ -42,6 +42,7 @@ RECENT_REQUESTS = 256
 # The RTT is measured by a tiny ping this often (its pong is answered at once by the cloud).
 PING_INTERVAL_MS = 1000.0
 PINGS_KEPT = 8
+MIN_PLANNING_SLO_MS = 1.0  # a backlog longer than the SLO leaves nothing for the cloud
 ALLOCATIONS_KEPT = 8
 MAX_ENCODING_PER_CAMERA = 2  # frames being compressed at once per camera (bounds memory)
 # A capture stamp older than this is taken as coming from another clock, not as a late frame.
@@ -82,6 +83,7 @@ class _Request:
     share_mbps: float  # bandwidth the allocation granted this camera
     request_id: int = -1
     send_ms: float = math.nan
+    discovery: bool = False  # sent to learn the uplink (see OnboardAgent._add_discovery_request)
 
     @property
     def size_bytes(self) -> int:
@@ -146,7 +148,7 @@ class OnboardAgent:
         log_replies: bool = False,
         stale_after_ms: float = STALE_ESTIMATE_MS,
         ping_interval_ms: float = PING_INTERVAL_MS,
-        rediscover: bool = True,
+        plans_for_uplink: bool = True,
     ) -> None:
         self.services = tuple(services)
         self.cameras = [service.name for service in self.services]
@@ -172,7 +174,9 @@ class OnboardAgent:
         self.log_replies = log_replies
         self.stale_after_ms = stale_after_ms
         self.ping_interval_ms = ping_interval_ms
-        self.rediscover = rediscover  # False for policies whose plan ignores the uplink (onboard, naive)
+        # False for policies whose plan ignores the uplink (onboard, naive): no discovery requests,
+        # no planning around the backlog.
+        self.plans_for_uplink = plans_for_uplink
         self._pings: collections.OrderedDict[int, float] = collections.OrderedDict()  # request id -> send time
         self._next_ping_ms = -math.inf if math.isfinite(ping_interval_ms) else math.inf  # inf: never ping
         self._last_reply_ms = -math.inf
@@ -190,6 +194,9 @@ class OnboardAgent:
         self._steps_deferred = 0
         self._step_requested = False
         self._last_discovery_ms = -math.inf
+        self._discovery_level = 0  # which size of useful cloud option the next discovery request uses
+        self._discovery_succeeded = False
+        self._discovery_outstanding = 0
 
     @classmethod
     def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
@@ -203,7 +210,7 @@ class OnboardAgent:
         return cls(services=services, slo_ms=slo_ms, clock=clock,
                    planner=planner or build_planner(services, policy),
                    measurement=build_measurement(policy, initial_rtt_ms, estimator),
-                   stale_after_ms=policy.stale_after_ms, rediscover=policy.measures,
+                   stale_after_ms=policy.stale_after_ms, plans_for_uplink=policy.measures,
                    ping_interval_ms=policy.ping_interval_ms, **io_and_settings)
 
     # ------------------------------------------------------------ events
@@ -216,13 +223,21 @@ class OnboardAgent:
             rtt_ms = self.measurement.rtt_ms
             bandwidth_mbps = self.measurement.bandwidth_mbps()
             stale = now_ms - self.measurement.last_sample_ms > self.stale_after_ms
-            allocation = self.planner.plan(bandwidth_mbps, rtt_ms, self.slo_ms,
+            # Bytes the car has already queued delay this frame's requests: they have that much
+            # less time to reach the cloud (TURBO's critical bandwidth assumes an empty uplink).
+            backlog_ms = self.measurement.backlog_ms(now_ms) if self.plans_for_uplink else 0.0
+            planning_slo_ms = max(self.slo_ms - backlog_ms, MIN_PLANNING_SLO_MS)
+            allocation = self.planner.plan(bandwidth_mbps, rtt_ms, planning_slo_ms,
                                            self.measurement.forecast_samples_mbps())
-            # At most one discovery request per stale interval, whatever became of the last one.
-            if (self.rediscover and stale and now_ms - self._last_discovery_ms > self.stale_after_ms
-                    and self._sends_nothing(allocation)):
+            allocation.extra["backlog_ms"] = backlog_ms
+            # Discovery: after a stale interval at most one request per interval; while discovery
+            # requests keep coming back in time, one per frame, each the next size up (slow start).
+            growing = self._discovery_succeeded and not self._discovery_outstanding
+            if (self.plans_for_uplink and self._sends_nothing(allocation)
+                    and (growing or (stale and now_ms - self._last_discovery_ms > self.stale_after_ms))):
                 self._add_discovery_request(allocation, rtt_ms)
                 self._last_discovery_ms = now_ms
+                self._discovery_succeeded = False
             self._allocations[frame_index] = allocation
             while len(self._allocations) > ALLOCATIONS_KEPT:
                 self._allocations.popitem(last=False)
@@ -262,7 +277,8 @@ class OnboardAgent:
             return
         if option is not None and not option.is_fallback:
             share_mbps = float(allocation.bandwidth_mbps.get(camera, 0.0))
-            if allocation.extra.get("discovery") == camera or allocation.extra.get("bandwidth_aware") is False:
+            task.discovery = allocation.extra.get("discovery") == camera
+            if task.discovery or allocation.extra.get("bandwidth_aware") is False:
                 # Sent to learn the uplink, or planned without a notion of it: only RTT + runtime must fit.
                 share_mbps = math.inf
             task.cloud_pending = True
@@ -310,7 +326,7 @@ class OnboardAgent:
         if state.waiting is not None:
             state.waiting.task.cloud_pending = False  # freshest first: the newer frame goes instead
             self.counters.dropped_replaced += 1
-        state.waiting = _Request(task, option, frame, share_mbps)
+        state.waiting = _Request(task, option, frame, share_mbps, discovery=task.discovery)
 
     def on_reply(self, frames: Sequence[Any]) -> None:
         now_ms = self.clock.now_ms()
@@ -346,9 +362,12 @@ class OnboardAgent:
         self._cameras[camera].in_flight = None
         task = request.task
         task.cloud_pending = False
+        in_time = header.ok and not task.published and now_ms <= task.cutoff_ms
+        if request.discovery:
+            self._discovery_done(succeeded=in_time)
         if not header.ok:
             self.counters.replies_not_ok += 1
-        elif task.published or now_ms > task.cutoff_ms:
+        elif not in_time:
             self.counters.replies_discarded += 1
         else:
             task.cloud_detections = detections
@@ -383,6 +402,8 @@ class OnboardAgent:
                 request.task.cloud_pending = False
                 self.counters.timeouts += 1
                 self._consecutive_timeouts += 1
+                if request.discovery:
+                    self._discovery_done(succeeded=False)
                 timing = self._recent.get(request_id)
                 if timing is not None:
                     self.measurement.on_timeout(timing, now_ms)
@@ -441,24 +462,32 @@ class OnboardAgent:
 
     def _add_discovery_request(self, allocation: Allocation, rtt_ms: float) -> None:
         """A planner that allocates nothing learns nothing: when the estimate is stale, one camera
-        (in turn) sends its cheapest cloud option that beats its on-car result. It is a real
-        request, and its result is published when on time."""
+        (in turn) sends a cloud option that beats its on-car result: the smallest at first, the
+        next size up after each discovery request that came back in time. It is a real request,
+        and its result is published when on time."""
         for _ in range(len(self.cameras)):
             camera = self.cameras[self._discovery_camera % len(self.cameras)]
             self._discovery_camera += 1
             options = self.options[camera].values()
             fallback_utility = max((option.utility for option in options if option.is_fallback), default=0.0)
-            useful = [(option.size_mbit, -option.utility, option.name) for option in options
-                      if not option.is_fallback and option.utility > fallback_utility
-                      and math.isfinite(critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms,
-                                                                self.slo_ms))]
+            useful = sorted((option.size_mbit, -option.utility, option.name) for option in options
+                            if not option.is_fallback and option.utility > fallback_utility
+                            and math.isfinite(critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms,
+                                                                      self.slo_ms)))
             if useful:
-                choice = self.options[camera][min(useful)[2]]
+                choice = self.options[camera][useful[min(self._discovery_level, len(useful) - 1)][2]]
                 allocation.choices[camera] = choice.name
                 allocation.bandwidth_mbps[camera] = critical_bandwidth_mbps(choice.size_mbit, choice.runtime_ms,
                                                                             rtt_ms, self.slo_ms)
                 allocation.extra["discovery"] = camera
                 return
+
+    def _discovery_done(self, succeeded: bool) -> None:
+        """A discovery request came back in time (the next one may be larger, at once) or not
+        (start again from the smallest, after a stale interval)."""
+        self._discovery_outstanding = max(0, self._discovery_outstanding - 1)
+        self._discovery_succeeded = succeeded
+        self._discovery_level = self._discovery_level + 1 if succeeded else 0
 
     def _send_ping(self, now_ms: float) -> None:
         self._next_ping_ms = now_ms + self.ping_interval_ms
@@ -502,6 +531,8 @@ class OnboardAgent:
         state.in_flight = request
         self._in_flight[request_id] = request
         self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms, task.arrival_ms)
+        self.measurement.on_send(self._recent[request_id])
+        self._discovery_outstanding += request.discovery
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
         self.counters.requests_sent += 1

@@ -9,6 +9,14 @@
   and the estimated end of the upload of the request sent just before (the uplink is one FIFO
   queue, so a request waits for earlier ones).
 - Throughput sample = request bits / transfer time, clamped to a plausible range.
+- Application-limited samples (as BBR marks them): a transfer shorter than
+  `APP_LIMITED_TRANSFER_MS` says more about where it fell among the link's bursts than about
+  its capacity, and a car that sends little only learns that the link carried at least that
+  much. Such a sample never lowers the estimate, and raises it at most `APP_LIMITED_GROWTH`
+  times (slow start: a lucky burst cannot make the car trust a fast link at once).
+- Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
+  estimate, re-anchored when a reply tells where its upload really ended), so planning can
+  count the bytes still queued (`backlog_ms`).
 A request that times out gives an upper-bound sample (see `on_timeout`); if its reply still
 comes, late, it is measured then. When no sample has come for a while the agent plans a cheap
 real request, which measures the link again (onboard/daemon.py).
@@ -27,6 +35,11 @@ from typing import Protocol
 MIN_TRANSFER_MS = 1.0
 MIN_SAMPLE_MBPS = 0.01
 MAX_SAMPLE_MBPS = 10_000.0
+# Transfers shorter than this are application-limited samples (see the module docstring); 20 ms
+# spans several LTE scheduling bursts.
+APP_LIMITED_TRANSFER_MS = 20.0
+APP_LIMITED_GROWTH = 2.0
+VIRTUAL_ENDS_KEPT = 256
 RTT_WINDOW = 16  # pings: the last 16 s at the default interval
 
 
@@ -77,8 +90,11 @@ class LinkMeasurement:
         self.samples_mbps: collections.deque[float] = collections.deque(maxlen=sample_window)
         self.last_sample_ms = -math.inf
         self._upload_end_ms = -math.inf  # estimated end of the most recent upload we know of
+        self._queue_end_ms = -math.inf  # when the car's queued uplink bytes will have left (virtual)
+        self._virtual_ends_ms: collections.OrderedDict[int, float] = collections.OrderedDict()
         self.replies = 0
         self.timeouts = 0
+        self.app_limited_samples = 0
 
     @property
     def rtt_ms(self) -> float:
@@ -96,6 +112,18 @@ class LinkMeasurement:
             return tuple(float(value) for value in forecast())
         return tuple(self.samples_mbps)
 
+    def on_send(self, request: RequestTiming) -> None:
+        """A request went onto the uplink: it queues behind what the car sent before."""
+        self._queue_end_ms = max(self._queue_end_ms, request.send_ms) + \
+            request.size_bytes * 8 / 1000.0 / max(self.bandwidth_mbps(), MIN_SAMPLE_MBPS)
+        self._virtual_ends_ms[request.request_id] = self._queue_end_ms
+        while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
+            self._virtual_ends_ms.popitem(last=False)
+
+    def backlog_ms(self, now_ms: float) -> float:
+        """How long the bytes the car has already queued will still occupy the uplink."""
+        return max(0.0, self._queue_end_ms - now_ms)
+
     def on_reply(self, request: RequestTiming, arrival_ms: float, server_ms: float) -> float | None:
         """Account a reply; returns the throughput sample taken, if any."""
         self.replies += 1
@@ -104,7 +132,11 @@ class LinkMeasurement:
         start_ms = max(request.send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else request.send_ms
         transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
-        return self._observe(arrival_ms, request.size_bytes, transfer_ms)
+        virtual_end_ms = self._virtual_ends_ms.pop(request.request_id, None)
+        if virtual_end_ms is not None:  # what was queued behind this request moves with it
+            self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + upload_end_ms - virtual_end_ms)
+        return self._observe(arrival_ms, request.size_bytes, transfer_ms,
+                             app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS)
 
     def on_pong(self, send_ms: float, arrival_ms: float, server_ms: float) -> None:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""
@@ -118,12 +150,18 @@ class LinkMeasurement:
         self.timeouts += 1
         return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, now_ms - request.send_ms))
 
-    def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float) -> float:
+    def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float, app_limited: bool = False) -> float | None:
         sample_mbps = size_bytes * 8 / 1000.0 / transfer_ms
         sample_mbps = min(MAX_SAMPLE_MBPS, max(MIN_SAMPLE_MBPS, sample_mbps))
+        self.last_sample_ms = now_ms  # the link answered: the estimate is fresh either way
+        if app_limited:
+            self.app_limited_samples += 1
+            estimate_mbps = self.bandwidth_mbps()
+            if sample_mbps <= estimate_mbps:
+                return None  # "at least this much": nothing the estimate does not already say
+            sample_mbps = min(sample_mbps, APP_LIMITED_GROWTH * estimate_mbps)
         self.estimator.observe(now_ms, sample_mbps)
         self.samples_mbps.append(sample_mbps)
-        self.last_sample_ms = now_ms
         return sample_mbps
 
 

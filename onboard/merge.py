@@ -30,6 +30,7 @@ class TaskFrame:
     cutoff_ms: float  # when the node stops waiting for the cloud: the deadline less a small guard
     choice: str  # configuration the allocator chose (the fallback's name if none)
     cloud_pending: bool = False  # a request for this frame is waiting to be sent or in flight
+    discovery: bool = False  # the request was planned to learn the uplink
     cloud_detections: np.ndarray | None = None
     cloud_config: str = ""
     onboard_detections: np.ndarray | None = None

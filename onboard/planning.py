@@ -81,5 +81,5 @@ def build_planner(services: Sequence[Service], policy: PolicySpec) -> Allocation
         return point
     from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
-    quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES)
+    quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, miss_cost=policy.miss_cost)
     return QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples)

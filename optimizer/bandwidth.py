@@ -14,6 +14,13 @@ or a stall near zero. All estimators share `observe(time_ms, throughput_mbps)` a
   relative uncertainty). The forecast samples are level * exp(error_i); quantiles come from them.
   Before two samples exist there are no errors to learn from and the forecast is the samples
   seen so far.
+
+  Recalibration (`recalibrate=True`): every new sample is first scored against the forecast
+  made before it, as the fraction of forecast values at or below it (its PIT value; uniform for
+  a calibrated forecast). Once `MIN_CALIBRATION_SAMPLES` are kept, the forecast's level q is
+  replaced by the level whose past coverage was q (quantile recalibration, Kuleshov et al.
+  2018): if the link fell below the forecast's P10 a fifth of the time, the recalibrated P10
+  is the raw forecast's P5 or so.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 
 # Added before taking logs so that stalls (0 Mbps) stay finite: 10 kbit/s is "no link" here.
 LOG_FLOOR_MBPS = 0.01
+MIN_CALIBRATION_SAMPLES = 10
 
 
 def sorted_quantiles(sorted_values: np.ndarray, quantiles) -> np.ndarray:
@@ -100,23 +108,34 @@ class QuantileForecaster(_SampleChecks):
     log-throughput level. `estimate_mbps()` is the median forecast.
     """
 
-    def __init__(self, window: int = 50, alpha: float = 0.3) -> None:
+    def __init__(self, window: int = 50, alpha: float = 0.3, recalibrate: bool = False,
+                 calibration_window: int = 100) -> None:
         super().__init__()
         if window < 2:
             raise ValueError("window must be at least 2")
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
+        if calibration_window < MIN_CALIBRATION_SAMPLES:
+            raise ValueError(f"calibration_window must be at least {MIN_CALIBRATION_SAMPLES}")
         self.window = window
         self.alpha = alpha
+        self.recalibrate = recalibrate
+        self._pit: deque[float] = deque(maxlen=calibration_window)
         self._level_log: float | None = None
         self._errors_log: deque[float] = deque(maxlen=window)
         self._recent_mbps: deque[float] = deque(maxlen=window)
         self._samples_cache: np.ndarray | None = None  # the forecast changes only with a new sample
+        self._raw_cache: np.ndarray | None = None
         self._median_cache: float | None = None
 
     def observe(self, time_ms: float, throughput_mbps: float) -> None:
         self._check(time_ms, throughput_mbps)
-        self._samples_cache = self._median_cache = None
+        raw = self._raw_samples()
+        if raw.shape[0] >= 2:  # how the forecast made before this sample fared
+            below = np.searchsorted(raw, throughput_mbps, side="left")
+            at_or_below = np.searchsorted(raw, throughput_mbps, side="right")
+            self._pit.append(float(below + at_or_below) / (2.0 * raw.shape[0]))
+        self._samples_cache = self._median_cache = self._raw_cache = None
         sample_log = math.log(throughput_mbps + LOG_FLOOR_MBPS)
         if self._level_log is None:
             self._level_log = sample_log
@@ -125,20 +144,39 @@ class QuantileForecaster(_SampleChecks):
             self._level_log += self.alpha * (sample_log - self._level_log)
         self._recent_mbps.append(float(throughput_mbps))
 
-    def samples_mbps(self) -> np.ndarray:
-        """Equally likely values of the next interval's throughput, in ascending order (empty
-        before any sample)."""
-        if self._samples_cache is None:
+    def _raw_samples(self) -> np.ndarray:
+        """The forecast before recalibration, sorted."""
+        if self._raw_cache is None:
             if self._level_log is None:
-                self._samples_cache = np.zeros(0)
+                raw = np.zeros(0)
             elif len(self._errors_log) < 2:
-                self._samples_cache = np.asarray(self._recent_mbps, dtype=float)
+                raw = np.asarray(self._recent_mbps, dtype=float)
             else:
                 errors = np.asarray(self._errors_log, dtype=float)
-                self._samples_cache = np.maximum(np.exp(self._level_log + errors) - LOG_FLOOR_MBPS, 0.0)
-            self._samples_cache.sort()  # sorted: planners and quantiles need them in order
-            self._samples_cache.setflags(write=False)
+                raw = np.maximum(np.exp(self._level_log + errors) - LOG_FLOOR_MBPS, 0.0)
+            raw.sort()
+            raw.setflags(write=False)
+            self._raw_cache = raw
+        return self._raw_cache
+
+    def samples_mbps(self) -> np.ndarray:
+        """Equally likely values of the next interval's throughput, in ascending order (empty
+        before any sample); recalibrated when enabled and enough history is kept."""
+        if self._samples_cache is None:
+            raw = self._raw_samples()
+            if self.recalibrate and len(self._pit) >= MIN_CALIBRATION_SAMPLES and raw.shape[0] >= 2:
+                grid = (np.arange(raw.shape[0]) + 0.5) / raw.shape[0]
+                levels = sorted_quantiles(np.sort(np.asarray(self._pit)), grid)
+                calibrated = sorted_quantiles(raw, levels)
+                calibrated.setflags(write=False)
+                self._samples_cache = calibrated
+            else:
+                self._samples_cache = raw
         return self._samples_cache
+
+    def pit_values(self) -> np.ndarray:
+        """Where each recent sample fell in the forecast made before it (0 = below all of it)."""
+        return np.asarray(self._pit, dtype=float)
 
     def quantile_mbps(self, q: float) -> float | None:
         if not 0 <= q <= 1:

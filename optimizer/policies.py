@@ -53,6 +53,8 @@ class PolicySpec:
     quantile_window: int = 20  # one-step forecast errors the quantile planner sees
     quantile_min_samples: int = 2  # fewer samples: plan at the point estimate
     quantiles: tuple[float, ...] | None = None  # None: optimizer.quantile.DEFAULT_QUANTILES
+    forecast_recalibration: bool = True  # quantile planner: recalibrate the forecast from its own misses
+    miss_cost: float = 0.5  # quantile planner: a miss also costs this fraction of the plan's gain
     # Oracle only: plan for this fraction of the true capacity; the replay tries each and keeps the
     # best in hindsight (planning at exactly the capacity is not the best one can do).
     oracle_capacity_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -73,6 +75,7 @@ class PolicySpec:
              "quantile_min_samples must be >= 1"),
             (self.quantiles is None or (len(self.quantiles) > 0 and all(0 <= q <= 1 for q in self.quantiles)),
              "quantiles must be numbers in [0, 1]"),
+            (math.isfinite(self.miss_cost) and self.miss_cost >= 0, "miss_cost must be a finite number >= 0"),
             (len(self.oracle_capacity_fractions) > 0 and all(f > 0 for f in self.oracle_capacity_fractions),
              "oracle_capacity_fractions must be numbers > 0"),
         )
@@ -141,7 +144,8 @@ def check_policy_names(names: Sequence[str]) -> tuple[str, ...]:
 def make_estimator(spec: PolicySpec):
     """The bandwidth estimator the spec asks for (`observe(time_ms, mbps)`, `estimate_mbps()`)."""
     if spec.planner == "quantile":
-        return QuantileForecaster(window=spec.quantile_window, alpha=spec.ewma_alpha)
+        return QuantileForecaster(window=spec.quantile_window, alpha=spec.ewma_alpha,
+                                  recalibrate=spec.forecast_recalibration)
     if spec.estimator == "ewma":
         return EwmaEstimator(spec.ewma_alpha)
     return HarmonicMeanEstimator(spec.estimator_window)

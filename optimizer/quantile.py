@@ -15,11 +15,15 @@ shared in proportion to demand (every transfer is slowed by the same factor b / 
 one, having been given exactly its critical bandwidth, is late) and a lower bound for any other
 order, where some early senders might still make it. Services that chose the fallback keep it
 either way. So, with P = P(b >= total), U the allocation's utility and F the all-fallback one:
-    expected utility = P * U + (1 - P) * F.
+    expected utility = P * U + (1 - P) * (F - c * (U - F)).
+A miss costs more than its fallback: the bytes it put on the uplink are still there when the
+next frame wants to send (the car plans around its backlog, so the next frame sends less).
+`miss_cost` c is that loss as a fraction of the allocation's gain; 0 is the plain model.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -42,12 +46,16 @@ class QuantilePlanner:
     and each grid point costs a binary search.
     """
 
-    def __init__(self, quantiles: Sequence[float] = DEFAULT_QUANTILES, allocator: ExactAllocator | None = None):
+    def __init__(self, quantiles: Sequence[float] = DEFAULT_QUANTILES, allocator: ExactAllocator | None = None,
+                 miss_cost: float = 0.0):
         quantiles = tuple(float(q) for q in quantiles)
         if not quantiles or any(not 0 <= q <= 1 for q in quantiles):
             raise ValueError("quantiles must be a non-empty list of numbers in [0, 1]")
+        if not (math.isfinite(miss_cost) and miss_cost >= 0):
+            raise ValueError("miss_cost must be a finite number >= 0")
         self.quantiles = tuple(sorted(set(quantiles)))
         self.allocator = allocator or ExactAllocator()
+        self.miss_cost = miss_cost
 
     def plan(
         self,
@@ -75,7 +83,8 @@ class QuantilePlanner:
             states, totals_mbps, utilities = found
             carried = samples_mbps.shape[0] - np.searchsorted(sample_limits_mbps, totals_mbps, side="left")
             successes = carried / samples_mbps.shape[0]
-            expected_values = successes * utilities + (1.0 - successes) * fallback_utility
+            expected_values = successes * utilities + (1.0 - successes) * (
+                fallback_utility - self.miss_cost * (utilities - fallback_utility))
             chosen = int(np.argmax(expected_values))  # ties go to the earlier (lower, safer) quantile
             indices, bandwidths = prepared.solution_of_state(int(states[chosen]))
             return self._allocation(services, indices, bandwidths, self.quantiles[chosen], float(budgets[chosen]),
@@ -96,7 +105,7 @@ class QuantilePlanner:
             utility = sum(s.weight * s.options[i].utility for s, i in zip(services, indices, strict=True))
             carried = samples_mbps.shape[0] - int(np.searchsorted(sample_limits_mbps, total_mbps, side="left"))
             success = carried / samples_mbps.shape[0]
-            expected = success * utility + (1.0 - success) * fallback_utility
+            expected = success * utility + (1.0 - success) * (fallback_utility - self.miss_cost * (utility - fallback_utility))
             # Ties go to the earlier (lower, safer) quantile.
             if best is None or expected > best[0]:
                 best = (expected, success, quantile, budget_mbps, indices, bandwidths)

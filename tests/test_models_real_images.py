@@ -140,3 +140,43 @@ def test_evaluate_defaults_to_the_scene_family(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["family"] == "coco" and report["images"] == 1
     assert list(report["models"]) == list(FAMILIES["coco"].models)
+
+
+def test_a_real_scene_is_profiled_with_the_real_family_and_the_replay_says_so(tmp_path, monkeypatch):
+    from avcloud import profiler
+    from avcloud.replay.inputs import open_profiled_scene
+
+    scene = write_vtest_scene(tmp_path / "vtest.tfrecord")
+    asked = {}
+
+    def no_profiling(scene_path, preset="demo", progress=True, workers=None, models=None):
+        asked["models"] = tuple(models)
+        raise RuntimeError("stop before profiling")
+
+    monkeypatch.setattr(profiler, "ensure_profile", no_profiling)
+    with pytest.raises(RuntimeError, match="stop before profiling"):
+        open_profiled_scene(scene)
+    assert asked["models"] == FAMILIES["coco"].models
+    with pytest.raises(RuntimeError, match="stop before profiling"):
+        open_profiled_scene(scene, models=("nanodet-onboard", "nanodet-cloud-s"))
+    assert asked["models"] == ("nanodet-onboard", "nanodet-cloud-s")
+
+
+@pytest.mark.slow
+def test_replay_of_a_real_scene_uses_the_real_family_and_the_cloud(tmp_path, monkeypatch):
+    from avcloud.cli import main as cli_main
+
+    monkeypatch.setenv("AVCLOUD_CACHE", str(tmp_path / "cache"))
+    scene = write_vtest_scene(tmp_path / "vtest.tfrecord")
+    trace = tmp_path / "fast.up"
+    trace.write_text("\n".join(["1"] * 4) + "\n")  # 48 Mbps
+    assert cli_main(["replay", "--scene", str(scene), "--trace", str(trace), "--policy", "onboard", "turbo",
+                     "--models", "nanodet-onboard", "nanodet-cloud-s", "--cloud", "scale:0.2",
+                     "--no-progress", "--json", "--out", str(tmp_path / "out")]) == 0
+    import json as json_module
+
+    document = json_module.loads(capsys_text := (tmp_path / "out" / "results.json").read_text())
+    assert "nanodet-cloud-s" in capsys_text
+    (case,) = document["cases"]
+    assert case["policies"]["turbo"]["requests_sent"] > 0
+    assert case["policies"]["turbo"]["map"] >= case["policies"]["onboard"]["map"]

@@ -145,10 +145,20 @@ def test_a_timed_out_request_teaches_an_upper_bound_at_its_cutoff_and_the_late_r
 
 
 def test_throughput_samples_measure_each_transfer_from_reply_timing():
-    run = simulate(make_scenario([[15000, 30000]], cameras=("FRONT", "SIDE_LEFT")),
+    run = simulate(make_scenario([[45000, 60000]], cameras=("FRONT", "SIDE_LEFT")),
                    ScriptedPlanner(("FRONT", "SIDE_LEFT")))
     # Payload bits over the link time of the payload and its header: within a packet of 12 Mbps.
-    assert [sample.throughput_mbps for sample in run.samples] == pytest.approx([12.0, 12.0], rel=0.1)
+    assert [sample.throughput_mbps for sample in run.samples] == pytest.approx([12.0, 12.0], rel=0.05)
+
+
+def test_short_transfers_are_app_limited_and_only_raise_the_estimate_by_slow_start():
+    # 15 kB at 12 Mbps take 11 ms: too short to measure the link. The estimate (1 Mbps to start)
+    # may only double per such sample, and never falls because of one.
+    run = simulate(make_scenario([[15000]] * 8, slo_ms=200.0))
+    samples = [sample.throughput_mbps for sample in run.samples]
+    assert len(samples) == 8 and samples[0] == pytest.approx(2.0)
+    assert all(later > earlier for earlier, later in zip(samples, samples[1:], strict=False))  # it grows...
+    assert max(samples) <= 12.5  # ...but never past what the link showed
 
 
 def test_pings_measure_the_rtt_and_share_the_uplink():

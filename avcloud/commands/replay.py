@@ -46,6 +46,10 @@ def register(subparsers) -> None:
                              "deadlines make TURBO's critical bandwidth under-count a 10 Hz stream)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"profile preset used when profiling on first use (default '{DEFAULT_PRESET}')")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help="models to profile and replay, on-car model included (default: the family for the "
+                             "scene: avd-* on our synthetic scenes, the COCO-pretrained family on real images; "
+                             "`avcloud models list`)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="use the profile in DIR (profile.parquet + detections.parquet from the profiler) "
                              "instead of the cached one for --preset")
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
         progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
-        cloud=args.cloud,
+        cloud=args.cloud, models=tuple(args.models or ()),
     )
     check_options(options)
     # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).

@@ -165,12 +165,15 @@ def open_trace(path: str | Path) -> UplinkTrace:
 
 
 def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: bool = True,
-                        profile_dir: str | Path | None = None) -> ProfiledScene:
+                        profile_dir: str | Path | None = None, models: Sequence[str] | None = None) -> ProfiledScene:
     """Open the scene and make sure its profile exists (profiling on first use), then read it.
 
     `profile_dir`: use the profile already in that folder (profile.parquet + detections.parquet,
-    as the profiler writes them) instead of the cached one for `preset`.
+    as the profiler writes them) instead of the cached one for `preset`. `models`: the models to
+    profile (default: the family for the scene, `avcloud.models.family_for_scene`: our
+    synthetic-trained family on our synthetic scenes, the COCO-pretrained one on real images).
     """
+    from avcloud.models import family_for_scene, family_of, is_synthetic_scene_name
     from avcloud.profile_format import DetectionCache
     from avcloud.profiler import CACHE_NAME, TABLE_NAME, ProfileResult, ensure_profile
     from datasets.scene import open_scene
@@ -180,6 +183,14 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
     if not scene_path.exists():
         raise DataError(f"scene {scene_path}: no such file or directory")
     scene = open_scene(scene_path)
+    scene_name = getattr(scene, "name", scene_path.stem)
+    if models:
+        families = sorted({family_of(model) or "custom" for model in models})
+        family_note = f"models {', '.join(models)} (--models; family {', '.join(families)})"
+    else:
+        family = family_for_scene(is_synthetic_scene_name(scene_name))
+        models = family.models
+        family_note = f"family {family.name} ({family.trained_on}): {', '.join(models)}"
     if profile_dir is not None:
         profile = ProfileResult(Path(profile_dir) / TABLE_NAME, Path(profile_dir) / CACHE_NAME)
         for path in (profile.table_path, profile.cache_path):
@@ -187,7 +198,7 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
                 raise DataError(f"--profile {profile_dir}: no {path.name} in it")
         preset = f"from {profile_dir}"
     else:
-        profile = ensure_profile(scene_path, preset=preset, progress=progress)
+        profile = ensure_profile(scene_path, preset=preset, progress=progress, models=models)
     cache = DetectionCache(profile.cache_path)
     table = load_profile_table(profile.table_path)
     cameras = order_cameras([camera for camera in cache.cameras if camera in scene.cameras])
@@ -197,9 +208,10 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
     frame_indices = np.asarray(sorted(int(index) for index in cache.frame_indices), dtype=np.int64)
     configs = {option.name for service in services for option in service.options}
     note = (f"profile {preset if profile_dir else repr(preset)}: {len(frame_indices)} frames x {len(cameras)} cameras, "
-            f"{len(configs) - 1} cloud configurations + on-car fallback")
+            f"{len(configs) - 1} cloud configurations + on-car fallback; "
+            + (f"models of the profile in {profile_dir}" if profile_dir is not None else family_note))
     return ProfiledScene(
-        name=getattr(scene, "name", scene_path.stem),
+        name=scene_name,
         path=str(scene_path),
         scenario_frames=frame_indices,
         frame_rate_hz=float(scene.frame_rate_hz),

@@ -48,6 +48,8 @@ class ReplayOptions:
     camera_input_ms: float = 0.0
     # Cloud runtime model (avcloud/replay/cloud_runtimes.py): "reference", "measured", a CSV, "scale:F".
     cloud: str = DEFAULT_CLOUD
+    # Models to profile and replay (default: the family for each scene, see open_profiled_scene).
+    models: Sequence[str] = ()
 
 
 @dataclass
@@ -74,6 +76,11 @@ def check_options(options: ReplayOptions) -> tuple[str, ...]:
     if options.max_frames is not None and options.max_frames < 2:
         raise UserError(f"--frames must be at least 2 (got {options.max_frames})")
     check_cloud_choice(options.cloud)
+    if options.models:
+        from avcloud.models import get_card
+
+        for model in options.models:
+            get_card(model)  # UserError naming an unknown model
     names = check_policy_names(list(options.policies))
     if not names:
         raise UserError("no policy to replay")
@@ -158,7 +165,8 @@ def run_replay(options: ReplayOptions, console: Console | None = None) -> list[C
     scene_paths = [Path(p) for p in options.scene_paths] or [default_scene_path()]
     results = []
     for scene_path in scene_paths:
-        scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir)
+        scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir,
+                                    options.models or None)
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames,
                              options.camera_input_ms, options.cloud)

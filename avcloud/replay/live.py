@@ -263,7 +263,8 @@ def run_live_replay(options: ReplayOptions) -> list[CaseResult]:
     traces = [open_trace(path) for path in trace_paths]
     results = []
     for scene_path in [Path(p) for p in options.scene_paths] or [default_scene_path()]:
-        scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir)
+        scene = open_profiled_scene(scene_path, options.preset, options.progress, options.profile_dir,
+                                    options.models or None)
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames)
             runs, summaries = {}, {}

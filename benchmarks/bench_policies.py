@@ -1,0 +1,135 @@
+"""Every policy on every measured trace, over a grid of RTT x SLO: the sweep behind the README's
+policy table.
+
+Each `.up` file of the trace folder is replayed as an uplink, each `.down` file as a fast uplink
+(the downlink direction of the same drives carries more). Every policy is the shipped agent on
+the default scene's cached profile (profiling first if needed). Per setting it writes mAP per
+policy, the fraction of oracle's gain over on-car, the deadline-miss rate, and whether a
+measuring policy sent nothing; then the acceptance checks over all settings.
+
+    python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
+                                        [--quick] [--out FILE.json]
+
+Settings with RTT >= SLO cannot reach the cloud at all and are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchjson import write_report
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
+from avcloud.replay.job import DEFAULT_PRESET, default_scene_path, run_case
+from avcloud.replay.simulator import true_capacity_mbps
+from optimizer.policies import POLICY_NAMES, get_policy
+
+DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+MEASURING = tuple(name for name in POLICY_NAMES if get_policy(name).measures)
+
+
+def setting_figures(summaries: dict[str, dict]) -> dict:
+    onboard = summaries["onboard"]["map"]
+    oracle_gain = (summaries["oracle"]["map"] - onboard) * 100.0
+    figures = {
+        name: {
+            "map": round(summary["map"] * 100.0, 3),
+            "fraction_of_oracle_gain": summary["fraction_of_oracle_gain"],
+            "deadline_miss_rate": summary["deadline_miss_rate"],
+            "requests_sent": summary["requests_sent"],
+            "sent_nothing": summary["requests_sent"] == 0,
+        }
+        for name, summary in summaries.items()
+    }
+    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures}
+
+
+def checks(settings: list[dict]) -> dict:
+    """The acceptance criteria of the policy sweep, each with the settings that fail it."""
+    stuck, q_below, q_not_fewer_misses, below_equal, low_fraction = [], [], [], [], []
+    compared = 0
+    for setting in settings:
+        label = f"{setting['trace']} rtt {setting['rtt_ms']:g} slo {setting['slo_ms']:g}"
+        policies = setting["policies"]
+        gain = setting["oracle_gain_points"]
+        if gain > 1.0:
+            stuck += [f"{label}: {name}" for name in MEASURING if policies[name]["sent_nothing"]]
+            below_equal += [f"{label}: {name}" for name in ("turbo", "turbo-q")
+                            if policies[name]["map"] <= policies["equal"]["map"]]
+        if policies["turbo-q"]["map"] < policies["turbo"]["map"] - 0.2:
+            q_below.append(label)
+        misses_q, misses_t = policies["turbo-q"]["deadline_miss_rate"], policies["turbo"]["deadline_miss_rate"]
+        if misses_q is not None and misses_t is not None:
+            compared += 1
+            if not misses_q < misses_t:
+                q_not_fewer_misses.append(label)
+        fraction = policies["turbo-q"]["fraction_of_oracle_gain"]
+        if setting["trace_mean_mbps"] >= 3.0 and gain > 0 and (fraction is None or fraction < 0.8):
+            low_fraction.append(f"{label}: {fraction if fraction is None else round(fraction, 2)}")
+    return {
+        "settings": len(settings),
+        "measuring_policy_sent_nothing_where_oracle_gains": stuck,
+        "turbo_q_below_turbo_by_more_than_0_2": q_below,
+        "turbo_q_fewer_misses_share": (compared - len(q_not_fewer_misses)) / compared if compared else None,
+        "turbo_q_not_fewer_misses": q_not_fewer_misses,
+        "turbo_or_turbo_q_not_above_equal_where_oracle_gains": below_equal,
+        "turbo_q_below_80_percent_of_oracle_gain_on_traces_of_3_mbps_or_more": low_fraction,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="folder of Mahimahi .up / .down traces")
+    parser.add_argument("--frames", type=int, default=None, help="replay only the first N frames")
+    parser.add_argument("--rtt-ms", type=float, nargs="+", default=[20.0, 50.0, 100.0])
+    parser.add_argument("--slo-ms", type=float, nargs="+", default=[100.0, 200.0, 400.0])
+    parser.add_argument("--quick", action="store_true", help="the first 50 frames, RTT 50 ms and SLO 200 ms only")
+    parser.add_argument("--profile", type=Path, help="an existing profile folder instead of the cached demo preset")
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    args = parser.parse_args()
+    if args.quick:
+        args.frames, args.rtt_ms, args.slo_ms = 50, [50.0], [200.0]
+    trace_paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
+    if not trace_paths:
+        print(f"bench_policies: no .up or .down traces in {args.traces}; skipped", file=sys.stderr)
+        write_report({"benchmark": "policies", "skipped": f"no traces in {args.traces}"}, args.out)
+        return 0
+    scene = open_profiled_scene(default_scene_path(), DEFAULT_PRESET, True, args.profile)
+    grid = [(rtt, slo) for rtt in args.rtt_ms for slo in args.slo_ms if rtt < slo]
+    settings = []
+    started = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("policy sweep", total=len(trace_paths) * len(grid))
+        for path in trace_paths:
+            trace = open_trace(path)
+            for rtt_ms, slo_ms in grid:
+                case = make_case(scene, trace, rtt_ms, slo_ms, args.frames)
+                result = run_case(case, POLICY_NAMES)
+                _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
+                settings.append({"trace": path.name, "direction": "uplink" if path.suffix == ".up" else "fast uplink",
+                                 "trace_mean_mbps": round(float(capacity.mean()), 3), "rtt_ms": rtt_ms,
+                                 "slo_ms": slo_ms, **setting_figures(result.summaries)})
+                progress.advance(task)
+    report = {
+        "benchmark": "policies",
+        "scene": case.scene_name,
+        "frames": case.scenario.num_frames,
+        "traces": [path.name for path in trace_paths],
+        "grid_rtt_slo_ms": grid,
+        "cloud_runtimes": case.cloud.name if case.cloud else None,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "settings": settings,
+        "checks": checks(settings),
+    }
+    write_report(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
