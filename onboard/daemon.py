@@ -376,17 +376,24 @@ class OnboardAgent:
 
     # ------------------------------------------------------------ time
 
+    def defer_steps(self) -> None:
+        """Until `resume_steps()`, the events handed over take one `step()` at the end instead of
+        one each: for a caller that hands over a burst of events at one instant (the replay)."""
+        self._steps_deferred += 1
+
+    def resume_steps(self) -> None:
+        self._steps_deferred -= 1
+        if not self._steps_deferred and self._step_requested:
+            self.step()
+
     @contextlib.contextmanager
     def one_step(self):
-        """Events handled inside take one `step()` at the end instead of one each: for a caller
-        that hands over a burst of events at one instant (the replay's event loop)."""
-        self._steps_deferred += 1
+        """`defer_steps()` ... `resume_steps()` as a context."""
+        self.defer_steps()
         try:
             yield
         finally:
-            self._steps_deferred -= 1
-            if not self._steps_deferred and self._step_requested:
-                self.step()
+            self.resume_steps()
 
     def step(self) -> None:
         """Time out requests, send waiting frames, collect fallback results, publish what is due."""

@@ -167,7 +167,7 @@ def test_pings_measure_the_rtt_and_share_the_uplink():
     # A ping is one small packet: its sample is the RTT plus at most a few ms of queueing.
     assert 40.0 <= np.nanmin(run.rtt_estimate_ms[10:]) <= 43.0
     assert sum(size for _, _, size in run.transfers) == run.sent_bytes  # pings are uplink bytes too
-    assert len(run.transfers) == 25 + 5  # one ping every 500 ms over 2.5 s
+    assert 25 + 5 <= len(run.transfers) <= 25 + 6  # one ping every 500 ms over the 2.5-2.7 s run
     assert all(size < 200 for _, _, size in run.transfers[:1])  # the first message out is a ping
 
 

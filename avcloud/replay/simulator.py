@@ -168,23 +168,27 @@ class PolicyRun:
 
 
 class EventLoop:
-    """Callbacks at simulated times, in time order (ties in the order they were scheduled)."""
+    """Callbacks at simulated times, in time order (ties in the order they were scheduled). An
+    event may name the car it concerns (`owner`), so the loop can give each car touched at one
+    instant a single agent step (see `run_cars`)."""
 
     def __init__(self, clock: SimulatedClock) -> None:
         self.clock = clock
-        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._events: list[tuple[float, int, Callable[[], None], Any]] = []
         self._sequence = itertools.count()
 
-    def at(self, time_ms: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._events, (max(time_ms, self.clock.now_ms()), next(self._sequence), callback))
+    def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None) -> None:
+        heapq.heappush(self._events, (max(time_ms, self.clock.now_ms()), next(self._sequence), callback, owner))
 
     def next_time_ms(self) -> float:
         return self._events[0][0] if self._events else math.inf
 
-    def run_next(self) -> None:
-        time_ms, _, callback = heapq.heappop(self._events)
+    def run_next(self) -> Any:
+        """Run the next event; returns its owner."""
+        time_ms, _, callback, owner = heapq.heappop(self._events)
         self.clock.advance_to(time_ms)
         callback()
+        return owner
 
 
 class SimulatedExecutor(Executor):
@@ -192,10 +196,12 @@ class SimulatedExecutor(Executor):
     workers (None: as many as there is work), first come first served. The function runs when
     its work is done, so a cancelled job never runs, as with a real executor's queue."""
 
-    def __init__(self, loop: EventLoop, duration_ms: Callable[..., float], workers: int | None = None) -> None:
+    def __init__(self, loop: EventLoop, duration_ms: Callable[..., float], workers: int | None = None,
+                 owner: Any = None) -> None:
         self.loop = loop
         self.duration_ms = duration_ms
         self.workers = workers
+        self.owner = owner
         self._busy = 0
         self._queue: list[tuple[Future, Callable, tuple]] = []
 
@@ -212,7 +218,7 @@ class SimulatedExecutor(Executor):
                 continue
             self._busy += 1
             finish_ms = self.loop.clock.now_ms() + max(0.0, float(self.duration_ms(*args)))
-            self.loop.at(finish_ms, lambda future=future, fn=fn, args=args: self._finish(future, fn, args))
+            self.loop.at(finish_ms, lambda future=future, fn=fn, args=args: self._finish(future, fn, args), self.owner)
 
     def _finish(self, future: Future, fn: Callable, args: tuple) -> None:
         self._busy -= 1
@@ -338,16 +344,24 @@ class SimulatedCloud:
         if not self.queue.push(request):
             identity.reply(reply_to(header, REJECTED, "queue full", _timings(request, now_ms, 0.0)), None)
             return
+        for evicted in self.queue.drain_evicted():  # pushed out by another vehicle's request
+            evicted.identity.reply(reply_to(evicted.header, REJECTED, "queue full",
+                                            _timings(evicted, now_ms, 0.0)), None)
         self._dispatch()
 
     def _dispatch(self) -> None:
         while len(self.queue) and (self.workers is None or self._busy < self.workers):
             now_ms = self.loop.clock.now_ms()
             decision = self.queue.take(now_ms)
+            for request in decision.rejected:
+                request.identity.reply(reply_to(request.header, REJECTED, "queue full",
+                                                _timings(request, now_ms, 0.0)), None)
             for request in decision.expired:
                 request.identity.reply(reply_to(request.header, EXPIRED, "deadline",
                                                 _timings(request, now_ms, 0.0)), None)
             if not decision.batch:
+                if not (decision.expired or decision.rejected):
+                    return  # nothing runnable now
                 continue
             run_ms = sum(request.payload[1] for request in decision.batch)
             self.busy_ms += run_ms
@@ -391,8 +405,9 @@ class SimulatedUplink:
     connection, as a new socket identity does on the real ROUTER."""
 
     def __init__(self, loop: EventLoop, link: TraceLink, rtt_ms: float, cloud: SimulatedCloud,
-                 car: CacheBackedCar, on_reply: Callable[[list], None]) -> None:
+                 car: CacheBackedCar, on_reply: Callable[[list], None], owner: Any = None) -> None:
         self.loop = loop
+        self.owner = owner  # the replayed car whose agent reads the replies
         self.link = link
         self.half_rtt_ms = rtt_ms / 2.0
         self.cloud = cloud
@@ -422,7 +437,7 @@ class SimulatedUplink:
             pong = encode_reply(reply_to(header, OK))
             epoch = self.epoch
             self.loop.at(transfer.delivered_ms + 2 * self.half_rtt_ms,
-                         lambda: self.on_reply(pong) if epoch == self.epoch else None)
+                         lambda: self.on_reply(pong) if epoch == self.epoch else None, self.owner)
             return True
         self.sent[(header.frame, header.task)] = now_ms
         config = self.car.encoded_config[(header.frame, header.task)]
@@ -447,7 +462,7 @@ class SimulatedUplink:
                 self.replied[(route.frame_index, route.camera)] = self.loop.clock.now_ms()
                 self.on_reply(frames)
 
-        self.loop.at((self.loop.clock.now_ms() if sent_ms is None else sent_ms) + self.half_rtt_ms, arrive)
+        self.loop.at((self.loop.clock.now_ms() if sent_ms is None else sent_ms) + self.half_rtt_ms, arrive, self.owner)
 
 
 # ----------------------------------------------------------------------------- planners
@@ -526,6 +541,158 @@ class CarSettings:
     publish_guard_ms: float = 3.0
 
 
+class ReplayedCar:
+    """One car of a replay: the shipped agent, built from its policy as the daemon builds it, with
+    cache-backed cameras, fallback and encoder, on a shared event loop, uplink link and cloud.
+    It schedules its own frames (`start_ms` later than the scenario's capture times) and records
+    what the agent planned, sent and published."""
+
+    def __init__(self, policy: PolicySpec, scenario: ReplayScenario, detections: Callable[[int, int, str], np.ndarray],
+                 loop: EventLoop, link, cloud: SimulatedCloud, car: CarSettings | None = None, planner=None,
+                 vehicle: str = "car-0", start_ms: float = 0.0, schedule: DeliverySchedule | None = None,
+                 oracle_capacity_fraction: float = 1.0) -> None:
+        from onboard.daemon import OnboardAgent
+        from onboard.planning import build_planner
+        from optimizer.policies import make_estimator
+
+        car = car or CarSettings()
+        self.policy = policy
+        self.scenario = scenario
+        self.loop = loop
+        self.start_ms = start_ms
+        frames, cameras = scenario.num_frames, len(scenario.cameras)
+        self.samples: list[ThroughputSample] = []
+        if planner is not None:  # tests script the allocation
+            inner_planner = planner
+        elif policy.planner == "oracle":
+            if schedule is None:
+                raise ValueError("the oracle plans from the trace: give the car its schedule")
+            inner_planner = OraclePlanner(scenario.services, schedule, loop.clock, scenario.frame_interval_ms,
+                                          oracle_capacity_fraction, policy.allocator)
+        else:
+            inner_planner = build_planner(scenario.services, policy)
+        self.planner = _RecordingPlanner(inner_planner)
+        cache_car = CacheBackedCar(scenario, detections)
+        self.published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
+        self.sources = np.zeros((frames, cameras), dtype=np.int8)  # 1 = cloud
+        self.frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
+        self.camera_position = {name: position for position, name in enumerate(scenario.cameras)}
+        self.woken = False  # an executor finished: the agent asked for a step (the node's wake pipe)
+        self.uplink = SimulatedUplink(loop, link, scenario.rtt_ms, cloud, cache_car,
+                                      lambda frames_: self.agent.on_reply(frames_), owner=self)
+        self.agent = OnboardAgent.for_policy(
+            policy, scenario.services, scenario.slo_ms, scenario.rtt_ms, loop.clock, planner=self.planner,
+            estimator=_RecordingEstimator(make_estimator(policy), self.samples),
+            fallback=cache_car.fallback, fallback_name=scenario.fallback_config,
+            executor=SimulatedExecutor(loop, cache_car.fallback_ms, car.fallback_workers, owner=self),
+            encoder=cache_car.encode, link=self.uplink, publish=self._publish, publish_guard_ms=car.publish_guard_ms,
+            encode_executor=(SimulatedExecutor(loop, cache_car.encode_ms, car.encode_workers, owner=self)
+                             if car.encode_workers else None),
+            vehicle=vehicle, wake=self._wake,
+        )
+        self.planned = np.full((frames, cameras), FALLBACK_INDEX, dtype=np.int32)
+        self.budget_mbps = np.full(frames, math.nan)
+        self.estimate_mbps = np.full(frames, math.nan)
+        self.rtt_estimate_ms = np.full(frames, math.nan)
+        self.allocated_mbps = np.zeros(frames)
+        self.solve_us = np.zeros(frames)
+        self._last_wakeup_ms = -math.inf
+        self._scheduled_wakeup_ms = math.inf
+        for f in range(frames):
+            loop.at(start_ms + float(scenario.capture_ms[f]), lambda f=f: self._start_frame(f), self)
+
+    def _wake(self) -> None:
+        self.woken = True
+
+    def _publish(self, result) -> None:
+        f, c = self.frame_position[result.frame_index], self.camera_position[result.camera]
+        self.published[f][c] = result.detections
+        self.sources[f, c] = result.source == "cloud"
+
+    def _start_frame(self, f: int) -> None:
+        scenario, agent = self.scenario, self.agent
+        frame_index = int(scenario.frame_indices[f])
+        self.estimate_mbps[f] = agent.measurement.bandwidth_mbps()
+        allocation = agent.allocation_for(frame_index)
+        self.budget_mbps[f] = self.planner.last_budget_mbps
+        self.rtt_estimate_ms[f] = agent.measurement.rtt_ms
+        self.solve_us[f] = allocation.solve_us
+        self.allocated_mbps[f] = sum(allocation.bandwidth_mbps.values())
+        for c, camera in enumerate(scenario.cameras):
+            k = scenario.config_position.get(allocation.choices.get(camera, ""))
+            if k is not None:
+                self.planned[f, c] = k
+        capture_ms = self.start_ms + float(scenario.capture_ms[f])
+        for c, camera in enumerate(scenario.cameras):
+            size_wh = scenario.camera_size_wh.get(camera, DEFAULT_FRAME_SIZE_WH)
+            self.loop.at(capture_ms + (c + 1) * scenario.camera_input_ms,
+                         lambda camera=camera, image=CachedImage(f, c), size_wh=size_wh:
+                         agent.on_camera_frame(frame_index, camera, image, capture_ms, size_wh), self)
+
+    def end_of_instant(self) -> None:
+        """After the loop handled this car's events of one instant: one step if an executor woke
+        the agent, then a wake-up event at the agent's next deadline (the node's poll timeout)."""
+        if self.woken:
+            self.woken = False
+            self.agent.step()
+        wakeup_ms = self.agent.next_wakeup_ms()
+        now_ms = self.loop.clock.now_ms()
+        # A deadline already handled (a task waiting for its on-car result) needs no new wake-up.
+        if math.isfinite(wakeup_ms) and wakeup_ms > self._last_wakeup_ms and wakeup_ms != self._scheduled_wakeup_ms \
+                and wakeup_ms >= now_ms:
+            self._scheduled_wakeup_ms = wakeup_ms
+            self.loop.at(wakeup_ms, lambda: self._wakeup(wakeup_ms), self)
+
+    def _wakeup(self, wakeup_ms: float) -> None:
+        if wakeup_ms != self._scheduled_wakeup_ms:
+            return  # a later plan replaced this wake-up
+        self._scheduled_wakeup_ms = math.inf
+        self._last_wakeup_ms = wakeup_ms
+        self.agent.step()
+
+    def run(self, wall_s: float) -> PolicyRun:
+        """What this car did, as a PolicyRun (after the loop has run out of events)."""
+        frame_position, camera_position = self.frame_position, self.camera_position
+        outcome = np.where(self.planned == FALLBACK_INDEX, RequestOutcome.FALLBACK,
+                           RequestOutcome.NOT_SENT).astype(np.int8)
+        for frame_index, camera in self.uplink.sent:
+            f, c = frame_position[frame_index], camera_position[camera]
+            outcome[f, c] = RequestOutcome.ON_TIME if self.sources[f, c] else RequestOutcome.LATE
+        result_ms = np.full(outcome.shape, math.nan)
+        for (frame_index, camera), arrival_ms in self.uplink.replied.items():
+            result_ms[frame_position[frame_index], camera_position[camera]] = arrival_ms - self.start_ms
+        uplink = self.uplink
+        return PolicyRun(
+            policy=self.policy.name, planned_config=self.planned, outcome=outcome, result_ms=result_ms,
+            budget_mbps=self.budget_mbps, estimate_mbps=self.estimate_mbps, allocated_mbps=self.allocated_mbps,
+            solve_us=self.solve_us, sent_bytes=uplink.sent_bytes,
+            sent_until_ms=max((delivered for _, delivered, _ in uplink.transfers), default=0.0),
+            transfers=uplink.transfers, samples=self.samples, wall_s=wall_s, published=self.published,
+            counters={key: int(value) for key, value in self.agent.counters.__dict__.items()},
+            rtt_estimate_ms=self.rtt_estimate_ms, policy_spec=self.policy.to_json_dict(),
+        )
+
+
+def run_cars(loop: EventLoop, cars) -> None:
+    """Run the loop until no event is left. Every event of one instant runs before any car takes
+    its step, and each car touched at that instant takes one (one round of the node's poll loop),
+    so a burst of camera frames or replies costs one step, not one each."""
+    while True:
+        time_ms = loop.next_time_ms()
+        if not math.isfinite(time_ms):
+            return
+        touched: dict[int, ReplayedCar] = {}
+        while loop.next_time_ms() == time_ms:
+            owner = loop._events[0][3]  # noqa: SLF001 (peek: defer the owner's steps before its event runs)
+            if owner is not None and id(owner) not in touched:
+                touched[id(owner)] = owner
+                owner.agent.defer_steps()
+            loop.run_next()
+        for car in touched.values():
+            car.agent.resume_steps()
+            car.end_of_instant()
+
+
 def simulate_policy(policy: PolicySpec, scenario: ReplayScenario, schedule: DeliverySchedule,
                     detections: Callable[[int, int, str], np.ndarray], queue_limit_bytes: int | None = None,
                     cloud_workers: int | None = None, car: CarSettings | None = None,
@@ -536,133 +703,14 @@ def simulate_policy(policy: PolicySpec, scenario: ReplayScenario, schedule: Deli
     `detections(frame position, camera position, config)` reads the detection cache.
     `cloud_workers`: None serves every request on arrival (a GPU pool); k queues them for k workers.
     """
-    from onboard.daemon import OnboardAgent
-    from onboard.planning import build_planner
-    from optimizer.policies import make_estimator
-
     started = time.perf_counter()
-    car = car or CarSettings()
-    clock = SimulatedClock(0.0)
-    loop = EventLoop(clock)
-    frames, cameras = scenario.num_frames, len(scenario.cameras)
-    samples: list[ThroughputSample] = []
-    if planner is not None:  # tests script the allocation
-        inner_planner = planner
-    elif policy.planner == "oracle":
-        inner_planner = OraclePlanner(scenario.services, schedule, clock, scenario.frame_interval_ms,
-                                      oracle_capacity_fraction, policy.allocator)
-    else:
-        inner_planner = build_planner(scenario.services, policy)
-    recording_planner = _RecordingPlanner(inner_planner)
-    cache_car = CacheBackedCar(scenario, detections)
+    loop = EventLoop(SimulatedClock(0.0))
     cloud = SimulatedCloud(loop, scenario, cloud_workers, faults=cloud_faults)
-    published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
-    sources = np.zeros((frames, cameras), dtype=np.int8)  # 1 = cloud
-    result_ms = np.full((frames, cameras), math.nan)
-    frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
-    camera_position = {name: position for position, name in enumerate(scenario.cameras)}
-
-    def publish(result) -> None:
-        f, c = frame_position[result.frame_index], camera_position[result.camera]
-        published[f][c] = result.detections
-        sources[f, c] = result.source == "cloud"
-
-    agent_box: list[OnboardAgent] = []
-    woken: list[bool] = []  # an executor finished: the agent asked for a step (the node's wake pipe)
-
-    def on_reply(reply_frames: list) -> None:
-        agent_box[0].on_reply(reply_frames)
-
-    uplink = SimulatedUplink(loop, TraceLink(schedule, queue_limit_bytes=queue_limit_bytes), scenario.rtt_ms,
-                             cloud, cache_car, on_reply)
-    agent = OnboardAgent.for_policy(
-        policy, scenario.services, scenario.slo_ms, scenario.rtt_ms, clock, planner=recording_planner,
-        estimator=_RecordingEstimator(make_estimator(policy), samples),
-        fallback=cache_car.fallback, fallback_name=scenario.fallback_config,
-        executor=SimulatedExecutor(loop, cache_car.fallback_ms, car.fallback_workers),
-        encoder=cache_car.encode, link=uplink, publish=publish, publish_guard_ms=car.publish_guard_ms,
-        encode_executor=SimulatedExecutor(loop, cache_car.encode_ms, car.encode_workers) if car.encode_workers else None,
-        wake=lambda: woken.append(True),
-    )
-    measurement = agent.measurement
-    agent_box.append(agent)
-
-    planned = np.full((frames, cameras), FALLBACK_INDEX, dtype=np.int32)
-    budget_mbps = np.full(frames, math.nan)
-    estimate_mbps = np.full(frames, math.nan)
-    rtt_estimate_ms = np.full(frames, math.nan)
-    allocated_mbps = np.zeros(frames)
-    solve_us = np.zeros(frames)
-    default_wh = DEFAULT_FRAME_SIZE_WH
-
-    def start_frame(f: int) -> None:
-        frame_index = int(scenario.frame_indices[f])
-        estimate_mbps[f] = measurement.bandwidth_mbps()
-        allocation = agent.allocation_for(frame_index)
-        budget_mbps[f] = recording_planner.last_budget_mbps
-        rtt_estimate_ms[f] = measurement.rtt_ms
-        solve_us[f] = allocation.solve_us
-        allocated_mbps[f] = sum(allocation.bandwidth_mbps.values())
-        for c, camera in enumerate(scenario.cameras):
-            k = scenario.config_position.get(allocation.choices.get(camera, ""))
-            if k is not None:
-                planned[f, c] = k
-        capture_ms = float(scenario.capture_ms[f])
-        for c, camera in enumerate(scenario.cameras):
-            size_wh = scenario.camera_size_wh.get(camera, default_wh)
-            image = CachedImage(f, c)
-            arrive_ms = capture_ms + (c + 1) * scenario.camera_input_ms
-            loop.at(arrive_ms, lambda frame_index=frame_index, camera=camera, image=image, size_wh=size_wh:
-                    agent.on_camera_frame(frame_index, camera, image, capture_ms, size_wh))
-
-    for f in range(frames):
-        loop.at(float(scenario.capture_ms[f]), lambda f=f: start_frame(f))
-    # The node's loop: wait for the next event or the agent's next wake-up, whichever is first.
-    # Agent events (a camera frame, a reply) step the agent themselves; executors wake it.
-    last_wakeup_ms = -math.inf
-    while True:
-        event_ms = loop.next_time_ms()
-        wakeup_ms = agent.next_wakeup_ms()
-        if last_wakeup_ms < wakeup_ms <= event_ms and math.isfinite(wakeup_ms):
-            clock.advance_to(max(wakeup_ms, clock.now_ms()))
-            last_wakeup_ms = wakeup_ms
-            agent.step()
-        elif math.isfinite(event_ms):
-            with agent.one_step():  # everything due now, then one step (one round of the node's poll loop)
-                loop.run_next()
-                while loop.next_time_ms() == event_ms:
-                    loop.run_next()
-                if woken:
-                    woken.clear()
-                    agent.step()
-        else:
-            break
-
-    outcome = np.where(planned == FALLBACK_INDEX, RequestOutcome.FALLBACK, RequestOutcome.NOT_SENT).astype(np.int8)
-    for (frame_index, camera), _ in uplink.sent.items():
-        f, c = frame_position[frame_index], camera_position[camera]
-        outcome[f, c] = RequestOutcome.ON_TIME if sources[f, c] else RequestOutcome.LATE
-    for (frame_index, camera), arrival_ms in uplink.replied.items():
-        result_ms[frame_position[frame_index], camera_position[camera]] = arrival_ms
-    return PolicyRun(
-        policy=policy.name,
-        planned_config=planned,
-        outcome=outcome,
-        result_ms=result_ms,
-        budget_mbps=budget_mbps,
-        estimate_mbps=estimate_mbps,
-        allocated_mbps=allocated_mbps,
-        solve_us=solve_us,
-        sent_bytes=uplink.sent_bytes,
-        sent_until_ms=max((delivered for _, delivered, _ in uplink.transfers), default=0.0),
-        transfers=uplink.transfers,
-        samples=samples,
-        wall_s=time.perf_counter() - started,
-        published=published,
-        counters={key: int(value) for key, value in agent.counters.__dict__.items()},
-        rtt_estimate_ms=rtt_estimate_ms,
-        policy_spec=policy.to_json_dict(),
-    )
+    replayed = ReplayedCar(policy, scenario, detections, loop, TraceLink(schedule, queue_limit_bytes=queue_limit_bytes),
+                           cloud, car, planner=planner, schedule=schedule,
+                           oracle_capacity_fraction=oracle_capacity_fraction)
+    run_cars(loop, [replayed])
+    return replayed.run(time.perf_counter() - started)
 
 
 def true_capacity_mbps(schedule: DeliverySchedule, start_ms: float, end_ms: float, bin_ms: float = 1000.0) -> tuple[np.ndarray, np.ndarray]:
