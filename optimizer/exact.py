@@ -3,12 +3,19 @@ weighted utility subject to the sum of critical bandwidths fitting the budget.
 
 Method (all exact, no approximation):
 1. Per service, drop options that can never meet the SLO and options dominated by a cheaper,
-   at-least-as-useful one: what is left is the service's Pareto frontier (its staircase).
-2. Few services: dynamic programming over merged Pareto frontiers. Merging the partial
-   frontier with the next service's frontier and pruning dominated (cost, value) pairs keeps
-   every pair that can still be optimal. Without a budget cap the result is the whole
-   problem's frontier, which `PreparedServices` keeps, so a later budget is one binary search.
-3. Many services: the LP relaxation (greedy over the services' concave hulls) gives a dual
+   at-least-as-useful one: what is left is the service's Pareto frontier (its staircase). All
+   services at once, on a (service x option) table padded to the widest service.
+2. One budget on a fresh table (a new services tuple or a new RTT): drop the frontier points
+   over the budget and, when the services' frontiers are small (the usual 5 cameras), enumerate
+   every combination of the first half of the services and every combination of the second,
+   and pair each first-half combination with the most valuable second-half combination that
+   still fits (meet in the middle: a sort and a binary search, no DP).
+3. Few services, larger frontiers: dynamic programming over merged Pareto frontiers. Merging
+   the partial frontier with the next service's frontier and pruning dominated (cost, value)
+   pairs keeps every pair that can still be optimal. Without a budget cap the result is the
+   whole problem's frontier, which `PreparedServices` keeps from the second solve on, so a later
+   budget is one binary search.
+4. Many services: the LP relaxation (greedy over the services' concave hulls) gives a dual
    price lambda and an integer solution (lower bound LB). The Lagrangian bound
    lambda * B + sum_s max_o (v_o - lambda * c_o) is a valid upper bound for any completion, so
    options and partial states whose bound falls below LB are dropped before and during the same
@@ -22,55 +29,123 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
 from avcloud.types import Service
-from optimizer.problem import budget_limit_mbps, check_services, critical_bandwidths_from_arrays
+from optimizer.problem import budget_limit_mbps, check_services
 
 # Up to this many services the plain frontier DP is fast; above it the LP reduction pays off.
 PLAIN_DP_MAX_SERVICES = 8
 # The whole problem's frontier is kept for re-use only while it stays this small.
 CACHED_FRONTIER_MAX_STATES = 200_000
 BOUND_RELATIVE_TOLERANCE = 1e-9
+# Meet in the middle while each half has at most this many combinations (padded widths).
+MEET_IN_THE_MIDDLE_MAX_COMBINATIONS = 4096
+
+_SIZE_MBIT = attrgetter("size_mbit")
+_RUNTIME_MS = attrgetter("runtime_ms")
+_UTILITY = attrgetter("utility")
+_NAME = attrgetter("name")
+_OPTIONS = attrgetter("options")
+_WEIGHT = attrgetter("weight")
+
+
+# Options tuples already read and found valid, by identity (they are immutable; the entry holds
+# the tuple, so its id cannot be reused while cached): (tuple, (3, n) sizes/runtimes/utilities).
+_OPTION_NUMBERS: dict[int, tuple[tuple, np.ndarray]] = {}
+_OPTION_NUMBERS_KEPT = 4096
+
+
+def _cached_numbers(options: tuple) -> np.ndarray | None:
+    entry = _OPTION_NUMBERS.get(id(options))
+    return entry[1] if entry is not None and entry[0] is options else None
 
 
 class ProblemArrays:
-    """All options of a services tuple as flat arrays (the part that depends on nothing else).
+    """All options of a services tuple as (service x option) tables, padded to the widest
+    service (the part that depends on nothing else). Padding cells can never meet an SLO.
 
-    Validates the services on the way (vectorised): raises DataError naming the service/option.
+    Validates the services on the way (vectorised; an options tuple already found valid is
+    remembered by identity): raises DataError naming the service/option.
     """
 
     def __init__(self, services: Sequence[Service]) -> None:
-        self.services = tuple(services)
-        counts = [len(service.options) for service in self.services]
-        self.offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.intp)
-        self.service_ids = np.repeat(np.arange(len(counts), dtype=np.intp), counts)
-        options = [option for service in self.services for option in service.options]
-        self.sizes_mbit = np.array([o.size_mbit for o in options], dtype=float)
-        self.runtimes_ms = np.array([o.runtime_ms for o in options], dtype=float)
-        utilities = np.array([o.utility for o in options], dtype=float)
-        self.weights = np.array([service.weight for service in self.services], dtype=float)
-        if not self._looks_valid(utilities, counts):
-            check_services(self.services)  # names the offending service or option
-        self.values = self.weights[self.service_ids] * utilities
-        # Rank of each value among all values: exact integer keys for per-service running maxima.
-        self.value_ranks = np.unique(self.values, return_inverse=True)[1].reshape(-1)
+        self.services = services = tuple(services)
+        option_tuples = list(map(_OPTIONS, services))
+        counts = list(map(len, option_tuples))
+        weights = list(map(_WEIGHT, services))
+        if (not services or 0 in counts or len(set(map(_NAME, services))) != len(services)
+                or not all(0 <= weight < math.inf for weight in weights)):
+            check_services(services)  # names the offending service
+        width = max(counts)
+        equal_widths = min(counts) == width
+        cached = list(map(_cached_numbers, option_tuples))
+        if any(numbers is None for numbers in cached):
+            numbers = self._read_options(option_tuples, counts)
+        elif equal_widths:
+            numbers = np.stack(cached, axis=1).reshape(3, -1)
+        else:
+            numbers = np.concatenate(cached, axis=1)
+        self.weights = np.array(weights, dtype=float)
+        shape = (len(counts), width)
+        if equal_widths:
+            self.padding = None
+            self.sizes_mbit, self.runtimes_ms, utilities = numbers.reshape(3, *shape)
+        else:
+            self.padding = np.arange(width) >= np.array(counts)[:, None]
+            present = ~self.padding
+            self.sizes_mbit = np.ones(shape)
+            self.sizes_mbit[present] = numbers[0]
+            self.runtimes_ms = np.zeros(shape)
+            self.runtimes_ms[present] = numbers[1]
+            utilities = np.zeros(shape)
+            utilities[present] = numbers[2]
+        self.is_fallback = self.sizes_mbit == 0
+        self.values = utilities * self.weights[:, None]
+        self.negated_values = -self.values
+        self.row_numbers = np.arange(len(counts))[:, None]
 
-    def _looks_valid(self, utilities: np.ndarray, counts: list[int]) -> bool:
-        if not self.services or min(counts) == 0:
-            return False
-        if not (np.all(np.isfinite(self.weights)) and np.all(self.weights >= 0)):
-            return False
-        finite = np.isfinite(self.sizes_mbit) & np.isfinite(self.runtimes_ms) & np.isfinite(utilities)
-        if not (finite.all() and (self.sizes_mbit >= 0).all() and (self.runtimes_ms >= 0).all()):
-            return False
-        fallbacks_per_service = np.add.reduceat((self.sizes_mbit == 0).astype(np.intp), self.offsets[:-1])
-        if not (fallbacks_per_service > 0).all():
-            return False
-        if len({service.name for service in self.services}) != len(self.services):
-            return False
-        return all(len({o.name for o in service.options}) == len(service.options) for service in self.services)
+    def _read_options(self, option_tuples: list[tuple], counts: list[int]) -> np.ndarray:
+        """(3, total) sizes, runtimes and utilities of every option; validates them and
+        remembers each valid options tuple."""
+        options = list(chain.from_iterable(option_tuples))
+        try:
+            numbers = np.array([list(map(_SIZE_MBIT, options)), list(map(_RUNTIME_MS, options)),
+                                list(map(_UTILITY, options))], dtype=float)
+        except (TypeError, ValueError):
+            check_services(self.services)  # names the offending service or option
+            raise
+        sizes, runtimes = numbers[0], numbers[1]
+        starts = np.cumsum([0] + counts[:-1])
+        # Finite and >= 0 (NaN fails every comparison); at least one fallback (size 0) per service.
+        if not (
+            np.isfinite(numbers[2]).all()
+            and ((sizes >= 0) & (sizes < math.inf) & (runtimes >= 0) & (runtimes < math.inf)).all()
+            and (np.add.reduceat(sizes == 0, starts) > 0).all()
+            and all(len(set(map(_NAME, options))) == len(options) for options in option_tuples)
+        ):
+            check_services(self.services)  # names the offending service or option
+        for options, start, count in zip(option_tuples, starts.tolist(), counts, strict=True):
+            _OPTION_NUMBERS[id(options)] = (options, numbers[:, start:start + count])
+        while len(_OPTION_NUMBERS) > _OPTION_NUMBERS_KEPT:
+            del _OPTION_NUMBERS[next(iter(_OPTION_NUMBERS))]
+        return numbers
+
+    def critical_bandwidths_mbps(self, rtt_ms: float, slo_ms: float) -> np.ndarray:
+        """Critical bandwidth of every cell (inf where the SLO is out of reach, and on padding);
+        the same arithmetic as `avcloud.types.critical_bandwidth_mbps`, bit for bit."""
+        slack_s = slo_ms - self.runtimes_ms
+        slack_s -= rtt_ms
+        slack_s /= 1000.0
+        bandwidths_mbps = np.full(slack_s.shape, math.inf)
+        np.divide(self.sizes_mbit, slack_s, out=bandwidths_mbps, where=slack_s > 0)
+        bandwidths_mbps[self.is_fallback] = 0.0
+        if self.padding is not None:
+            bandwidths_mbps[self.padding] = math.inf
+        return bandwidths_mbps
 
 
 class Frontier:
@@ -84,24 +159,49 @@ class Frontier:
         self.option_indices = option_indices
 
 
+class FrontierTable:
+    """Every service's frontier, concatenated in service order: `costs` (ascending within a
+    service), `values` (strictly ascending within a service), `option_indices` into the
+    service's options; service s owns [starts[s], starts[s + 1])."""
+
+    __slots__ = ("costs", "values", "option_indices", "starts")
+
+    def __init__(self, costs: np.ndarray, values: np.ndarray, option_indices: np.ndarray, starts: list[int]):
+        self.costs = costs
+        self.values = values
+        self.option_indices = option_indices
+        self.starts = starts
+
+    def frontiers(self) -> list[Frontier]:
+        bounds = self.starts
+        return [
+            Frontier(self.costs[start:end], self.values[start:end], self.option_indices[start:end])
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
+
+def build_frontier_table(arrays: ProblemArrays, rtt_ms: float, slo_ms: float) -> FrontierTable:
+    """Every service's frontier at once: per row, sort by (critical bandwidth, utility
+    descending, table order) and keep the reachable points strictly more useful than every
+    cheaper one."""
+    bandwidths_mbps = arrays.critical_bandwidths_mbps(rtt_ms, slo_ms)
+    order = np.lexsort((arrays.negated_values, bandwidths_mbps), axis=1)
+    rows = arrays.row_numbers
+    costs = bandwidths_mbps[rows, order]
+    values = arrays.values[rows, order]
+    keep = np.empty(costs.shape, dtype=bool)
+    keep[:, 0] = True  # the cheapest option of a row is an on-car fallback (cost 0)
+    np.greater(values[:, 1:], np.maximum.accumulate(values, axis=1)[:, :-1], out=keep[:, 1:])
+    keep &= costs < math.inf
+    starts = [0]
+    for length in keep.sum(axis=1).tolist():
+        starts.append(starts[-1] + length)
+    return FrontierTable(costs[keep], values[keep], order[keep], starts)
+
+
 def build_frontiers(arrays: ProblemArrays, rtt_ms: float, slo_ms: float) -> list[Frontier]:
-    """Every service's frontier at once: drop options that cannot meet the SLO, sort by
-    (service, critical bandwidth, utility descending, table order), keep per-service records."""
-    bandwidths_mbps = critical_bandwidths_from_arrays(arrays.sizes_mbit, arrays.runtimes_ms, rtt_ms, slo_ms)
-    candidates = np.flatnonzero(np.isfinite(bandwidths_mbps))
-    service_ids = arrays.service_ids[candidates]
-    order = np.lexsort((candidates, -arrays.values[candidates], bandwidths_mbps[candidates], service_ids))
-    candidates, service_ids = candidates[order], service_ids[order]
-    # Keys increase from one service to the next, so a plain running maximum restarts per service.
-    keys = service_ids * (arrays.values.shape[0] + 1) + arrays.value_ranks[candidates]
-    kept = candidates[_strict_records(keys)]
-    bounds = np.searchsorted(arrays.service_ids[kept], np.arange(len(arrays.services) + 1))
-    costs, values = bandwidths_mbps[kept], arrays.values[kept]
-    local = kept - arrays.offsets[arrays.service_ids[kept]]
-    return [
-        Frontier(costs[start:end], values[start:end], local[start:end])
-        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
-    ]
+    """Every service's frontier (see `build_frontier_table`), one object per service."""
+    return build_frontier_table(arrays, rtt_ms, slo_ms).frontiers()
 
 
 def _strict_records(values: np.ndarray) -> np.ndarray:
@@ -111,6 +211,50 @@ def _strict_records(values: np.ndarray) -> np.ndarray:
         keep[0] = True
         keep[1:] = values[1:] > np.maximum.accumulate(values)[:-1]
     return keep
+
+
+def _combinations(costs: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Total cost and value of every combination of one point per service (row-major order)."""
+    total_costs, total_values = costs[0], values[0]
+    for more_costs, more_values in zip(costs[1:], values[1:], strict=True):
+        total_costs = np.add.outer(total_costs, more_costs).ravel()
+        total_values = np.add.outer(total_values, more_values).ravel()
+    return total_costs, total_values
+
+
+def meet_in_the_middle(table: FrontierTable, limit_mbps: float) -> list[int] | None:
+    """The optimal frontier point per service for one budget, by pairing every combination of
+    the first half of the services with the best fitting combination of the second half; None
+    when the halves would have too many combinations (use the DP)."""
+    bounds = table.starts
+    # Points over the limit can never be part of a solution; a service's points are cost-sorted.
+    within = np.add.reduceat(table.costs <= limit_mbps, bounds[:-1]).tolist()
+    half = len(within) // 2
+    if math.prod(within[:half]) > MEET_IN_THE_MIDDLE_MAX_COMBINATIONS or (
+            math.prod(within[half:]) > MEET_IN_THE_MIDDLE_MAX_COMBINATIONS):
+        return None
+    costs = [table.costs[start:start + count] for start, count in zip(bounds, within, strict=False)]
+    if half == 0:
+        return [within[0] - 1]
+    values = [table.values[start:start + count] for start, count in zip(bounds, within, strict=False)]
+    first_costs, first_values = _combinations(costs[:half], values[:half])
+    second_costs, second_values = _combinations(costs[half:], values[half:])
+    order = np.argsort(second_costs, kind="stable")
+    second_costs = second_costs[order]
+    best_second = np.maximum.accumulate(second_values[order])
+    partners = np.searchsorted(second_costs, limit_mbps - first_costs, side="right") - 1
+    # The subtraction may round; never accept a pair whose sum exceeds the limit.
+    partners -= first_costs + second_costs[partners] > limit_mbps
+    totals = np.where(partners >= 0, first_values + best_second[np.maximum(partners, 0)], -math.inf)
+    first = int(np.argmax(totals))
+    second = int(order[int(np.argmax(second_values[order[: int(partners[first]) + 1]]))])
+    points = []
+    for combination, counts in ((first, within[:half]), (second, within[half:])):
+        for count in reversed(counts):
+            combination, point = divmod(combination, count)
+            points.append(point)
+    # Unravelled last service first within each half.
+    return points[:half][::-1] + points[half:][::-1]
 
 
 class _FrontierDP:
@@ -196,17 +340,30 @@ class PreparedServices:
         self.services = self.arrays.services
         self.rtt_ms = rtt_ms
         self.slo_ms = slo_ms
-        self.frontiers = build_frontiers(self.arrays, rtt_ms, slo_ms)
+        self.table = build_frontier_table(self.arrays, rtt_ms, slo_ms)
+        self._frontiers: list[Frontier] | None = None
         self._solve_count = 0
         self._whole: _FrontierDP | None = None
         self._whole_too_large = len(self.services) > 3 * PLAIN_DP_MAX_SERVICES
         self._segments: HullSegments | None = None
         self._flat: tuple[np.ndarray, ...] | None = None
 
+    @property
+    def frontiers(self) -> list[Frontier]:
+        if self._frontiers is None:
+            self._frontiers = self.table.frontiers()
+        return self._frontiers
+
     def solve(self, budget_mbps: float) -> tuple[list[int], list[float]]:
         """Option index (into each service's options) and critical bandwidth of the optimum."""
         limit_mbps = budget_limit_mbps(budget_mbps)
         self._solve_count += 1
+        if self._whole is None and len(self.services) <= PLAIN_DP_MAX_SERVICES and (
+                self._solve_count == 1 or self._whole_too_large):
+            points = meet_in_the_middle(self.table, limit_mbps)
+            if points is not None:
+                flat = [start + point for start, point in zip(self.table.starts, points, strict=False)]
+                return self.table.option_indices[flat].tolist(), self.table.costs[flat].tolist()
         if self._whole is None and self._solve_count >= 2 and not self._whole_too_large:
             self._whole = self._merge(range(len(self.frontiers)), math.inf, CACHED_FRONTIER_MAX_STATES)
             self._whole_too_large = self._whole is None
