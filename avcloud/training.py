@@ -43,6 +43,7 @@ from avcloud.errors import UserError
 from avcloud.models.cards import ModelCard, OutputConvention, TorchWeights, save_card
 from avcloud.models.centernet import FAMILY, FAMILY_CLASS_MAP, OUTPUT_STRIDE, CenterNetSpec
 from avcloud.paths import cache_dir
+from avcloud.pools import serve_the_parent_only, stop_pool
 from avcloud.types import ALL_CAMERAS, GroundTruth, ObjectType
 
 NORMALISATION_MEAN = (110.0, 110.0, 110.0)
@@ -138,11 +139,16 @@ def training_pool(preset: TrainingPreset, workers: int = 2, progress: Callable[[
     jobs = [(seed, frame, camera) for seed in preset.pool_seeds for frame in preset.pool_frame_indices for camera in ALL_CAMERAS]
     pool: list[PoolImage] = []
     if workers > 1:
-        with ProcessPoolExecutor(workers) as executor:
+        executor = ProcessPoolExecutor(workers, initializer=serve_the_parent_only)
+        try:
             for image in executor.map(_render_pool_image, jobs, chunksize=4):
                 pool.append(image)
                 if progress:
                     progress(len(pool), len(jobs))
+        except BaseException:  # SIGINT, SIGTERM or a failed render: no worker outlives the command
+            stop_pool(executor)
+            raise
+        executor.shutdown(wait=True)
     else:
         for job in jobs:
             pool.append(_render_pool_image(job))
@@ -466,7 +472,8 @@ def train_family(
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager:
             queue = manager.Queue()
-            with ProcessPoolExecutor(max(1, workers), mp_context=context) as executor:
+            executor = ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=serve_the_parent_only)
+            try:
                 # Largest first, so the two workers finish at about the same time.
                 by_cost = sorted(names, key=lambda name: -FAMILY[name][1].input_width)
                 futures = [
@@ -484,6 +491,11 @@ def train_family(
                 while not queue.empty():
                     model, step, total, loss = queue.get()
                     bar.update(tasks[model], completed=step, loss=f"loss {loss:.3f}")
+            except BaseException:  # SIGINT, SIGTERM (avcloud.errors.Terminated) or a failed model
+                stop_pool(executor)  # no training worker outlives the command
+                pool_path.unlink(missing_ok=True)
+                raise
+            executor.shutdown(wait=True)
         pool_path.unlink(missing_ok=True)
     return [load_card(out_path / f"{name}.yaml") for name in names]
 

@@ -77,3 +77,8 @@ def test_cloud_workers_must_be_positive(capsys):
 def test_bad_cloud_runtime_model(capsys, choice, message):
     code, err = run_cli(capsys, "--cloud", choice)
     assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_mcap_of_a_policy_not_replayed(capsys):
+    code, err = run_cli(capsys, "--policy", "turbo", "--mcap", "oracle")
+    assert code == 2 and err.count("\n") == 1 and "--mcap oracle: not among the replayed policies" in err

@@ -70,6 +70,10 @@ def register(subparsers) -> None:
                         help="run the real cloud service, link emulator, onboard daemon, player and recorder on loopback")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder (default runs/replay-<timestamp>)")
+    parser.add_argument("--mcap", nargs="+", default=None, metavar="POLICY",
+                        help="also write these policies' runs as MCAP recordings in the report folder (camera "
+                             "images, each result with its source, the allocation and bandwidth estimate per frame; "
+                             "opens in Foxglove)")
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
@@ -88,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
         cloud=args.cloud, models=tuple(args.models or ()),
     )
-    check_options(options)
+    replayed = check_options(options)
+    for name in args.mcap or ():
+        if name not in replayed:
+            raise UserError(f"--mcap {name}: not among the replayed policies ({', '.join(replayed)})")
+        if args.live:
+            raise UserError("--mcap: a live replay is recorded by `avcloud record --format mcap`")
     # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).
     console = Console() if sys.stdout.isatty() else Console(width=150)
     if args.live:
@@ -105,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         write_report(document, results, out_dir)
     except OSError as error:
         raise UserError(f"--out {out_dir}: cannot write the report ({error.strerror or error})") from None
+    if args.mcap:
+        from avcloud.replay.recording import write_policy_mcap
+
+        for number, result in enumerate(results):
+            for name in args.mcap:
+                write_policy_mcap(result.case, result.runs[name], out_dir / f"case{number}-{name}.mcap")
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")

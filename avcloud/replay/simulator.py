@@ -157,6 +157,8 @@ class PolicyRun:
     published: list[list[np.ndarray | None]] | None = None
     counters: dict[str, int] = field(default_factory=dict)
     rtt_estimate_ms: np.ndarray | None = None  # float64 [F], the agent's RTT estimate when it planned
+    latency_ms: np.ndarray | None = None  # float64 [F, C], capture -> publish of each result
+    published_config: list[list[str]] | None = None  # the configuration each result came from
     policy_spec: dict[str, Any] = field(default_factory=dict)
 
     def served_config(self) -> np.ndarray:
@@ -426,26 +428,42 @@ class SimulatedUplink:
         now_ms = self.loop.clock.now_ms()
         header, payload = decode_request(frames)
         wire_bytes = len(frames[0]) + payload.nbytes
-        transfer = self.link.send(now_ms, wire_bytes)
+        later = getattr(self.link, "delivers_later", False)
+        if later:
+            # A shared cell (avcloud/fleet/cell.py): when the last packet leaves depends on other
+            # vehicles' later sends, so the link calls back with the delivery time instead.
+            index, epoch = len(self.transfers), self.epoch
+            transfer = self.link.send(now_ms, wire_bytes,
+                                      lambda delivered_ms: self._delivered(index, epoch, header, payload, delivered_ms))
+        else:
+            transfer = self.link.send(now_ms, wire_bytes)
         if not transfer.accepted:
             return False
         self.transfers.append((now_ms, transfer.delivered_ms, wire_bytes))
         self.sent_bytes += wire_bytes
-        if header.kind == PING:  # the service answers a ping at once (if it is running)
-            if self.cloud.faults.is_down(transfer.delivered_ms + self.half_rtt_ms):
-                return True
+        if header.kind != PING:
+            self.sent[(header.frame, header.task)] = now_ms
+        if not later:
+            self._delivered(None, self.epoch, header, payload, transfer.delivered_ms)
+        return True
+
+    def _delivered(self, index: int | None, epoch: int, header, payload, delivered_ms: float) -> None:
+        """The request's last packet left the uplink at `delivered_ms` (`index`: the transfer to
+        complete): it reaches the cloud RTT/2 later; the service answers a ping at once (if running)."""
+        if index is not None:
+            enqueue_ms, _, wire_bytes = self.transfers[index]
+            self.transfers[index] = (enqueue_ms, delivered_ms, wire_bytes)
+        if header.kind == PING:
+            if self.cloud.faults.is_down(delivered_ms + self.half_rtt_ms):
+                return
             pong = encode_reply(reply_to(header, OK))
-            epoch = self.epoch
-            self.loop.at(transfer.delivered_ms + 2 * self.half_rtt_ms,
+            self.loop.at(delivered_ms + 2 * self.half_rtt_ms,
                          lambda: self.on_reply(pong) if epoch == self.epoch else None, self.owner)
-            return True
-        self.sent[(header.frame, header.task)] = now_ms
+            return
         config = self.car.encoded_config[(header.frame, header.task)]
         runtime_ms = float(self.car.scenario.runtime_ms[self.car.scenario.config_position[config]])
-        route = _ReplyRoute(self, self.epoch, header.frame, header.task)
-        self.loop.at(transfer.delivered_ms + self.half_rtt_ms,
-                     lambda: self.cloud.arrive(route, header, payload, runtime_ms))
-        return True
+        route = _ReplyRoute(self, epoch, header.frame, header.task)
+        self.loop.at(delivered_ms + self.half_rtt_ms, lambda: self.cloud.arrive(route, header, payload, runtime_ms))
 
     def reset(self) -> None:
         self.epoch += 1
@@ -575,6 +593,8 @@ class ReplayedCar:
         cache_car = CacheBackedCar(scenario, detections)
         self.published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
         self.sources = np.zeros((frames, cameras), dtype=np.int8)  # 1 = cloud
+        self.latency_ms = np.full((frames, cameras), math.nan)  # capture -> publish
+        self.published_config: list[list[str]] = [[""] * cameras for _ in range(frames)]
         self.frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
         self.camera_position = {name: position for position, name in enumerate(scenario.cameras)}
         self.woken = False  # an executor finished: the agent asked for a step (the node's wake pipe)
@@ -608,6 +628,8 @@ class ReplayedCar:
         f, c = self.frame_position[result.frame_index], self.camera_position[result.camera]
         self.published[f][c] = result.detections
         self.sources[f, c] = result.source == "cloud"
+        self.latency_ms[f, c] = result.latency_ms
+        self.published_config[f][c] = result.config
 
     def _start_frame(self, f: int) -> None:
         scenario, agent = self.scenario, self.agent
@@ -670,6 +692,7 @@ class ReplayedCar:
             transfers=uplink.transfers, samples=self.samples, wall_s=wall_s, published=self.published,
             counters={key: int(value) for key, value in self.agent.counters.__dict__.items()},
             rtt_estimate_ms=self.rtt_estimate_ms, policy_spec=self.policy.to_json_dict(),
+            latency_ms=self.latency_ms, published_config=self.published_config,
         )
 
 
