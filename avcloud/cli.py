@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "avcloud.commands.keys",
     "avcloud.commands.cloud",
     "avcloud.commands.replay",
+    "avcloud.commands.fleet",
     "avcloud.commands.models",
     "avcloud.commands.profile",
     "avcloud.commands.onboard",

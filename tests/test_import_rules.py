@@ -19,7 +19,7 @@ ALLOWED_PEERS = {
 }
 # Modules of avcloud that orchestrate everything; all other avcloud modules are the kernel.
 AVCLOUD_TOP_LEVEL = ("avcloud.cli", "avcloud.__main__", "avcloud.commands", "avcloud.replay",
-                     "avcloud.profiler", "avcloud.training")
+                     "avcloud.fleet", "avcloud.profiler", "avcloud.training")
 
 
 def module_name(path: Path) -> str:
