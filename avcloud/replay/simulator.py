@@ -27,12 +27,13 @@ Cloud runtimes come from the scenario, i.e. from a declared runtime model
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -193,6 +194,67 @@ class EventLoop:
         return owner
 
 
+class SimulatedFuture:
+    """The part of `concurrent.futures.Future` the agent uses, without its locks: in simulated
+    time one thread does everything, and the replay creates thousands of these per second."""
+
+    __slots__ = ("_state", "_result", "_error", "_callbacks")
+
+    def __init__(self) -> None:
+        self._state = "pending"  # pending -> running -> done, or pending -> cancelled
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable] = []
+
+    def cancel(self) -> bool:
+        if self._state == "pending":
+            self._state = "cancelled"
+            self._finish()
+        return self._state == "cancelled"
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def done(self) -> bool:
+        return self._state in ("done", "cancelled")
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._state == "cancelled":
+            return False
+        self._state = "running"
+        return True
+
+    def set_result(self, result) -> None:
+        self._result, self._state = result, "done"
+        self._finish()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error, self._state = error, "done"
+        self._finish()
+
+    def result(self, timeout: float | None = None):
+        if self._state == "cancelled":
+            from concurrent.futures import CancelledError
+
+            raise CancelledError()
+        if self._state != "done":
+            raise RuntimeError("a simulated future has no result before its simulated time")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def add_done_callback(self, callback: Callable) -> None:
+        if self.done():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def _finish(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+
 class SimulatedExecutor(Executor):
     """An executor whose work takes simulated time: `duration_ms(*args)` on one of `workers`
     workers (None: as many as there is work), first come first served. The function runs when
@@ -205,24 +267,24 @@ class SimulatedExecutor(Executor):
         self.workers = workers
         self.owner = owner
         self._busy = 0
-        self._queue: list[tuple[Future, Callable, tuple]] = []
+        self._queue: collections.deque[tuple[SimulatedFuture, Callable, tuple]] = collections.deque()
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
-        future: Future = Future()
+    def submit(self, fn, /, *args, **kwargs) -> SimulatedFuture:  # type: ignore[override]
+        future = SimulatedFuture()
         self._queue.append((future, fn, args))
         self._start_queued()
         return future
 
     def _start_queued(self) -> None:
         while self._queue and (self.workers is None or self._busy < self.workers):
-            future, fn, args = self._queue.pop(0)
+            future, fn, args = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             self._busy += 1
             finish_ms = self.loop.clock.now_ms() + max(0.0, float(self.duration_ms(*args)))
             self.loop.at(finish_ms, lambda future=future, fn=fn, args=args: self._finish(future, fn, args), self.owner)
 
-    def _finish(self, future: Future, fn: Callable, args: tuple) -> None:
+    def _finish(self, future: SimulatedFuture, fn: Callable, args: tuple) -> None:
         self._busy -= 1
         try:
             future.set_result(fn(*args))
