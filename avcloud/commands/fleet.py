@@ -22,23 +22,32 @@ offloading stops paying, and writes a report folder (results.json, plots, summar
 """
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+def _int_list(groups: list[list[str]] | None, label: str) -> list[int] | None:
+    """Whole numbers from `--vehicles 1 2 4` or `--vehicles 1,2,4` (UserError naming a bad one)."""
+    if groups is None:
+        return None
+    values = []
+    for part in (part for group in groups for text in group for part in text.replace(",", " ").split()):
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise UserError(f"{label}: '{part}' is not a whole number") from None
+    return values
 
 
-def _workers_list(text: str) -> list[int | None]:
+def _workers_list(groups: list[list[str]] | None) -> list[int | None] | None:
+    """Pool sizes: whole numbers or 'unlimited' (a pool that never queues)."""
+    if groups is None:
+        return None
     values: list[int | None] = []
-    for part in text.replace(",", " ").split():
-        if part in ("unlimited", "inf", "none"):
+    for part in (part for group in groups for text in group for part in text.replace(",", " ").split()):
+        if part == "unlimited":
             values.append(None)
             continue
         try:
             values.append(int(part))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{part}' is neither a whole number nor 'unlimited'") from None
+            raise UserError(f"--workers: '{part}' is neither a whole number nor 'unlimited'") from None
     return values
 
 
@@ -61,9 +70,9 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("fleet", help="simulate many vehicles sharing one cell and one GPU pool",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vehicles", action="extend", nargs="+", type=_int_list, metavar="N",
+    parser.add_argument("--vehicles", action="append", nargs="+", metavar="N",
                         help=f"fleet sizes to simulate (default {' '.join(map(str, DEFAULT_VEHICLES))})")
-    parser.add_argument("--workers", action="extend", nargs="+", type=_workers_list, metavar="K",
+    parser.add_argument("--workers", action="append", nargs="+", metavar="K",
                         help=f"GPU pool sizes: workers, each running one batch at a time, or 'unlimited' "
                              f"(default {DEFAULT_WORKERS}); at most one per camera of the fleet")
     parser.add_argument("--policy", dest="policies", action="extend", nargs="+", type=_name_list, metavar="NAME",
@@ -120,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from avcloud.fleet.report import print_tables, write_report
 
+    vehicles = _int_list(args.vehicles, "--vehicles")
+    workers = _workers_list(args.workers)
     options = FleetOptions(
-        vehicles=[n for group in (args.vehicles or [list(DEFAULT_VEHICLES)]) for n in group],
-        workers=[k for group in (args.workers or [[DEFAULT_WORKERS]]) for k in group],
+        vehicles=list(DEFAULT_VEHICLES) if vehicles is None else vehicles,
+        workers=[DEFAULT_WORKERS] if workers is None else workers,
         policies=[name for group in (args.policies or [list(DEFAULT_POLICIES)]) for name in group],
         scheduler=args.scheduler, phase=args.phase, scene_paths=args.scenes or (), trace_paths=args.traces or (),
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, profile_dir=args.profile,
