@@ -50,10 +50,13 @@ class PolicySpec:
     initial_estimate_mbps: float = 1.0  # planned with until the first sample
     stale_after_ms: float = 1000.0  # no sample this long and a plan that sends nothing: one discovery request
     ping_interval_ms: float = 1000.0  # RTT pings (inf: none, for a policy that never sends)
-    quantile_window: int = 20  # one-step forecast errors the quantile planner sees
+    quantile_window: int = 50  # one-step forecast errors the quantile planner sees
     quantile_min_samples: int = 2  # fewer samples: plan at the point estimate
     quantiles: tuple[float, ...] | None = None  # None: optimizer.quantile.DEFAULT_QUANTILES
-    forecast_recalibration: bool = True  # quantile planner: recalibrate the forecast from its own misses
+    # Quantile planner: recalibrate the forecast from its own misses. Off by default: measured on
+    # the bundled and shared traces, the raw forecast is already calibrated against the next sample
+    # (12% / 49% / 88% below its P10 / P50 / P90), and recalibrating did not raise mAP.
+    forecast_recalibration: bool = False
     miss_cost: float = 0.5  # quantile planner: a miss also costs this fraction of the plan's gain
     # Oracle only: plan for this fraction of the true capacity; the replay tries each and keeps the
     # best in hindsight (planning at exactly the capacity is not the best one can do).

@@ -1,0 +1,62 @@
+"""Bandwidth discovery and the forecast behind turbo-q: bounded time to learn a link that opens,
+and a forecast whose quantiles mean what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from replay_fakes import constant_opportunities, make_case
+
+from avcloud.replay.simulator import simulate_policy
+from optimizer.bandwidth import QuantileForecaster
+from optimizer.policies import get_policy
+
+FRAME_MS = 100.0
+
+
+def dark_then_open(open_s: float, mbps: float, total_s: float) -> np.ndarray:
+    return open_s * 1000 + constant_opportunities(mbps, total_s - open_s)
+
+
+@pytest.mark.parametrize("policy", ["turbo", "turbo-q", "equal"])
+@pytest.mark.parametrize("open_s", [2.0, 5.0])
+def test_a_link_that_opens_late_is_found_within_the_stated_bound(policy, open_s):
+    """Worst case to the first useful sample after the link opens (README: bandwidth discovery):
+    what was queued in the dark comes back within an SLO (slow samples: they measured the dark),
+    then a discovery request is planned within stale_after_ms + one frame and answered within
+    its SLO."""
+    case = make_case(dark_then_open(open_s, 6.0, 20.0), frames=150)
+    spec = get_policy(policy)
+    run = simulate_policy(spec, case.scenario, case.schedule, case.detections_at)
+    open_ms = open_s * 1000
+    bound_ms = open_ms + spec.stale_after_ms + FRAME_MS + 2 * case.scenario.slo_ms
+    useful = [sample for sample in run.samples if sample.observed_ms >= open_ms and sample.throughput_mbps > 0.5]
+    assert useful and useful[0].observed_ms <= bound_ms, [(s.observed_ms, s.throughput_mbps) for s in run.samples[:8]]
+    # ...and the cloud serves frames again soon after: within 3 s of the link opening.
+    served = np.flatnonzero((run.served_config() >= 0).any(axis=1))
+    assert served.size and served[served >= open_ms / FRAME_MS].min() * FRAME_MS <= open_ms + 3000.0
+
+
+def test_discovery_requests_grow_while_they_come_back_in_time():
+    # A thin but working link: the plan at the start value sends nothing, discovery finds more.
+    case = make_case(constant_opportunities(4.0, 20.0), frames=60)
+    run = simulate_policy(get_policy("turbo", {"initial_estimate_mbps": 0.2}), case.scenario, case.schedule,
+                          case.detections_at)
+    sizes = [case.scenario.config_names[k] for k in run.planned_config[:20].max(axis=1) if k >= 0]
+    assert sizes, "nothing was sent"
+    assert run.counters["published_cloud"] > 0
+    assert np.nanmedian(run.estimate_mbps[30:]) > 2.0  # it learnt the link from a 0.2 Mbps start
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_the_forecast_is_calibrated_on_a_stationary_process(recalibrate):
+    rng = np.random.default_rng(7)
+    forecaster = QuantileForecaster(window=50, recalibrate=recalibrate)
+    below = []
+    for step, value in enumerate(rng.lognormal(np.log(5.0), 0.5, size=3000)):
+        forecast = forecaster.samples_mbps()
+        if step >= 100:
+            below.append([value < np.quantile(forecast, q) for q in (0.1, 0.5, 0.9)])
+        forecaster.observe(float(step), float(value))
+    coverage = np.mean(below, axis=0)
+    assert coverage == pytest.approx([0.1, 0.5, 0.9], abs=0.04)
