@@ -125,11 +125,11 @@ class CellUplink:
         if now_ms < self._last_send_ms:
             raise ValueError("messages must be sent in time order")
         self._last_send_ms = now_ms
-        first_usable = self.schedule.first_index_at_or_after(now_ms)
-        if self._next_index < first_usable:
-            if self._backlogged:
+        if self._backlogged:
+            if self._time_ms(self._next_index) < now_ms:
                 raise ValueError("the cell was not advanced before this send (call advance() after every instant)")
-            self._next_index = first_usable  # nothing queued: the opportunities before now are lost
+        else:  # nothing queued: the opportunities before now went unused
+            self._next_index = max(self._next_index, self.schedule.first_index_at_or_after(now_ms))
         packets = packets_for(size_bytes)
         queue = self._queues[vehicle]
         if self.queue_limit_bytes is not None and queue.queued_packets * PACKET_BYTES + size_bytes > self.queue_limit_bytes:
@@ -150,6 +150,8 @@ class CellUplink:
     def advance(self, next_event_ms: Callable[[], float]) -> None:
         """Hand out every opportunity before `next_event_ms()` (reread after each delivery, whose
         callback may schedule an earlier event); with no event left, until the backlog is gone."""
+        if not self._backlogged:
+            return  # idle: the opportunities go unused (`enqueue` skips past them)
         limit_ms = next_event_ms()
         while self._backlogged:
             time_ms = self._time_ms(self._next_index)
@@ -161,8 +163,6 @@ class CellUplink:
                 delivered = self._serve_one(time_ms)
             if delivered:
                 limit_ms = next_event_ms()
-        if math.isfinite(limit_ms):
-            self._next_index = max(self._next_index, self.schedule.first_index_at_or_after(limit_ms))
 
     def _serve_one(self, time_ms: int) -> bool:
         """The opportunity at `time_ms` goes to the scheduler's choice; True if a message completed."""

@@ -64,9 +64,11 @@ class VehicleCase:
     source: DetectionSource
     ground_truths: dict[str, list[GroundTruth]]
 
+    def __post_init__(self) -> None:
+        self._frame_indices = [int(index) for index in self.scenario.frame_indices]
+
     def detections_at(self, frame: int, camera: int, config: str) -> np.ndarray:
-        scenario = self.scenario
-        return self.source.detections(int(scenario.frame_indices[frame]), scenario.cameras[camera], config)
+        return self.source.detections(self._frame_indices[frame], self.scenario.cameras[camera], config)
 
 
 def rotated_scenario(scenario: ReplayScenario, offset_frames: int) -> ReplayScenario:
@@ -163,14 +165,14 @@ def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | N
                 continue
             return
         time_ms = events[0][0]
-        touched: dict[int, ReplayedCar] = {}
+        touched: dict[ReplayedCar, None] = {}  # cars hash by identity; insertion order as run_cars
         while events and events[0][0] == time_ms:
             owner = events[0][3]
-            if owner is not None and id(owner) not in touched:
-                touched[id(owner)] = owner
+            if owner is not None and owner not in touched:
+                touched[owner] = None
                 owner.agent.defer_steps()
             run_next()
-        for car in touched.values():
+        for car in touched:
             car.agent.resume_steps()
             car.end_of_instant()
         if advance is not None:

@@ -1,0 +1,153 @@
+"""Fleet simulation speed: simulated seconds per wall-clock second for 10, 100 and 1000 vehicles.
+
+Every vehicle is the shipped onboard agent (5 cameras of the default scene, from spread frame
+offsets) with the default policy (turbo-q), on one simulated clock, sharing the default cell
+trace under proportional fair scheduling and the default GPU pool (4 workers). Targets on 2
+cores: >= 10x real time at 100 vehicles, >= 1x at 1000, peak memory at 1000 vehicles < 4 GB.
+
+Two uplink modes: `shared` (one cell: with many vehicles each gets a thin share and mostly stays
+on board, the cheap case) and `private` (every vehicle its own copy of the trace: each is as busy
+as a single car, the expensive case; up to 100 vehicles). Each (size, mode) runs in its own
+process, so its peak memory (max RSS) is its own. Larger fleets simulate fewer frames (the
+speed is per simulated second either way). `breakdown` profiles one 100-vehicle run by package:
+where the time goes.
+
+    python benchmarks/bench_fleet.py [--quick] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchjson import write_report
+
+POLICY = "turbo-q"
+WORKERS = 4
+# (vehicles, mode, frames): full and --quick runs
+RUNS = [(10, "shared", 200), (100, "shared", 100), (1000, "shared", 30), (10, "private", 200), (100, "private", 50)]
+QUICK_RUNS = [(10, "shared", 50), (100, "shared", 20), (1000, "shared", 10), (10, "private", 50), (100, "private", 10)]
+TARGETS = {"10x_at_100_vehicles": 10.0, "1x_at_1000_vehicles": 1.0, "peak_rss_mb_at_1000_vehicles": 4096.0}
+
+
+def one_run(vehicles: int, mode: str, frames: int, breakdown: bool) -> dict:
+    """One fleet simulation in this process (the child's side)."""
+    from avcloud.fleet.job import FleetInputs, load_inputs
+    from avcloud.fleet.metrics import summarise_fleet
+    from avcloud.fleet.simulation import simulate_fleet, vehicle_cases
+    from optimizer.policies import get_policy
+
+    started = time.perf_counter()
+    loaded = load_inputs(FleetInputs((), (), 50.0, 200.0, max_frames=frames))
+    cases = vehicle_cases(loaded.scenes, vehicles)
+    load_s = time.perf_counter() - started
+    scheduler = "pf" if mode == "shared" else "per-vehicle"
+    schedules = [loaded.traces[0].schedule]
+    profiler = None
+    if breakdown:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    started = time.perf_counter()
+    run = simulate_fleet(get_policy(POLICY), cases, schedules, scheduler, WORKERS)
+    simulate_s = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+    started = time.perf_counter()
+    summary = summarise_fleet(run, loaded.scorers, loaded.onboard_maps)
+    score_s = time.perf_counter() - started
+    simulated_s = run.horizon_ms / 1000.0
+    result = {
+        "vehicles": vehicles, "mode": mode, "scheduler": scheduler, "frames": frames, "cameras": 5,
+        "simulated_s": simulated_s, "load_s": load_s, "simulate_wall_s": simulate_s, "score_wall_s": score_s,
+        "simulated_seconds_per_wall_second": simulated_s / simulate_s,
+        "vehicle_frames_per_wall_second": vehicles * frames / simulate_s,
+        "wall_ms_per_vehicle_frame": 1000.0 * simulate_s / (vehicles * frames),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "mean_map": summary["map"]["mean"], "cloud_share": summary["cloud_share"],
+        "requests_sent": summary["requests_sent"],
+    }
+    if profiler is not None:
+        result["time_by_package"] = time_by_package(profiler)
+    return result
+
+
+def time_by_package(profiler) -> dict[str, float]:
+    """Share of the profiled time spent in each part of the simulation (own time, not cumulative)."""
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    groups: dict[str, float] = {}
+    for (file, _, _), (_, _, own_s, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/onboard/" in file:
+            group = "onboard agent (onboard/*)"
+        elif "/optimizer/" in file:
+            group = "planning (optimizer/*)"
+        elif "replay/simulator" in file:
+            group = "replay simulator: event loop, executors, cache-backed car, uplink, cloud"
+        elif "/cloudside/" in file:
+            group = "cloud scheduler (cloudside/*)"
+        elif "/fleet/" in file:
+            group = "fleet loop and cell (avcloud/fleet/*)"
+        elif file.endswith("protocol.py") or "/json/" in file:
+            group = "wire protocol (encode/decode, JSON)"
+        else:
+            group = "numpy, builtins and the rest"
+        groups[group] = groups.get(group, 0.0) + own_s
+    total = sum(groups.values()) or 1.0
+    return {group: round(own_s / total, 4) for group, own_s in sorted(groups.items(), key=lambda item: -item[1])}
+
+
+def in_child(vehicles: int, mode: str, frames: int, breakdown: bool = False) -> dict:
+    command = [sys.executable, __file__, "--one", str(vehicles), mode, str(frames)] + (["--breakdown"] if breakdown else [])
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"bench_fleet: the run with {vehicles} vehicles ({mode}) failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    parser.add_argument("--quick", action="store_true", help="fewer simulated frames per run")
+    parser.add_argument("--one", nargs=3, metavar=("VEHICLES", "MODE", "FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        vehicles, mode, frames = int(args.one[0]), args.one[1], int(args.one[2])
+        print(json.dumps(one_run(vehicles, mode, frames, args.breakdown)))
+        return 0
+    in_child(1, "shared", 2)  # profile the default scene first if it is not cached (not timed)
+    runs = [in_child(vehicles, mode, frames) for vehicles, mode, frames in (QUICK_RUNS if args.quick else RUNS)]
+    breakdown = in_child(100, "shared", 10 if args.quick else 50, breakdown=True)
+    speed = {(run["vehicles"], run["mode"]): run["simulated_seconds_per_wall_second"] for run in runs}
+    rss = {(run["vehicles"], run["mode"]): run["peak_rss_mb"] for run in runs}
+    result = {
+        "benchmark": "fleet",
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor()},
+        "policy": POLICY,
+        "gpu_workers": WORKERS,
+        "cell": "default synthetic LTE-like trace, proportional fair (shared) or a private copy per vehicle",
+        "quick": args.quick,
+        "runs": runs,
+        "time_by_package_100_vehicles_profiled": breakdown["time_by_package"],
+        "targets": TARGETS,
+        "met": {
+            "10x_at_100_vehicles": speed[(100, "shared")] >= TARGETS["10x_at_100_vehicles"],
+            "1x_at_1000_vehicles": speed[(1000, "shared")] >= TARGETS["1x_at_1000_vehicles"],
+            "peak_rss_mb_at_1000_vehicles": rss[(1000, "shared")] < TARGETS["peak_rss_mb_at_1000_vehicles"],
+        },
+    }
+    write_report(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
