@@ -52,6 +52,65 @@ class SecurityConfig(pydantic.BaseModel):
         return self.server_secret_key is not None and self.allowlist_dir is not None
 
 
+class RayConfig(pydantic.BaseModel):
+    """`engine: ray`: model replicas as a Ray Serve deployment behind a deadline-aware dispatcher."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Ray cluster to join: null = $RAY_ADDRESS when set (e.g. "auto" or "ray://head:10001"),
+    # else start a local Ray instance in this process (and stop it on shutdown).
+    address: str | None = None
+    # CPUs a local Ray instance may schedule on (null: all of this machine's).
+    num_cpus: float | None = pydantic.Field(None, gt=0)
+    # Serve application name (one per service; several services can share a Ray cluster).
+    app_name: str = pydantic.Field("avcloud", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Replica count: fixed when min == max, else autoscaled between them (queue depth and
+    # deadline slack, see cloudside.autoscaling). initial: the count to start with.
+    min_replicas: int = pydantic.Field(1, ge=1, le=1024)
+    max_replicas: int = pydantic.Field(1, ge=1, le=1024)
+    initial_replicas: int | None = pydantic.Field(None, ge=1, le=1024)
+    # Ray resources each replica reserves. num_gpus "auto": 1 when the cluster has GPUs, else 0.
+    replica_num_cpus: float = pydantic.Field(1.0, ge=0)
+    replica_num_gpus: float | Literal["auto"] = "auto"
+    # How requests reach replicas. edf: our dispatcher sends a request to a replica only when
+    # that replica can finish it before its deadline, earliest deadline first across the
+    # fleet, and each replica runs the EDF queue and batching. serve: plain Ray Serve (its
+    # own router and FIFO @serve.batch queue, no deadlines): a baseline for benchmarks.
+    dispatch: Literal["edf", "serve"] = "edf"
+    # A replica is sent more work only while the work it already holds is expected to take
+    # less than this; the rest waits at the dispatcher in deadline order (fleet-wide EDF).
+    dispatch_ahead_ms: float = pydantic.Field(50.0, ge=0)
+    # A replica holding a request this long past its expected finish is treated as hung: its
+    # requests are re-dispatched (or answered expired) and it gets no more work until it answers.
+    hang_timeout_ms: float = pydantic.Field(2000.0, gt=0)
+    # Ray Serve's health check of each replica (a replica whose worker is stuck fails it and
+    # is replaced).
+    health_check_period_s: float = pydantic.Field(2.0, gt=0)
+    health_check_timeout_s: float = pydantic.Field(5.0, gt=0)
+    # Autoscaling (min_replicas < max_replicas): the replicas are sized so that their busy
+    # time plus the waiting work spread over its deadline slack stays at this utilization.
+    target_utilization: float = pydantic.Field(0.7, gt=0, le=1)
+    upscale_delay_s: float = pydantic.Field(2.0, ge=0)
+    downscale_delay_s: float = pydantic.Field(10.0, ge=0)
+    # Seconds of replica metrics the autoscaler averages over.
+    look_back_period_s: float = pydantic.Field(2.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _replica_bounds(self) -> RayConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) is outside "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        if isinstance(self.replica_num_gpus, float) and self.replica_num_gpus < 0:
+            raise ValueError("replica_num_gpus must be >= 0 or 'auto'")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+
 class CloudConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -77,6 +136,9 @@ class CloudConfig(pydantic.BaseModel):
     max_image_pixels: int = pydantic.Field(1920 * 1280, ge=1)
     max_payload_bytes: int = pydantic.Field(16 * 1024 * 1024, ge=1)
     max_batch_size: int = pydantic.Field(8, ge=1, le=256)
+    # threads: worker threads in this process (`workers` of them, one per GPU); ray: model
+    # replicas as a Ray Serve deployment (see `ray`), behind the same ZeroMQ front end.
+    engine: Literal["threads", "ray"] = "threads"
     workers: int = pydantic.Field(1, ge=1, le=64)
     # Time reserved for the reply's trip back: server deadline = arrival + budget - this.
     downlink_allowance_ms: float = pydantic.Field(0.0, ge=0)
@@ -84,6 +146,7 @@ class CloudConfig(pydantic.BaseModel):
     shutdown_grace_ms: float = pydantic.Field(2000.0, ge=0)
     warmup_iterations: int = pydantic.Field(2, ge=0)
     security: SecurityConfig = SecurityConfig()
+    ray: RayConfig = RayConfig()
 
     @pydantic.field_validator("vehicle_weights")
     @classmethod

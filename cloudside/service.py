@@ -1,13 +1,14 @@
-"""The cloud inference service: a CurveZMQ ROUTER in front of a deadline-aware scheduler and
-model workers.
+"""The cloud inference service: a CurveZMQ ROUTER front end in front of an engine that runs the
+models (`cloudside.engine`).
 
 Threads:
 - I/O loop: owns the ROUTER socket (ZeroMQ sockets are not thread-safe). Receives requests
   zero-copy, validates them, answers what can be answered at once (errors, rejections,
-  pongs, requests already too late) and queues the rest. Forwards replies that workers push
-  to it over an inproc PULL socket.
-- Workers (config.workers, one per emulated GPU): take the next decision from the queue,
-  answer expired requests, decode and run a same-model batch, push the replies.
+  pongs, requests already too late) and hands the rest to the engine. Forwards the replies
+  that engine threads push to it over inproc PUSH/PULL sockets (`ReplyChannel`).
+- The engine's own threads: `engine: threads` (default), worker threads that take decisions
+  from the EDF queue and run batches (`cloudside.engine.ThreadEngine`); `engine: ray`, a
+  dispatcher that sends requests to Ray Serve replicas (`cloudside.ray_engine.RayEngine`).
 - HTTP: /healthz, /readyz, /metrics.
 
 Embeddable: `CloudService(config).start()` ... `.stop()`, or as a context manager.
@@ -15,10 +16,8 @@ Embeddable: `CloudService(config).start()` ... `.stop()`, or as a context manage
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ import zmq
 
 from avcloud import keys
 from avcloud.clock import Clock, WallClock
-from avcloud.errors import ConfigError, UserError
+from avcloud.errors import ConfigError
 from avcloud.protocol import (
     ERROR,
     EXPIRED,
@@ -44,9 +43,10 @@ from avcloud.protocol import (
 )
 from cloudside.auth import VehicleAuthenticator, vehicle_of
 from cloudside.config import CloudConfig
+from cloudside.engine import Engine, ThreadEngine, expiry_reason
 from cloudside.health import HealthServer, ServiceMetrics
 from cloudside.image_header import UnsafeImage, read_image_header
-from cloudside.runners import ModelRunner, RuntimeEstimate, build_runner
+from cloudside.runners import ModelRunner
 from cloudside.scheduler import PendingRequest, RequestQueue
 
 logger = logging.getLogger("avcloud.cloud")
@@ -62,24 +62,69 @@ _UNKNOWN = "(unknown)"
 _MISMATCH_LOG_INTERVAL_MS = 10_000.0
 
 
+class ReplyChannel:
+    """Hands finished replies from any thread to the I/O loop, which owns the ROUTER socket: each
+    sending thread gets its own inproc PUSH socket (ZeroMQ sockets are not thread-safe)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self._context = context
+        self._endpoint = endpoint
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, frames: list[Any]) -> None:
+        socket = getattr(self._local, "socket", None)
+        if socket is None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("reply channel closed")
+                socket = self._context.socket(zmq.PUSH)
+                socket.linger = 1000
+                socket.connect(self._endpoint)
+                self._sockets.append(socket)
+            self._local.socket = socket
+        socket.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        """Close every thread's socket (their threads have stopped sending)."""
+        with self._lock:
+            self._closed = True
+            for socket in self._sockets:
+                socket.close(linger=1000)
+            self._sockets = []
+
+
+def build_engine(config: CloudConfig, runners: dict[str, ModelRunner] | None = None,
+                 clock: Clock | None = None) -> Engine:
+    """The engine `config.engine` names: worker threads here, or Ray Serve replicas."""
+    if config.engine == "ray":
+        if runners is not None:
+            raise ValueError("engine: ray builds its runners in its replicas; runners= is for engine: threads")
+        from cloudside.ray_engine import RayEngine, ray_available
+
+        missing = ray_available()
+        if missing is not None:
+            raise ConfigError(f"engine: ray needs Ray Serve ({missing}); install the optional extra: "
+                              "pip install -c requirements.lock -e '.[ray]'")
+        return RayEngine(config, clock=clock)
+    return ThreadEngine(config, runners=runners, clock=clock)
+
+
 class CloudService:
-    """One inference service. `start()` loads and warms the models, binds, and serves in threads."""
+    """One inference service. `start()` loads and warms the models (or starts the engine's
+    replicas), binds, and serves in threads."""
 
     def __init__(self, config: CloudConfig, insecure: bool = False,
                  runners: dict[str, ModelRunner] | None = None, clock: Clock | None = None,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, engine: Engine | None = None) -> None:
         self.config = config
         self.insecure = insecure
         self.clock = clock or WallClock()
         self.metrics = ServiceMetrics()
         self._announce = announce or logger.info
-        self._given_runners = runners
-        self.runners: dict[str, ModelRunner] = {}
-        self.estimates: dict[str, RuntimeEstimate] = {}
-        self.queue = RequestQueue(config.scheduler, config.queue_limit, config.max_batch_size, self.expected_ms,
-                                  per_vehicle_limit=config.per_vehicle_queue_limit, fair_share=config.fair_share,
-                                  fair_share_slack_ms=config.fair_share_slack_ms,
-                                  vehicle_weights=config.vehicle_weights)
+        self.engine: Engine = engine if engine is not None else build_engine(config, runners, self.clock)
         self._max_image_pixels = {entry.name: entry.max_image_pixels or config.max_image_pixels
                                   for entry in config.models}
         self._allowlist: dict[str, bytes] = {}  # vehicle name -> public key (CurveZMQ on)
@@ -88,19 +133,19 @@ class CloudService:
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._reply_receiver: zmq.Socket | None = None
+        self._replies: ReplyChannel | None = None
         self._authenticator: VehicleAuthenticator | None = None
         self._health: HealthServer | None = None
         self._io_thread: threading.Thread | None = None
-        self._workers: list[threading.Thread] = []
         self._reply_endpoint = f"inproc://cloud-replies-{id(self)}"
         self._started = False
+        self._stopped = False
         self._ready = False
         self._draining = False
-        self._io_failed = False  # the I/O loop or a worker died of a bug: unhealthy
+        self._io_failed = False  # the I/O loop died of a bug: unhealthy
         self._io_stop = threading.Event()
         self._io_ready = threading.Event()
-        self._busy_workers = 0
-        self._busy_lock = threading.Lock()
+        self._served_models: set[str] = set()
         self._vehicle_labels: set[str] = set()
         self._mismatch_logged_ms: dict[str, float] = {}  # by authenticated vehicle (bounded by the allow-list)
 
@@ -111,13 +156,27 @@ class CloudService:
         return self._health.port if self._health is not None else None
 
     @property
+    def runners(self) -> dict[str, ModelRunner]:
+        """The models' runners in this process (engine: threads; empty for engine: ray)."""
+        return dict(getattr(self.engine, "runners", {}))
+
+    @property
+    def queue(self) -> RequestQueue:
+        """The engine's queue of admitted requests (both engines admit through one)."""
+        return self.engine.queue
+
+    @property
     def busy_workers(self) -> int:
-        """Workers running a batch (or answering expired requests) right now."""
-        return self._busy_workers
+        """Workers running a batch (or answering expired requests) right now (engine: threads)."""
+        return int(getattr(self.engine, "busy_workers", 0))
 
     @property
     def ready(self) -> bool:
-        return self._ready and not self._draining
+        return self._ready and not self._draining and self.engine.ready
+
+    @property
+    def healthy(self) -> bool:
+        return not self._io_failed and self.engine.healthy
 
     def __enter__(self) -> CloudService:
         return self.start()
@@ -126,37 +185,38 @@ class CloudService:
         self.stop()
 
     def start(self) -> CloudService:
-        if self._started or self.queue.closed:
+        if self._started or self._stopped:
             raise RuntimeError("a CloudService starts once; make a new one")
         server_keys = self._check_security()
         if self.config.http_port is not None:
             try:
                 self._health = HealthServer(self.config.http_host, self.config.http_port, self.metrics,
-                                            is_healthy=lambda: not self._io_failed, is_ready=lambda: self.ready)
+                                            is_healthy=lambda: self.healthy, is_ready=lambda: self.ready)
             except OSError as error:
                 raise ConfigError(f"http_port {self.config.http_port}: cannot listen "
                                   f"({error.strerror or error})") from None
             self._health.start()
         self._started = True
         try:
-            self._load_models()
+            self.engine.load(self._announce)
+            self._served_models = set(self.engine.model_names)
             self._open_sockets(server_keys)
+            self._io_thread = threading.Thread(target=self._io_loop, name="cloud-io", daemon=True)
+            self._io_thread.start()
+            self._io_ready.wait(5)
+            self.engine.start(self)
         except BaseException:
+            self.engine.close()
             self._close_everything()
             self._started = False
+            self._stopped = True
             raise
-        self._io_thread = threading.Thread(target=self._io_loop, name="cloud-io", daemon=True)
-        self._io_thread.start()
-        self._io_ready.wait(5)
-        for index in range(self.config.workers):
-            worker = threading.Thread(target=self._worker_loop, name=f"cloud-worker-{index}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
         self._ready = True
         self.metrics.ready.set(1)
         http = f", http://{self.config.http_host}:{self.http_port}" if self._health else ""
-        self._announce(f"READY: serving {', '.join(self.runners)} on {self.address}{http} "
-                       f"(scheduler {self.config.scheduler}, {'INSECURE' if self.insecure else 'CurveZMQ'})")
+        self._announce(f"READY: serving {', '.join(self.engine.model_names)} on {self.address}{http} "
+                       f"(scheduler {self.config.scheduler}, engine {self.engine.name}, "
+                       f"{'INSECURE' if self.insecure else 'CurveZMQ'})")
         return self
 
     def stop(self, grace_ms: float | None = None) -> None:
@@ -166,23 +226,17 @@ class CloudService:
         grace_ms = self.config.shutdown_grace_ms if grace_ms is None else grace_ms
         self._draining = True
         self.metrics.ready.set(0)
-        give_up_at = time.monotonic() + grace_ms / 1000.0
-        while (len(self.queue) or self._busy_workers) and time.monotonic() < give_up_at:
-            time.sleep(0.005)
-        leftovers = self.queue.close()
-        for worker in self._workers:
-            worker.join(timeout=30)
-        if leftovers and self._context is not None:
-            sender = self._reply_sender()
-            try:
-                for request in leftovers:
-                    self._send_reply(sender, request, reply_to(
-                        request.header, EXPIRED, "service shutting down before the request could run",
-                        self._timings(request)))
-            finally:
-                sender.close(linger=1000)
-        self._close_everything()
-        self._started = False
+        try:
+            leftovers = self.engine.stop(grace_ms)
+            for request in leftovers:
+                self.reply(request, reply_to(request.header, EXPIRED,
+                                             "service shutting down before the request could run",
+                                             self.timings(request)))
+        finally:
+            self.engine.close()
+            self._close_everything()
+            self._started = False
+            self._stopped = True
 
     def _close_everything(self) -> None:
         """Close what is open, in dependency order; safe to call more than once."""
@@ -195,6 +249,9 @@ class CloudService:
                 if socket is not None:
                     socket.close(linger=0)
         self._router = self._reply_receiver = None
+        if self._replies is not None:
+            self._replies.close()
+            self._replies = None
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
@@ -225,31 +282,6 @@ class CloudService:
                        "a request's vehicle is its key's name")
         return server_keys
 
-    def _load_models(self) -> None:
-        runners = self._given_runners
-        if runners is None:
-            runners = {}
-            for entry in self.config.models:
-                try:
-                    runners[entry.name] = build_runner(entry, self.config.warmup_iterations)
-                except UserError:
-                    raise
-                except Exception as error:  # a backend's own exception types
-                    raise ConfigError(f"models: cannot load '{entry.name}' "
-                                      f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-                                      ) from None
-        for name, runner in runners.items():
-            runner.warmup()
-            simulated_overhead_ms = getattr(runner, "batch_overhead_ms", 0.0)
-            self.estimates[name] = RuntimeEstimate(
-                initial_ms_per_image=max(0.0, runner.expected_runtime_ms - simulated_overhead_ms),
-                initial_batch_overhead_ms=simulated_overhead_ms, clock=self.clock)
-            self.metrics.expected_runtime.labels(name).set(self.expected_ms(name, 1) / 1000.0)
-            self._announce(f"model {name}: backend {runner.backend_name}, warm, "
-                           f"~{runner.expected_runtime_ms:.1f} ms per image")
-        self.runners = dict(runners)
-        gc.freeze()  # loaded models and modules stay out of full collections while serving
-
     def _open_sockets(self, server_keys: keys.KeyPair | None) -> None:
         self._context = zmq.Context()
         if server_keys is not None:
@@ -272,14 +304,14 @@ class CloudService:
         self.address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._reply_receiver = self._context.socket(zmq.PULL)
         self._reply_receiver.bind(self._reply_endpoint)
+        self._replies = ReplyChannel(self._context, self._reply_endpoint)
 
     # ------------------------------------------------------------ estimates and timings
 
     def expected_ms(self, model: str, batch_size: int) -> float:
-        estimate = self.estimates.get(model)
-        return estimate.expected_ms(batch_size) if estimate is not None else 0.0
+        return self.engine.expected_ms(model, batch_size)
 
-    def _timings(self, request: PendingRequest, taken_ms: float | None = None, decode_ms: float = 0.0,
+    def timings(self, request: PendingRequest, taken_ms: float | None = None, decode_ms: float = 0.0,
                  inference_ms: float = 0.0) -> ServerTimings:
         now_ms = self.clock.now_ms()
         queue_ms = (taken_ms if taken_ms is not None else now_ms) - request.arrival_ms
@@ -371,9 +403,9 @@ class CloudService:
             total_ms = self.clock.now_ms() - arrival_ms
             self._reply_now(identity, reply_to(header, OK, timings=ServerTimings(total_ms=total_ms)), vehicle)
             return
-        if header.model not in self.runners:
+        if header.model not in self._served_models:
             self._reply_now(identity, reply_to(header, REJECTED, f"unknown model '{header.model}' "
-                                               f"(serving: {', '.join(self.runners)})"), vehicle)
+                                               f"(serving: {', '.join(self.engine.model_names)})"), vehicle)
             return
         if payload.nbytes > self.config.max_payload_bytes:
             self._reply_now(identity, reply_to(header, REJECTED, f"payload is {payload.nbytes} bytes, over the "
@@ -394,22 +426,12 @@ class CloudService:
         if self.config.scheduler == "edf":
             needed_ms = self.expected_ms(header.model, 1)
             if deadline_ms - arrival_ms < needed_ms:
-                self._reply_now(identity, reply_to(header, EXPIRED, _expiry_reason(
-                    deadline_ms - arrival_ms, header.model, needed_ms), self._timings(request)), vehicle)
+                self._reply_now(identity, reply_to(header, EXPIRED, expiry_reason(
+                    deadline_ms - arrival_ms, header.model, needed_ms), self.timings(request)), vehicle)
                 return
-        if not self.queue.push(request):
-            if self.queue.closed:
-                reason = "service shutting down"
-            elif self.queue.vehicle_full(vehicle):
-                reason = f"vehicle queue share full ({self.queue.per_vehicle_limit} requests)"
-            else:
-                reason = f"queue full ({self.queue.limit} requests)"
-            self._reply_now(identity, reply_to(header, REJECTED, reason, self._timings(request)), vehicle)
-            return
-        for pushed_out in self.queue.drain_evicted():
-            self._reply_now(pushed_out.identity, reply_to(pushed_out.header, REJECTED, _PUSHED_OUT,
-                                                          self._timings(pushed_out)), pushed_out.accounted_vehicle)
-        self.metrics.queue_depth.set(len(self.queue))
+        refused = self.engine.submit(request)
+        if refused is not None:
+            self._reply_now(identity, reply_to(header, REJECTED, refused, self.timings(request)), vehicle)
 
     def _warn_identity_mismatch(self, sender: str, claimed: str) -> None:
         """One log line per sender per 10 s at most: a flood of them must not flood the log."""
@@ -429,7 +451,7 @@ class CloudService:
         if width * height > limit:
             return REJECTED, (f"image {width}x{height} is {width * height / 1e6:.1f} Mpx, over {header.model}'s "
                               f"limit of {limit / 1e6:.1f} Mpx (max_image_pixels)")
-        if header.codec == "raw" or not self.runners[header.model].decodes_images:
+        if header.codec == "raw" or not self.engine.decodes_images(header.model):
             return None
         try:
             image = read_image_header(payload, header.codec)
@@ -440,114 +462,19 @@ class CloudService:
                            f"the request's shape {width}x{height}")
         return None
 
-    # ------------------------------------------------------------ workers
+    # ------------------------------------------------------------ replies from the engine
 
-    def _reply_sender(self) -> zmq.Socket:
-        assert self._context is not None
-        sender = self._context.socket(zmq.PUSH)
-        sender.linger = 1000
-        sender.connect(self._reply_endpoint)
-        return sender
-
-    def _send_reply(self, sender: zmq.Socket, request: PendingRequest, header: ReplyHeader,
-                    detections: np.ndarray | None = None) -> None:
+    def reply(self, request: PendingRequest, header: ReplyHeader, detections: np.ndarray | None = None) -> None:
+        """Count and send the reply to an accepted request (any thread; the I/O loop forwards it)."""
         self._count(header, request.accounted_vehicle)
-        sender.send_multipart([request.identity, *encode_reply(header, detections)], copy=False)
-
-    def _worker_loop(self) -> None:
-        sender = self._reply_sender()
-        try:
-            while True:
-                decision = self.queue.wait_and_take(self.clock.now_ms, timeout_s=0.1)
-                if decision is None:
-                    return
-                if not decision.expired and not decision.batch and not decision.rejected:
-                    continue
-                with self._busy_lock:
-                    self._busy_workers += 1
-                try:
-                    self.metrics.queue_depth.set(len(self.queue))
-                    now_ms = self.clock.now_ms()
-                    for request in decision.rejected:
-                        self._send_reply(sender, request, reply_to(
-                            request.header, REJECTED, _PUSHED_OUT, self._timings(request, taken_ms=now_ms)))
-                    for request in decision.expired:
-                        needed_ms = self.expected_ms(request.model, 1)
-                        self._send_reply(sender, request, reply_to(
-                            request.header, EXPIRED, _expiry_reason(request.deadline_ms - now_ms, request.model,
-                                                                    needed_ms),
-                            self._timings(request, taken_ms=now_ms)))
-                    if decision.batch:
-                        self._run_batch(sender, decision.batch)
-                finally:
-                    with self._busy_lock:
-                        self._busy_workers -= 1
-        except Exception:
-            self._io_failed = True
-            logger.exception("cloud worker failed")
-        finally:
-            sender.close(linger=1000)
-
-    def _run_batch(self, sender: zmq.Socket, batch: list[PendingRequest]) -> None:
-        taken_ms = self.clock.now_ms()
-        model = batch[0].model
-        runner = self.runners[model]
-        estimate = self.estimates[model]
-        for request in batch:
-            self.metrics.queue_time.labels(model).observe((taken_ms - request.arrival_ms) / 1000.0)
-        runnable: list[PendingRequest] = []
-        images: list[np.ndarray] = []
-        output_sizes_wh: list[tuple[int, int]] = []
-        decode_ms: dict[int, float] = {}
-        for request in batch:
-            header = request.header
-            started_ms = self.clock.now_ms()
-            if runner.decodes_images:
-                try:
-                    image = _decode(request.payload, header)
-                except Exception as error:  # any codec failure is the sender's bad image
-                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    self._send_reply(sender, request, reply_to(
-                        header, ERROR, f"undecodable image: {reason}"[:300],
-                        self._timings(request, taken_ms=taken_ms)))
-                    continue
-            else:
-                image = np.zeros((header.height, header.width, 0), dtype=np.uint8)  # emulated model needs no pixels
-            decode_ms[id(request)] = self.clock.now_ms() - started_ms
-            self.metrics.decode_time.labels(model).observe(decode_ms[id(request)] / 1000.0)
-            frame_height, frame_width = header.frame_shape or (header.height, header.width)
-            runnable.append(request)
-            images.append(image)
-            output_sizes_wh.append((frame_width, frame_height))
-        if not runnable:
+        replies = self._replies
+        if replies is None:
+            logger.debug("reply to %r dropped: service closed", header.request_id)
             return
-        if runner.decodes_images:
-            estimate.observe_decode(sum(decode_ms.values()) / len(runnable))
-        started_ms = self.clock.now_ms()
-        try:
-            results = runner.run_batch(images, output_sizes_wh)
-        except Exception as error:  # a model failure answers this batch; the service keeps serving
-            logger.exception("model %s failed on a batch of %d", model, len(runnable))
-            for request in runnable:
-                self._send_reply(sender, request, reply_to(
-                    request.header, ERROR, f"internal: model {model} failed ({type(error).__name__})",
-                    self._timings(request, taken_ms=taken_ms)))
-            return
-        inference_ms = self.clock.now_ms() - started_ms
-        estimate.observe_batch(len(runnable), inference_ms)
-        for request in runnable:
-            self.metrics.worker_time.labels(self._vehicle_label(request.accounted_vehicle)).inc(
-                (decode_ms[id(request)] + inference_ms / len(runnable)) / 1000.0)
-        self.metrics.inference_time.labels(model).observe(inference_ms / 1000.0)
-        self.metrics.batch_size.labels(model).observe(len(runnable))
-        self.metrics.expected_runtime.labels(model).set(self.expected_ms(model, 1) / 1000.0)
-        for request, detections in zip(runnable, results, strict=True):
-            finished_ms = self.clock.now_ms()
-            self._send_reply(sender, request, reply_to(
-                request.header, OK, None,
-                self._timings(request, taken_ms=taken_ms, decode_ms=decode_ms[id(request)],
-                              inference_ms=inference_ms),
-                late=finished_ms > request.deadline_ms), detections)
+        replies.send([request.identity, *encode_reply(header, detections)])
+
+    def vehicle_label(self, vehicle: str | None) -> str:
+        return self._vehicle_label(vehicle)
 
     # ------------------------------------------------------------ metrics
 
@@ -563,22 +490,9 @@ class CloudService:
     def _count(self, header: ReplyHeader, vehicle: str | None) -> None:
         """Count a reply under the vehicle it is accounted to (not what its header echoes)."""
         vehicle = self._vehicle_label(vehicle)
-        model = header.model if header.model in self.runners else _UNKNOWN
+        model = header.model if header.model in self._served_models else _UNKNOWN
         if header.kind == "pong":
             model = "(ping)"
         self.metrics.requests.labels(vehicle, model, header.status).inc()
         if header.status == EXPIRED or (header.status == OK and header.late):
             self.metrics.deadline_misses.labels(vehicle, model).inc()
-
-
-_PUSHED_OUT = "pushed out of the full queue by another vehicle's request (this vehicle holds the most)"
-
-
-def _expiry_reason(left_ms: float, model: str, needed_ms: float) -> str:
-    return f"deadline: {left_ms:.1f} ms left, {model} needs ~{needed_ms:.1f} ms"
-
-
-def _decode(payload: Any, header: RequestHeader) -> np.ndarray:
-    from avcloud.compression import decode_image  # OpenCV; only needed when images are decoded
-
-    return decode_image(payload, header.codec, header.width, header.height)
