@@ -56,12 +56,44 @@ _WEIGHT = attrgetter("weight")
 # Options tuples already read and found valid, by identity (they are immutable; the entry holds
 # the tuple, so its id cannot be reused while cached): (tuple, (3, n) sizes/runtimes/utilities).
 _OPTION_NUMBERS: dict[int, tuple[tuple, np.ndarray]] = {}
-_OPTION_NUMBERS_KEPT = 4096
+_OPTION_NUMBERS_KEPT = 65_536
 
 
 def _cached_numbers(options: tuple) -> np.ndarray | None:
     entry = _OPTION_NUMBERS.get(id(options))
     return entry[1] if entry is not None and entry[0] is options else None
+
+
+def read_option_numbers(option_tuples: Sequence[tuple], counts: Sequence[int]) -> np.ndarray | None:
+    """(3, total) sizes, runtimes and utilities of every option of these options tuples, in
+    order; None if any option is invalid (a number not finite or negative, no fallback, a name
+    twice in one tuple). Valid tuples are remembered by identity."""
+    cached = list(map(_cached_numbers, option_tuples))
+    if not any(numbers is None for numbers in cached):
+        return np.concatenate(cached, axis=1) if cached else np.zeros((3, 0))
+    options = list(chain.from_iterable(option_tuples))
+    try:
+        numbers = np.array([list(map(_SIZE_MBIT, options)), list(map(_RUNTIME_MS, options)),
+                            list(map(_UTILITY, options))], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if 0 in counts:
+        return None
+    sizes, runtimes = numbers[0], numbers[1]
+    starts = np.cumsum([0, *counts[:-1]])
+    # Finite and >= 0 (NaN fails every comparison); at least one fallback (size 0) per tuple.
+    if not (
+        np.isfinite(numbers[2]).all()
+        and ((sizes >= 0) & (sizes < math.inf) & (runtimes >= 0) & (runtimes < math.inf)).all()
+        and (np.add.reduceat(sizes == 0, starts) > 0).all()
+        and all(len(set(map(_NAME, options))) == len(options) for options in option_tuples)
+    ):
+        return None
+    for options, start, count in zip(option_tuples, starts.tolist(), counts, strict=True):
+        _OPTION_NUMBERS[id(options)] = (options, numbers[:, start:start + count])
+    while len(_OPTION_NUMBERS) > _OPTION_NUMBERS_KEPT:
+        del _OPTION_NUMBERS[next(iter(_OPTION_NUMBERS))]
+    return numbers
 
 
 class ProblemArrays:
@@ -109,29 +141,10 @@ class ProblemArrays:
         self.row_numbers = np.arange(len(counts))[:, None]
 
     def _read_options(self, option_tuples: list[tuple], counts: list[int]) -> np.ndarray:
-        """(3, total) sizes, runtimes and utilities of every option; validates them and
-        remembers each valid options tuple."""
-        options = list(chain.from_iterable(option_tuples))
-        try:
-            numbers = np.array([list(map(_SIZE_MBIT, options)), list(map(_RUNTIME_MS, options)),
-                                list(map(_UTILITY, options))], dtype=float)
-        except (TypeError, ValueError):
+        numbers = read_option_numbers(option_tuples, counts)
+        if numbers is None:
             check_services(self.services)  # names the offending service or option
-            raise
-        sizes, runtimes = numbers[0], numbers[1]
-        starts = np.cumsum([0] + counts[:-1])
-        # Finite and >= 0 (NaN fails every comparison); at least one fallback (size 0) per service.
-        if not (
-            np.isfinite(numbers[2]).all()
-            and ((sizes >= 0) & (sizes < math.inf) & (runtimes >= 0) & (runtimes < math.inf)).all()
-            and (np.add.reduceat(sizes == 0, starts) > 0).all()
-            and all(len(set(map(_NAME, options))) == len(options) for options in option_tuples)
-        ):
-            check_services(self.services)  # names the offending service or option
-        for options, start, count in zip(option_tuples, starts.tolist(), counts, strict=True):
-            _OPTION_NUMBERS[id(options)] = (options, numbers[:, start:start + count])
-        while len(_OPTION_NUMBERS) > _OPTION_NUMBERS_KEPT:
-            del _OPTION_NUMBERS[next(iter(_OPTION_NUMBERS))]
+            raise AssertionError("check_services accepted options read_option_numbers refused")
         return numbers
 
     def critical_bandwidths_mbps(self, rtt_ms: float, slo_ms: float) -> np.ndarray:

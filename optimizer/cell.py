@@ -1,0 +1,575 @@
+"""Cell-level allocation: one exact allocation over every camera of every vehicle in a cell.
+
+The vehicles of a cell share its uplink (capacity B, Mbps) and, optionally, a pool of GPU
+workers (capacity G, worker-seconds of inference per second). Each camera of each vehicle is a
+service with its options, as for one car; each vehicle has its own RTT and SLO (or the cell's).
+Per frame the coordinator picks one option per camera:
+
+    maximise    sum_v W_v * U_v,  U_v = sum_{c in v} w_c * u(option of c)
+    subject to  sum over cameras of the critical bandwidth b_c <= B
+                sum over sent cameras of runtime_ms / 1000 * frame_rate_hz <= G   (optional)
+                U_v >= floor_v for every vehicle                                  (optional)
+
+W_v is the vehicle's weight (`CellVehicle.weight`), w_c the camera's (`Service.weight`); U_v is
+the vehicle's camera-weighted utility, the quantity fairness is about. A camera sent to the cloud
+at frame rate f keeps one GPU worker busy runtime_ms * f / 1000 of the time, so G = K workers
+is the pool's capacity (scale it down to keep headroom for queueing); on-car options use none.
+
+Fairness (`CellProblem.fairness`): None maximises the weighted total (honouring any per-vehicle
+`utility_floor`); a number is a floor for every vehicle; "max-min" first finds the largest t such
+that every vehicle can have U_v >= t, then maximises the weighted total subject to U_v >= t.
+
+Method (exact; the cvxpy boolean programs in `optimizer.convex` are the reference):
+1. Per camera, its Pareto frontier and the upper concave hull of that frontier, for all cameras
+   at once on a (camera x option) table.
+2. The LP relaxation: the hull segments of every camera sorted by slope (utility per Mbps) and
+   taken greedily until the capacity is spent. The slope of the segment the capacity cuts is the
+   dual price lambda; the LP optimum equals the Lagrangian bound
+   UB = lambda * B + sum_c max_o (v_o - lambda * b_o). Greedy over the remaining segments that
+   still fit gives a feasible integer solution, LB.
+3. Any solution x satisfies value(x) <= UB - sum_c r_c(x_c), where r_c(o) = max_o' (v_o' - lambda
+   b_o') - (v_o - lambda b_o) >= 0 is the option's reduced cost. So an optimal solution (value >=
+   LB) uses only options with r <= UB - LB: every other option is dropped, and a camera left with
+   one option is fixed. Usually a few cameras stay free.
+4. The free cameras are solved exactly by the Pareto-frontier DP of `optimizer.exact`, with
+   the fixed cameras folded into the start state and every partial state dropped whose
+   Lagrangian bound (its value + lambda * (B - its cost) + the free cameras still to come at
+   their best reduced value) falls below LB. Bounds are compared with a tolerance on the safe
+   side (we keep anything within 1e-9 relative), so the result is the optimum.
+With the GPU constraint the same reduction uses both prices (lambda for bandwidth, mu for the
+GPU, mu found by bisection on the Lagrangian dual), and the free cameras form a small boolean
+program solved by HiGHS with a zero gap. A floor is a per-vehicle constraint, so the floor
+variants work per vehicle: each vehicle's own frontier of (bandwidth, U_v) states (the exact
+single-car DP), cut at the floor, is one multiple-choice class of the same solver.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from avcloud.errors import DataError
+from avcloud.types import Allocation, Service
+from optimizer.exact import _FrontierDP, read_option_numbers
+from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link
+
+BOUND_RELATIVE_TOLERANCE = 1e-9
+# The greedy integer solution is returned as optimal when it is this close to the upper bound.
+OPTIMAL_RELATIVE_TOLERANCE = 1e-12
+FAIRNESS_MODES = (None, "max-min")
+
+
+class InfeasibleCellError(DataError):
+    """The vehicles' utility floors cannot all be met within the cell's capacities."""
+
+
+@dataclass(frozen=True)
+class CellVehicle:
+    """One vehicle of the cell: its cameras, its weight, and optionally its own link and floor."""
+
+    name: str
+    services: tuple[Service, ...]
+    weight: float = 1.0
+    rtt_ms: float | None = None  # None: the cell's
+    slo_ms: float | None = None  # None: the cell's
+    utility_floor: float | None = None  # lowest acceptable camera-weighted utility U_v
+
+
+@dataclass(frozen=True)
+class CellProblem:
+    """One frame of a cell: every vehicle, the uplink capacity and optionally the GPU pool's.
+
+    `fairness`: None (weighted total), "max-min", or a number (a floor on U_v for every vehicle).
+    `gpu_workers`: the pool's capacity in worker-seconds per second (None: no GPU constraint);
+    a sent camera uses runtime_ms / 1000 * frame_rate_hz of it."""
+
+    vehicles: tuple[CellVehicle, ...]
+    capacity_mbps: float
+    rtt_ms: float = 50.0
+    slo_ms: float = 200.0
+    gpu_workers: float | None = None
+    frame_rate_hz: float = 10.0
+    fairness: str | float | None = None
+
+
+@dataclass
+class CellAllocation:
+    """Per vehicle, its cameras' choices as an `Allocation` (utility = U_v, camera-weighted);
+    `utility` is the objective sum_v W_v U_v."""
+
+    vehicles: dict[str, Allocation]
+    utility: float
+    total_bandwidth_mbps: float
+    gpu_load: float  # worker-seconds per second used by the cloud choices
+    min_vehicle_utility: float
+    solve_us: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the multiple-choice knapsack on arrays
+
+
+@dataclass
+class KnapsackResult:
+    """Chosen column per row; `upper_bound`/`lower_bound` of the reduction, `free_rows` solved
+    by the core DP (or program), `core_states` the largest DP state count."""
+
+    choices: np.ndarray
+    value: float
+    upper_bound: float
+    lower_bound: float
+    price: float
+    free_rows: int
+    core_states: int = 0
+    gpu_price: float = 0.0
+
+
+def solve_multiple_choice(costs: np.ndarray, values: np.ndarray, limit: float,
+                          gpu_costs: np.ndarray | None = None, gpu_limit: float | None = None) -> KnapsackResult:
+    """max sum_r values[r, x_r] s.t. sum_r costs[r, x_r] <= limit (and the same for `gpu_costs`),
+    exactly. `costs` is inf where a column cannot be chosen; every row must have a column of cost
+    0 (and GPU cost 0): the on-car fallback. `limit` is used as is (apply `budget_limit_mbps`)."""
+    costs = np.asarray(costs, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if gpu_costs is not None:
+        from optimizer.cell_gpu import solve_two_constraints
+
+        return solve_two_constraints(costs, values, limit, np.asarray(gpu_costs, dtype=float), float(gpu_limit))
+    frontier = RowFrontiers(costs, values)
+    result = _solve_frontiers(frontier, limit)
+    result.choices = frontier.order[np.arange(costs.shape[0]), result.choices]
+    return result
+
+
+class RowFrontiers:
+    """Every row's Pareto frontier on a padded (row x point) table: costs strictly ascending,
+    values strictly ascending, `order` the original column of each point, `lengths` per row."""
+
+    def __init__(self, costs: np.ndarray, values: np.ndarray) -> None:
+        rows = np.arange(costs.shape[0])[:, None]
+        order = np.lexsort((-values, costs), axis=1)
+        sorted_costs = costs[rows, order]
+        sorted_values = values[rows, order]
+        keep = np.empty(costs.shape, dtype=bool)
+        keep[:, 0] = True
+        np.greater(sorted_values[:, 1:], np.maximum.accumulate(sorted_values, axis=1)[:, :-1], out=keep[:, 1:])
+        keep &= sorted_costs < math.inf
+        if not (sorted_costs[:, 0] == 0).all():
+            raise ValueError("every row needs a column of cost 0 (the fallback)")
+        self.lengths = keep.sum(axis=1)
+        width = int(self.lengths.max())
+        moved = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+        self.order = order[rows, moved]
+        self.costs = sorted_costs[rows, moved]
+        self.values = sorted_values[rows, moved]
+        self.present = np.arange(width) < self.lengths[:, None]
+        self.costs[~self.present] = math.inf
+        self.values[~self.present] = -math.inf
+
+
+def _upper_hulls(frontier: RowFrontiers) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's upper concave hull by the monotone chain, all rows at once: (the hull's points
+    per row, left-aligned, and how many). A point is popped when it lies on or below the chord
+    from the point under it to the new point, so the hull's slopes strictly decrease."""
+    costs, values = frontier.costs, frontier.values
+    row_count, width = costs.shape
+    hull = np.zeros((row_count, width), dtype=np.intp)
+    sizes = np.ones(row_count, dtype=np.intp)
+    for column in range(1, width):
+        rows = np.flatnonzero(frontier.present[:, column])
+        if rows.shape[0] == 0:
+            break
+        new_costs, new_values = costs[rows, column], values[rows, column]
+        pending = np.arange(rows.shape[0])
+        while pending.shape[0]:
+            pending = pending[sizes[rows[pending]] >= 2]
+            if not pending.shape[0]:
+                break
+            at = rows[pending]
+            top = hull[at, sizes[at] - 1]
+            under = hull[at, sizes[at] - 2]
+            top_costs, top_values = costs[at, top], values[at, top]
+            pop = (top_values - values[at, under]) * (new_costs[pending] - top_costs) <= (
+                new_values[pending] - top_values) * (top_costs - costs[at, under])
+            pending = pending[pop]
+            sizes[rows[pending]] -= 1
+        hull[rows, sizes[rows]] = column
+        sizes[rows] += 1
+    return hull, sizes
+
+
+class _Segments:
+    """Every row's hull segments, steepest first."""
+
+    def __init__(self, frontier: RowFrontiers) -> None:
+        hull, sizes = _upper_hulls(frontier)
+        rows, positions = np.nonzero(np.arange(hull.shape[1] - 1) < (sizes - 1)[:, None])
+        points = hull[rows, positions]
+        targets = hull[rows, positions + 1]
+        cost_steps = frontier.costs[rows, targets] - frontier.costs[rows, points]
+        value_steps = frontier.values[rows, targets] - frontier.values[rows, points]
+        slopes = value_steps / cost_steps
+        order = np.argsort(-slopes, kind="stable")
+        self.rows = rows[order]
+        self.starts = points[order]
+        self.targets = targets[order]
+        self.cost_steps = cost_steps[order]
+        self.value_steps = value_steps[order]
+        self.slopes = slopes[order]
+        self.cumulative_cost = np.cumsum(self.cost_steps)
+        self.cumulative_value = np.cumsum(self.value_steps)
+
+
+def _greedy(frontier: RowFrontiers, segments: _Segments, limit: float) -> tuple[np.ndarray, float, float, int]:
+    """The LP relaxation's price and a feasible integer solution: every segment before the one
+    the limit cuts, then each later segment that still fits and continues its row's walk.
+    Returns (points, price, LP value, number of segments taken before the cut)."""
+    base_value = float(frontier.values[:, 0].sum())
+    taken = int(np.searchsorted(segments.cumulative_cost, limit, side="right"))
+    price, lp_value = 0.0, base_value
+    if taken:
+        lp_value += float(segments.cumulative_value[taken - 1])
+    if taken < segments.slopes.shape[0]:
+        price = float(segments.slopes[taken])
+        used = float(segments.cumulative_cost[taken - 1]) if taken else 0.0
+        lp_value += (limit - used) / float(segments.cost_steps[taken]) * float(segments.value_steps[taken])
+    # The integer walk keeps a margin so that summing its costs in any order stays within the limit.
+    safe_limit = limit - 1e-9 * (1.0 + abs(limit))
+    safe_taken = int(np.searchsorted(segments.cumulative_cost, safe_limit, side="right"))
+    points = np.zeros(frontier.costs.shape[0], dtype=np.intp)
+    np.maximum.at(points, segments.rows[:safe_taken], segments.targets[:safe_taken])
+    remaining = safe_limit - (float(segments.cumulative_cost[safe_taken - 1]) if safe_taken else 0.0)
+    later = safe_taken + np.flatnonzero(segments.cost_steps[safe_taken:] <= remaining)
+    if later.shape[0]:
+        rows, starts, targets = segments.rows.tolist(), segments.starts.tolist(), segments.targets.tolist()
+        steps = segments.cost_steps.tolist()
+        point_list = points.tolist()
+        for segment in later.tolist():
+            row = rows[segment]
+            if point_list[row] == starts[segment] and steps[segment] <= remaining:
+                point_list[row] = targets[segment]
+                remaining -= steps[segment]
+        points = np.array(point_list, dtype=np.intp)
+    return points, price, lp_value, taken
+
+
+def _solve_frontiers(frontier: RowFrontiers, limit: float) -> KnapsackResult:
+    """Steps 2-4 of the module docstring on precomputed frontiers; choices are frontier points.
+
+    The core is grown in rounds: a round with threshold T = UB - gap keeps only options whose
+    reduced cost is at most gap and states whose bound is at least T, so it finds the best
+    solution worth at least T if there is one (then it is optimal); otherwise the optimum is
+    below T, and the next round quadruples the gap, up to UB - (best solution so far), where the
+    round is the full exact reduction."""
+    rows = np.arange(frontier.costs.shape[0])
+    segments = _Segments(frontier)
+    points, price, _, _ = _greedy(frontier, segments, limit)
+    lower_bound = float(frontier.values[rows, points].sum())
+    finite_costs = np.where(frontier.present, frontier.costs, 0.0)
+    reduced = np.where(frontier.present, frontier.values - price * finite_costs, -math.inf)
+    best_reduced = reduced.max(axis=1)
+    upper_bound = price * limit + float(best_reduced.sum())
+    scale = 1.0 + abs(upper_bound)
+    if lower_bound >= upper_bound - OPTIMAL_RELATIVE_TOLERANCE * scale:
+        return KnapsackResult(points, lower_bound, upper_bound, lower_bound, price, 0)
+    tolerance = BOUND_RELATIVE_TOLERANCE * scale
+    excess = np.where(frontier.present & (frontier.costs <= limit), best_reduced[:, None] - reduced, math.inf)
+    best_points, best_value = points, lower_bound
+    target_gap = (upper_bound - lower_bound) / 64
+    free_rows = largest = 0
+    while True:
+        gap = min(target_gap, upper_bound - best_value)
+        threshold = upper_bound - gap - tolerance
+        found, value, free_rows, states = _core_dp(frontier, excess <= gap + tolerance, best_reduced, price, limit,
+                                                   threshold)
+        largest = max(largest, states)
+        if found is not None and value > best_value:
+            best_points, best_value = found, value
+        if (found is not None and value >= threshold) or gap >= upper_bound - best_value:
+            break
+        target_gap *= 4
+    return KnapsackResult(best_points, best_value, upper_bound, lower_bound, price, free_rows, largest)
+
+
+class _CoreDP:
+    """Pareto states (cost ascending, value strictly ascending) over the free rows, with
+    back-pointers. A merge lays the pairs out point-major (one cost-sorted run per point of the
+    new row, which the stable sort merges quickly) and drops, before sorting, every pair over
+    the limit or whose Lagrangian bound is below the threshold."""
+
+    def __init__(self, cost: float, value: float) -> None:
+        self.costs = np.array([cost])
+        self.values = np.array([value])
+        self.stages: list[tuple[int, np.ndarray, int, np.ndarray]] = []  # row, pairs, states before, points
+
+    def merge(self, row: int, points: np.ndarray, costs: np.ndarray, values: np.ndarray, limit: float,
+              price: float, bound_floor: float) -> None:
+        """Keep pairs with cost <= limit and value - price * cost >= bound_floor."""
+        state_count = self.costs.shape[0]
+        pair_costs = np.add.outer(costs, self.costs).ravel()
+        pair_values = np.add.outer(values, self.values).ravel()
+        candidates = np.flatnonzero((pair_costs <= limit) & (pair_values - price * pair_costs >= bound_floor))
+        order = candidates[np.argsort(pair_costs[candidates], kind="stable")]
+        pairs = order[_strict_records(pair_values[order])]
+        self.costs, self.values = pair_costs[pairs], pair_values[pairs]
+        self.stages.append((row, pairs, state_count, points))
+
+    def backtrack(self, state: int, chosen: np.ndarray) -> None:
+        for row, pairs, state_count, points in reversed(self.stages):
+            point, state = divmod(int(pairs[state]), state_count)
+            chosen[row] = points[point]
+
+
+def _strict_records(values: np.ndarray) -> np.ndarray:
+    """Mask of entries strictly above every earlier entry (the first is always kept)."""
+    keep = np.empty(values.shape[0], dtype=bool)
+    if values.shape[0]:
+        keep[0] = True
+        np.greater(values[1:], np.maximum.accumulate(values)[:-1], out=keep[1:])
+    return keep
+
+
+def _core_dp(frontier: RowFrontiers, survives: np.ndarray, best_reduced: np.ndarray, price: float, limit: float,
+             threshold: float) -> tuple[np.ndarray | None, float, int, int]:
+    """The best solution among those using only `survives` options and worth at least
+    `threshold` (Lagrangian bound pruning): (points or None, value, free rows, most states)."""
+    counts = survives.sum(axis=1)
+    if (counts == 0).any():
+        return None, -math.inf, 0, 0
+    fixed = counts == 1
+    fixed_points = np.argmax(survives, axis=1)
+    fixed_rows = np.flatnonzero(fixed)
+    free = np.flatnonzero(~fixed)
+    start_cost = float(frontier.costs[fixed_rows, fixed_points[fixed_rows]].sum())
+    start_value = float(frontier.values[fixed_rows, fixed_points[fixed_rows]].sum())
+    if start_cost > limit:
+        return None, -math.inf, int(free.shape[0]), 0
+    free = free[np.argsort(counts[free], kind="stable")]
+    dp = _CoreDP(start_cost, start_value)
+    # A state's bound: value - price * cost + price * limit + (the rows still to come at their best).
+    remaining_best = np.concatenate((np.cumsum(best_reduced[free][::-1])[::-1][1:], [0.0])).tolist()
+    largest = 1
+    for step, row in enumerate(free.tolist()):
+        points = np.flatnonzero(survives[row])
+        dp.merge(row, points, frontier.costs[row, points], frontier.values[row, points], limit, price,
+                 threshold - price * limit - remaining_best[step])
+        if dp.costs.shape[0] == 0:
+            return None, -math.inf, int(free.shape[0]), largest
+        largest = max(largest, dp.costs.shape[0])
+    chosen = fixed_points.copy()
+    dp.backtrack(int(np.argmax(dp.values)), chosen)
+    value = float(frontier.values[np.arange(chosen.shape[0]), chosen].sum())
+    return chosen, value, int(free.shape[0]), largest
+
+
+# ---------------------------------------------------------------- the cell problem
+
+
+class CellTable:
+    """Every camera of every vehicle as one row of (camera x option) tables: critical
+    bandwidth at its vehicle's link, camera-weighted utility, GPU load. Checks the problem on
+    the way (DataError naming the vehicle, camera or option)."""
+
+    def __init__(self, problem: CellProblem) -> None:
+        vehicles = problem.vehicles
+        _check_cell(problem)
+        self.vehicles = vehicles
+        services = [service for vehicle in vehicles for service in vehicle.services]
+        self.services = services
+        counts = [len(service.options) for service in services]
+        self.camera_counts = [len(vehicle.services) for vehicle in vehicles]
+        self.vehicle_of_row = np.repeat(np.arange(len(vehicles)), self.camera_counts)
+        option_tuples = [service.options for service in services]
+        numbers = read_option_numbers(option_tuples, counts)
+        if numbers is None:
+            for vehicle in vehicles:
+                _check_vehicle_services(vehicle)
+            raise AssertionError("every vehicle passed check_services but the options were refused")
+        width = max(counts)
+        shape = (len(services), width)
+        present = np.arange(width) < np.array(counts)[:, None]
+        sizes = np.ones(shape)
+        runtimes = np.zeros(shape)
+        utilities = np.zeros(shape)
+        sizes[present], runtimes[present], utilities[present] = numbers
+        rtts = np.array([problem.rtt_ms if v.rtt_ms is None else v.rtt_ms for v in vehicles])[self.vehicle_of_row]
+        slos = np.array([problem.slo_ms if v.slo_ms is None else v.slo_ms for v in vehicles])[self.vehicle_of_row]
+        slack_s = slos[:, None] - runtimes
+        slack_s -= rtts[:, None]
+        slack_s /= 1000.0
+        bandwidths = np.full(shape, math.inf)
+        np.divide(sizes, slack_s, out=bandwidths, where=slack_s > 0)
+        bandwidths[sizes == 0] = 0.0
+        bandwidths[~present] = math.inf
+        self.bandwidths_mbps = bandwidths
+        camera_weights = np.array([service.weight for service in services], dtype=float)
+        self.vehicle_weights = np.array([vehicle.weight for vehicle in vehicles], dtype=float)
+        self.camera_values = utilities * camera_weights[:, None]  # U_v contributions
+        self.values = self.camera_values * self.vehicle_weights[self.vehicle_of_row][:, None]
+        self.gpu_loads = np.where(sizes > 0, runtimes / 1000.0 * problem.frame_rate_hz, 0.0)
+        self.gpu_loads[~present] = 0.0
+        self.row_starts = np.concatenate(([0], np.cumsum(self.camera_counts))).tolist()
+
+
+def _check_cell(problem: CellProblem) -> None:
+    if not problem.vehicles:
+        raise DataError("a cell problem needs at least one vehicle")
+    check_link(problem.capacity_mbps, problem.rtt_ms, problem.slo_ms)
+    if problem.gpu_workers is not None and not (math.isfinite(problem.gpu_workers) and problem.gpu_workers >= 0):
+        raise DataError(f"gpu_workers must be a finite number >= 0 (got {problem.gpu_workers!r})")
+    if not (math.isfinite(problem.frame_rate_hz) and problem.frame_rate_hz > 0):
+        raise DataError(f"frame_rate_hz must be a finite number > 0 (got {problem.frame_rate_hz!r})")
+    fairness = problem.fairness
+    if fairness not in FAIRNESS_MODES and not (
+            isinstance(fairness, int | float) and not isinstance(fairness, bool) and math.isfinite(fairness)):
+        raise DataError(f"fairness must be None, 'max-min' or a utility floor (got {fairness!r})")
+    names = set()
+    for vehicle in problem.vehicles:
+        if vehicle.name in names:
+            raise DataError(f"vehicle '{vehicle.name}' appears twice")
+        names.add(vehicle.name)
+        if not (math.isfinite(vehicle.weight) and vehicle.weight >= 0):
+            raise DataError(f"vehicle '{vehicle.name}': weight must be a finite number >= 0")
+        check_link(problem.capacity_mbps,
+                   problem.rtt_ms if vehicle.rtt_ms is None else vehicle.rtt_ms,
+                   problem.slo_ms if vehicle.slo_ms is None else vehicle.slo_ms)
+        if vehicle.utility_floor is not None and not math.isfinite(vehicle.utility_floor):
+            raise DataError(f"vehicle '{vehicle.name}': utility_floor must be a finite number")
+        if not vehicle.services:
+            raise DataError(f"vehicle '{vehicle.name}' has no cameras")
+        if len({service.name for service in vehicle.services}) != len(vehicle.services) or not all(
+                0 <= service.weight < math.inf for service in vehicle.services):
+            _check_vehicle_services(vehicle)
+
+
+def _check_vehicle_services(vehicle: CellVehicle) -> None:
+    from optimizer.problem import check_services
+
+    try:
+        check_services(vehicle.services)
+    except DataError as error:
+        raise DataError(f"vehicle '{vehicle.name}': {error}") from None
+
+
+def solve_cell(problem: CellProblem) -> CellAllocation:
+    """The exact cell allocation (see the module docstring)."""
+    started_ns = time.perf_counter_ns()
+    table = CellTable(problem)
+    limit = budget_limit_mbps(problem.capacity_mbps)
+    floors = _floors(problem)
+    extra: dict[str, object] = {}
+    if floors is None and problem.fairness != "max-min":
+        gpu_limit = None if problem.gpu_workers is None else budget_limit_mbps(problem.gpu_workers)
+        result = solve_multiple_choice(table.bandwidths_mbps, table.values, limit,
+                                       None if gpu_limit is None else table.gpu_loads, gpu_limit)
+        choices = result.choices
+    else:
+        if problem.gpu_workers is not None:
+            raise DataError("a GPU capacity together with utility floors or max-min fairness is not supported")
+        choices, result, fair_utility = _solve_with_floors(problem, table, limit, floors)
+        if fair_utility is not None:
+            extra["max_min_utility"] = fair_utility
+    extra.update(upper_bound=result.upper_bound, lower_bound=result.lower_bound, price=result.price,
+                 free_rows=result.free_rows, core_states=result.core_states)
+    return _cell_allocation(problem, table, choices, started_ns, extra)
+
+
+def _floors(problem: CellProblem) -> np.ndarray | None:
+    """Per-vehicle floor on U_v (-inf where none), or None when no vehicle has one."""
+    shared = problem.fairness if isinstance(problem.fairness, int | float) else None
+    own = [vehicle.utility_floor for vehicle in problem.vehicles]
+    if shared is None and all(floor is None for floor in own):
+        return None
+    floors = np.array([-math.inf if floor is None else floor for floor in own], dtype=float)
+    if shared is not None:
+        floors = np.maximum(floors, float(shared))
+    return floors
+
+
+def _cell_allocation(problem: CellProblem, table: CellTable, choices: np.ndarray, started_ns: int,
+                     extra: dict[str, object]) -> CellAllocation:
+    rows = np.arange(choices.shape[0])
+    bandwidths = table.bandwidths_mbps[rows, choices].tolist()
+    gpu_load = float(table.gpu_loads[rows, choices].sum())
+    choice_list = choices.tolist()
+    allocations: dict[str, Allocation] = {}
+    total_utility = 0.0
+    total_bandwidth = 0.0
+    minimum = math.inf
+    for vehicle, start, end in zip(problem.vehicles, table.row_starts[:-1], table.row_starts[1:], strict=True):
+        allocation = allocation_from_indices(vehicle.services, choice_list[start:end], bandwidths[start:end])
+        allocations[vehicle.name] = allocation
+        total_utility += vehicle.weight * allocation.utility
+        total_bandwidth += math.fsum(bandwidths[start:end])
+        minimum = min(minimum, allocation.utility)
+    solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
+    return CellAllocation(allocations, total_utility, total_bandwidth, gpu_load, minimum, solve_us, extra)
+
+
+def _solve_with_floors(problem: CellProblem, table: CellTable, limit: float, floors: np.ndarray | None):
+    """Floors (and max-min) per vehicle: each vehicle's frontier of (bandwidth, U_v) states is one
+    class; the states below its floor are dropped. Returns (option per camera row, the vehicle-level
+    knapsack result, the max-min level or None)."""
+    vehicle_count = len(problem.vehicles)
+    frontier = RowFrontiers(table.bandwidths_mbps, table.camera_values)
+    dps = []
+    for start, end in zip(table.row_starts[:-1], table.row_starts[1:], strict=True):
+        dp = _FrontierDP()
+        for row in range(start, end):
+            length = int(frontier.lengths[row])
+            dp.merge(row - start, frontier.costs[row, :length], frontier.values[row, :length], limit)
+        dps.append(dp)
+    width = max(dp.costs.shape[0] for dp in dps)
+    state_costs = np.full((vehicle_count, width), math.inf)
+    state_utilities = np.full((vehicle_count, width), math.inf)  # ascending per row; inf on padding
+    for index, dp in enumerate(dps):
+        state_costs[index, :dp.costs.shape[0]] = dp.costs
+        state_utilities[index, :dp.values.shape[0]] = dp.values
+    if floors is None:
+        floors = np.full(vehicle_count, -math.inf)
+    rows = np.arange(vehicle_count)
+
+    def cheapest_states(thresholds: np.ndarray) -> np.ndarray:
+        """Per vehicle, the first (cheapest) state with U_v >= its threshold (within tolerance)."""
+        slack = BOUND_RELATIVE_TOLERANCE * (1.0 + np.abs(np.where(np.isfinite(thresholds), thresholds, 0.0)))
+        return (state_utilities < (thresholds - slack)[:, None]).sum(axis=1)
+
+    def fits(thresholds: np.ndarray) -> bool:
+        first = cheapest_states(thresholds)
+        if (first >= width).any():
+            return False
+        return float(state_costs[rows, first].sum()) <= limit
+
+    fair_utility = None
+    if not fits(floors):
+        raise InfeasibleCellError("the vehicles' utility floors cannot all be met within the cell capacity")
+    if problem.fairness == "max-min":
+        candidates = np.unique(state_utilities[np.isfinite(state_utilities)])
+        low, high = -1, candidates.shape[0]  # candidates[low] fits (or -1: only the floors), [high] does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if fits(np.maximum(floors, candidates[middle])):
+                low = middle
+            else:
+                high = middle
+        if low >= 0:
+            fair_utility = float(candidates[low])
+            floors = np.maximum(floors, fair_utility)
+    first = cheapest_states(floors)
+    base_costs = state_costs[rows, first]
+    columns = np.arange(width)
+    allowed = (columns >= first[:, None]) & np.isfinite(state_costs)
+    class_costs = np.where(allowed, state_costs - base_costs[:, None], math.inf)
+    class_values = np.where(allowed, state_utilities, 0.0) * table.vehicle_weights[:, None]
+    result = solve_multiple_choice(class_costs, class_values, limit - float(base_costs.sum()))
+    points = [0] * len(table.services)
+    for index, (dp, start, end) in enumerate(zip(dps, table.row_starts[:-1], table.row_starts[1:], strict=True)):
+        camera_points = [0] * (end - start)
+        dp.backtrack(int(result.choices[index]), camera_points)
+        points[start:end] = camera_points
+    point_array = np.asarray(points, dtype=np.intp)
+    choices = frontier.order[np.arange(point_array.shape[0]), point_array]
+    return choices, result, fair_utility
