@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from replay_fakes import constant_opportunities
-from test_fleet_fakes import fake_scene
+from test_fleet_fakes import FakeFleetInputs, fake_scene
 
+from avcloud.fleet.coordinator import CellPolicySettings, cell_allocator_available
 from avcloud.fleet.metrics import break_even_vehicles, jain_index, summarise_fleet
 from avcloud.fleet.scoring import SceneScorer
 from avcloud.fleet.simulation import rotated_scenario, simulate_fleet, start_phases_ms, vehicle_cases
@@ -120,3 +121,49 @@ def test_break_even_is_the_first_fleet_size_whose_gain_falls_below_the_threshold
     assert break_even_vehicles(points, 1.0) == 8
     assert break_even_vehicles(points, 2.0) == 4
     assert break_even_vehicles(points, 0.1) is None
+
+
+@pytest.mark.skipif(not cell_allocator_available(), reason="optimizer/cell.py (the cell-level allocator) is absent")
+def test_the_cell_coordinator_solves_once_per_frame_and_keeps_within_the_cell():
+    from avcloud.fleet.job import FleetPoint, FleetSettings, run_point
+
+    inputs = FakeFleetInputs(frames=40)
+    result = run_point(inputs, FleetSettings("pf"), FleetPoint(4, 2, "cell"))
+    assert result["counters"]["coordinator_solves"] == 40  # one joint allocation per frame interval
+    assert result["requests_sent"] > 0 and result["gain_points"]["mean"] > 0
+    for vehicle in result["per_vehicle"]:
+        assert vehicle["agent_counters"]["published"] == 40 * 3
+    # Every vehicle plans with its share: together they never plan for more than the cell has.
+    assert sum(vehicle["mean_planning_budget_mbps"] for vehicle in result["per_vehicle"]) <= 8.0 * 0.9 + 1e-9
+
+
+@pytest.mark.skipif(not cell_allocator_available(), reason="optimizer/cell.py (the cell-level allocator) is absent")
+def test_max_min_fairness_lifts_the_worst_vehicle():
+    from avcloud.fleet.job import FleetPoint, FleetSettings, run_point
+
+    inputs = FakeFleetInputs(frames=40, cell_mbps=(12.0,))
+    total = run_point(inputs, FleetSettings("pf"), FleetPoint(4, None, "cell"))
+    fair = run_point(inputs, FleetSettings("pf", cell=CellPolicySettings(fairness="max-min")),
+                     FleetPoint(4, None, "cell"))
+    assert fair["map"]["min"] > total["map"]["min"]
+    assert fair["jain_map"] > total["jain_map"]
+
+
+@pytest.mark.slow
+def test_one_vehicle_reproduces_the_default_replay_exactly():
+    """The acceptance check on the real default scene and profile (cached under $AVCLOUD_CACHE)."""
+    from avcloud.fleet.job import FleetInputs, FleetPoint, FleetSettings, load_inputs, run_point
+    from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
+    from avcloud.replay.job import default_scene_path, default_trace_path
+
+    case = make_case(open_profiled_scene(default_scene_path(), "demo", False), open_trace(default_trace_path()),
+                     50.0, 200.0)
+    single = run_case(case, ["turbo", "turbo-q"], map_function=datasets_map)
+    inputs = FleetInputs((), (), 50.0, 200.0)
+    load_inputs(inputs)
+    for scheduler in ("per-vehicle", "pf"):
+        for policy in ("turbo", "turbo-q"):
+            vehicle = run_point(inputs, FleetSettings(scheduler), FleetPoint(1, None, policy))["per_vehicle"][0]
+            expected = single.summaries[policy]
+            for key in ("map", "map_per_camera", "cloud_share", "requests_sent", "deadline_miss_rate", "agent_counters"):
+                assert vehicle[key] == expected[key], (scheduler, policy, key)

@@ -77,7 +77,8 @@ def register(subparsers) -> None:
                              f"(default {DEFAULT_WORKERS}); at most one per camera of the fleet")
     parser.add_argument("--policy", dest="policies", action="extend", nargs="+", type=_name_list, metavar="NAME",
                         help=f"policy every vehicle runs, one point each (default {', '.join(DEFAULT_POLICIES)}; "
-                             "onboard, naive, equal, turbo, turbo-q; oracle with --scheduler per-vehicle)")
+                             "onboard, naive, equal, turbo, turbo-q; oracle with --scheduler per-vehicle; cell: "
+                             "the cell-level coordinator, one joint allocation per frame over every vehicle)")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME",
                         help=f"how the cell splits its capacity: {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER}: "
                              "proportional fair; equal: round robin among backlogged vehicles; per-vehicle: a "
@@ -107,6 +108,15 @@ def register(subparsers) -> None:
     parser.add_argument("--break-even-points", type=float, default=DEFAULT_BREAK_EVEN_POINTS, metavar="P",
                         help=f"offloading stops paying when the mean gain over on-car only falls below P mAP "
                              f"points (default {DEFAULT_BREAK_EVEN_POINTS:g})")
+    parser.add_argument("--cell-fairness", default="none", metavar="HOW",
+                        help="policy cell: 'none' (the most total utility), 'max-min' (the worst vehicle first), or "
+                             "a number, a floor on every vehicle's summed camera utility (default none)")
+    parser.add_argument("--cell-capacity-fraction", type=float, default=0.9, metavar="F",
+                        help="policy cell: plan for this fraction of the cell capacity measured over the last "
+                             "second (default 0.9)")
+    parser.add_argument("--cell-gpu-fraction", type=float, default=0.0, metavar="F",
+                        help="policy cell: also keep the GPU load within this fraction of the pool's workers "
+                             "(default 0: no GPU constraint)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder (default runs/fleet-<timestamp>)")
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
@@ -118,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from avcloud.fleet.coordinator import CellPolicySettings, parse_fairness
     from avcloud.fleet.job import (
         DEFAULT_POLICIES,
         DEFAULT_VEHICLES,
@@ -139,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, profile_dir=args.profile,
         models=tuple(args.models or ()), max_frames=args.frames, cloud=args.cloud, pf_window_ms=args.pf_window_ms,
         executor=args.executor, break_even_points=args.break_even_points, progress=not args.no_progress,
+        cell=CellPolicySettings(parse_fairness(args.cell_fairness), args.cell_capacity_fraction,
+                                gpu_fraction=args.cell_gpu_fraction),
     )
     check_options(options)
     console = Console() if sys.stdout.isatty() else Console(width=170)

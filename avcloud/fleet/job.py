@@ -17,7 +17,13 @@ from typing import Any, Protocol
 
 from avcloud.errors import UserError
 from avcloud.fleet.cell import SCHEDULERS, SHARED_SCHEDULERS
-from avcloud.fleet.coordinator import CELL_POLICY, check_cell_policy
+from avcloud.fleet.coordinator import (
+    CELL_POLICY,
+    CELL_POLICY_SPEC,
+    CellCoordinator,
+    CellPolicySettings,
+    check_cell_policy,
+)
 from avcloud.fleet.metrics import break_even_vehicles, summarise_fleet
 from avcloud.fleet.scoring import SceneScorer
 from avcloud.fleet.simulation import (
@@ -61,6 +67,7 @@ class FleetOptions:
     executor: str = "auto"
     break_even_points: float = DEFAULT_BREAK_EVEN_POINTS
     progress: bool = True
+    cell: CellPolicySettings = field(default_factory=CellPolicySettings)  # the `cell` policy's settings
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -135,6 +142,7 @@ class FleetSettings:
     scheduler: str = DEFAULT_SCHEDULER
     phase: str = "spread"
     pf_window_ms: float = 1000.0
+    cell: CellPolicySettings = field(default_factory=CellPolicySettings)
 
 
 @dataclass(frozen=True)
@@ -157,11 +165,19 @@ def run_point(inputs: InputsSource, settings: FleetSettings, point: FleetPoint) 
     else:
         schedules = [trace.schedule for trace in loaded.traces]
         trace_name = "+".join(trace.name for trace in loaded.traces)
+    coordinator = None
     if point.policy == CELL_POLICY:
         check_cell_policy()
-        raise UserError(f"policy '{CELL_POLICY}': optimizer/cell.py is there but the fleet does not use it yet")
-    run = simulate_fleet(get_policy(point.policy), cases, schedules, settings.scheduler, point.workers,
-                         settings.phase, pf_window_ms=settings.pf_window_ms)
+        spec = CELL_POLICY_SPEC
+        scenario = cases[0].scenario
+
+        def coordinator(clock):
+            return CellCoordinator([case.scenario.services for case in cases], schedules[0], clock, settings.cell,
+                                   scenario.rtt_ms, scenario.slo_ms, scenario.frame_interval_ms, point.workers)
+    else:
+        spec = get_policy(point.policy)
+    run = simulate_fleet(spec, cases, schedules, settings.scheduler, point.workers, settings.phase,
+                         pf_window_ms=settings.pf_window_ms, coordinator=coordinator)
     summary = summarise_fleet(run, loaded.scorers, loaded.onboard_maps)
     summary["trace"] = trace_name
     return summary
@@ -267,6 +283,12 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
     for name in policies:
         if name == CELL_POLICY:
             check_cell_policy()
+            options.cell.check()
+            if options.scheduler not in SHARED_SCHEDULERS:
+                raise UserError(f"policy '{CELL_POLICY}' coordinates the vehicles of one shared cell: use it with "
+                                f"--scheduler {' or '.join(SHARED_SCHEDULERS)}")
+            if options.cell.gpu_fraction > 0 and any(workers is None for workers in options.workers):
+                raise UserError("--cell-gpu-fraction plans with the GPU pool's size: give --workers a number")
             continue
         spec = get_policy(name)  # UserError naming an unknown policy
         if spec.planner == "oracle" and options.scheduler in SHARED_SCHEDULERS:
@@ -349,7 +371,7 @@ def run_fleet_job(options: FleetOptions, inputs: InputsSource | None = None,
         if trace.schedule.period_ms < horizon_ms:
             raise UserError(f"trace {trace.path}: {trace.schedule.period_ms / 1000.0:g} s long, shorter than the "
                             f"fleet's {horizon_ms / 1000.0:g} s (scene and start phases): a cell trace must cover the scene")
-    settings = FleetSettings(options.scheduler, options.phase, options.pf_window_ms)
+    settings = FleetSettings(options.scheduler, options.phase, options.pf_window_ms, options.cell)
     points = grid(options, policies, len(loaded.traces))
     done = [0]
 
@@ -383,6 +405,9 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
             "pf_window_ms": options.pf_window_ms, "rtt_ms": options.rtt_ms, "slo_ms": options.slo_ms,
             "cloud": options.cloud, "profile_preset": options.preset, "max_frames": options.max_frames,
             "break_even_points": options.break_even_points,
+            "cell_policy": {"fairness": options.cell.fairness, "capacity_fraction": options.cell.capacity_fraction,
+                            "capacity_window_ms": options.cell.capacity_window_ms,
+                            "gpu_fraction": options.cell.gpu_fraction} if CELL_POLICY in policies else None,
             "executor": options.executor if options.executor != "auto" else ("ray" if ray_available() else "local"),
             "agent": "onboard.daemon.OnboardAgent on a simulated clock, one per vehicle",
             "map": "per vehicle: mean over cameras of per-camera mAP over all frames",

@@ -104,10 +104,13 @@ def summarise_fleet(run: FleetRun, scorers: Sequence[SceneScorer], onboard_maps:
         "uplink_capacity_mbps": capacity_mbps,
         "uplink_used_mbps": float(np.sum(uplink_mbps)),
         "horizon_s": horizon_s,
+        "counters": dict(run.counters),
         "per_vehicle": vehicles,
         "timing": {"simulate_wall_s": run.wall_s,
                    "vehicle_seconds_per_wall_second": len(run.runs) * horizon_s / run.wall_s if run.wall_s > 0 else None,
-                   "scene_seconds_per_wall_second": horizon_s / run.wall_s if run.wall_s > 0 else None},
+                   "scene_seconds_per_wall_second": horizon_s / run.wall_s if run.wall_s > 0 else None,
+                   "coordinator_solve_us_median": float(np.median(run.solve_us)) if run.solve_us else None,
+                   "coordinator_solve_us_max": float(np.max(run.solve_us)) if run.solve_us else None},
     }
 
 

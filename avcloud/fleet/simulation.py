@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,7 @@ class FleetRun:
     delivered_bytes_per_vehicle: list[int]  # within the horizon
     wall_s: float
     counters: dict[str, int] = field(default_factory=dict)
+    solve_us: list[float] = field(default_factory=list)  # the coordinator's joint solves, if any
 
 
 def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | None = None) -> None:
@@ -182,13 +184,13 @@ def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | N
 def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: Sequence[DeliverySchedule],
                    scheduler: str = "pf", workers: int | None = None, phase: str = "spread",
                    car: CarSettings | None = None, pf_window_ms: float = 1000.0,
-                   planner_factory: Callable[[int, VehicleCase], object] | None = None) -> FleetRun:
+                   coordinator: Callable[[SimulatedClock], Any] | None = None) -> FleetRun:
     """Run every vehicle of `cases` with `policy` on one clock, one uplink model and one cloud.
 
     `schedules`: the cell's trace (shared schedulers use the first) or the vehicles' traces
     (`per-vehicle`: vehicle i gets trace i mod len). `workers`: the GPU pool (None: a pool that
-    never queues). `planner_factory(vehicle, case)`: a planner in place of the policy's (the
-    cell-level coordinator hands every vehicle its share of one joint allocation).
+    never queues). `coordinator(clock)`: an object whose `planner(vehicle)` replaces the policy's
+    planner (the cell-level coordinator hands every vehicle its share of one joint allocation).
     """
     started = time.perf_counter()
     vehicles = len(cases)
@@ -208,9 +210,10 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
         raise ValueError(f"unknown cell scheduler {scheduler!r}")
     interval_ms = cases[0].scenario.frame_interval_ms
     starts_ms = start_phases_ms(vehicles, interval_ms, phase)
+    coordinating = coordinator(loop.clock) if coordinator is not None else None
     cars = [
         ReplayedCar(policy, case.scenario, case.detections_at, loop, links[vehicle], cloud, car,
-                    planner=planner_factory(vehicle, case) if planner_factory is not None else None,
+                    planner=coordinating.planner(vehicle) if coordinating is not None else None,
                     vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle])
         for vehicle, case in enumerate(cases)
     ]
@@ -232,7 +235,9 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
         policy=policy.name, scheduler=scheduler, workers=workers, cases=list(cases), runs=runs, start_ms=starts_ms,
         horizon_ms=horizon_ms, cloud_busy_ms=cloud.busy_ms, capacity_packets=int(capacity_packets),
         delivered_packets=int(delivered_packets), delivered_bytes_per_vehicle=delivered_bytes, wall_s=wall_s,
-        counters={"cell_opportunities_used": cell.opportunities_used if cell is not None else -1},
+        counters={"cell_opportunities_used": cell.opportunities_used if cell is not None else -1,
+                  "coordinator_solves": getattr(coordinating, "solves", 0)},
+        solve_us=list(getattr(coordinating, "solve_us", [])),
     )
 
 
