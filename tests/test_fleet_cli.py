@@ -42,6 +42,7 @@ def short_trace(tmp_path):
     (["--frames", "1"], "--frames must be at least 2"),
     (["--cloud", "fast"], "choose 'reference', 'measured'"),
     (["--pf-window-ms", "0"], "--pf-window-ms must be a finite number > 0"),
+    (["--cell-fairness", "fair"], "--cell-fairness: 'fair' is not 'none', 'max-min' or a number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
     code, err = run_cli(capsys, *args)
@@ -73,3 +74,14 @@ def test_missing_files_are_named(capsys, tmp_path):
 def test_the_cell_policy_needs_the_cell_allocator(capsys):
     code, err = run_cli(capsys, "--policy", "cell")
     assert code == 2 and err.count("\n") == 1 and "optimizer/cell.py" in err
+
+
+@pytest.mark.skipif(not cell_allocator_available(), reason="optimizer/cell.py (the cell-level allocator) is absent")
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "cell", "--scheduler", "per-vehicle"], "coordinates the vehicles of one shared cell"),
+    (["--policy", "cell", "--cell-capacity-fraction", "1.5"], "--cell-capacity-fraction must be in (0, 1]"),
+    (["--policy", "cell", "--cell-gpu-fraction", "0.8", "--workers", "unlimited"], "give --workers a number"),
+])
+def test_bad_cell_policy_settings(capsys, args, message):
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
