@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from avcloud.errors import UserError
 from avcloud.types import Allocation, AllocationProblem, Service
+from optimizer.cell import CellAllocation, CellProblem, CellVehicle, solve_cell
 from optimizer.convex import BooleanProgramAllocator, LpAllocator
 from optimizer.exact import PreparedServices, ProblemArrays
 from optimizer.problem import (
@@ -84,6 +85,29 @@ class ExactAllocator:
         allocation = allocation_from_indices(problem.services, indices, bandwidths)
         allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
         return allocation
+
+
+class CellAllocator:
+    """The cell-level solver (optimizer/cell.py): exact, for one car (each service one row of
+    the joint problem) through `solve`, and for a whole cell through `solve_cell`."""
+
+    name = "cell"
+    exact = True
+    supports_weights = True
+    bandwidth_aware = True
+
+    def solve(self, problem: AllocationProblem) -> Allocation:
+        started_ns = time.perf_counter_ns()
+        check_problem(problem)
+        vehicle = CellVehicle("vehicle", problem.services)
+        cell = solve_cell(CellProblem((vehicle,), problem.budget_mbps, problem.rtt_ms, problem.slo_ms))
+        allocation = cell.vehicles["vehicle"]
+        allocation.extra.update(cell.extra)
+        allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
+        return allocation
+
+    def solve_cell(self, problem: CellProblem) -> CellAllocation:
+        return solve_cell(problem)
 
 
 def _remember(cache: OrderedDict, key, value, size: int) -> None:
@@ -184,6 +208,7 @@ ALLOCATORS: dict[str, type] = {
     "onboard": OnboardAllocator,
     "naive": NaiveCloudAllocator,
     "equal": EqualSplitAllocator,
+    "cell": CellAllocator,
 }
 
 

@@ -135,9 +135,7 @@ def solve_multiple_choice(costs: np.ndarray, values: np.ndarray, limit: float,
     costs = np.asarray(costs, dtype=float)
     values = np.asarray(values, dtype=float)
     if gpu_costs is not None:
-        from optimizer.cell_gpu import solve_two_constraints
-
-        return solve_two_constraints(costs, values, limit, np.asarray(gpu_costs, dtype=float), float(gpu_limit))
+        return _solve_two_constraints(costs, values, limit, np.asarray(gpu_costs, dtype=float), float(gpu_limit))
     frontier = RowFrontiers(costs, values)
     result = _solve_frontiers(frontier, limit)
     result.choices = frontier.order[np.arange(costs.shape[0]), result.choices]
@@ -363,6 +361,140 @@ def _core_dp(frontier: RowFrontiers, survives: np.ndarray, best_reduced: np.ndar
     dp.backtrack(int(np.argmax(dp.values)), chosen)
     value = float(frontier.values[np.arange(chosen.shape[0]), chosen].sum())
     return chosen, value, int(free.shape[0]), largest
+
+
+# HiGHS settings for the core of the two-constraint problem: the true optimum, not one within a gap.
+_HIGHS_EXACT = {"mip_rel_gap": 0.0, "mip_abs_gap": 1e-12, "mip_feasibility_tolerance": 1e-10,
+                "primal_feasibility_tolerance": 1e-10}
+DUAL_SEARCH_STEPS = 40
+
+
+def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, gpu_costs: np.ndarray,
+                           gpu_limit: float) -> KnapsackResult:
+    """Bandwidth and GPU: solve without the GPU constraint (optimal if it fits the GPU too);
+    else search the GPU price mu on the Lagrangian dual mu * G + LP(values - mu * gpu), fix
+    every option whose reduced cost under (lambda, mu) exceeds UB - LB, and solve the few free
+    rows as a boolean program with HiGHS at zero gap."""
+    row_count = costs.shape[0]
+    rows = np.arange(row_count)
+    gpu_costs = np.where(np.isfinite(costs), gpu_costs, 0.0)
+    plain = solve_multiple_choice(costs, values, limit)
+    if float(gpu_costs[rows, plain.choices].sum()) <= gpu_limit:
+        return plain
+    finite_costs = np.where(np.isfinite(costs), costs, 0.0)
+    fallback_choices = np.argmax(np.where((costs == 0) & (gpu_costs == 0), values, -math.inf), axis=1)
+    lower_bound = float(values[rows, fallback_choices].sum())
+    best_choices = fallback_choices
+    best = (math.inf, 0.0, 0.0)  # (UB, lambda, mu)
+    fallback_values = values[rows, fallback_choices]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(gpu_costs > 0, (values - fallback_values[:, None]) / gpu_costs, 0.0)
+    mu_low, mu_high = 0.0, max(float(np.nanmax(np.where(np.isfinite(costs), ratios, 0.0))), 0.0) * 1.01 + 1e-12
+    for _ in range(DUAL_SEARCH_STEPS):
+        mu = 0.5 * (mu_low + mu_high)
+        adjusted = values - mu * gpu_costs
+        frontier = RowFrontiers(costs, adjusted)
+        segments = _Segments(frontier)
+        points, price, _, taken = _greedy(frontier, segments, limit)
+        choices = frontier.order[rows, points]
+        # The integer walk, sent back to the fallback where it most overuses the GPU, is a candidate.
+        choices = _fit_gpu(choices, values, gpu_costs, fallback_choices, gpu_limit)
+        value = float(values[rows, choices].sum())
+        if value > lower_bound:
+            lower_bound, best_choices = value, choices
+        reduced = np.where(np.isfinite(costs), adjusted - price * finite_costs, -math.inf)
+        upper_bound = price * limit + mu * gpu_limit + float(reduced.max(axis=1).sum())
+        if upper_bound < best[0]:
+            best = (upper_bound, price, mu)
+        # Subgradient sign: the LP solution's GPU use against the pool (the cut segment at its fraction).
+        lp_points = np.zeros(row_count, dtype=np.intp)
+        np.maximum.at(lp_points, segments.rows[:taken], segments.targets[:taken])
+        lp_gpu = float(gpu_costs[rows, frontier.order[rows, lp_points]].sum())
+        if lp_gpu > gpu_limit:
+            mu_low = mu
+        else:
+            mu_high = mu
+    upper_bound, price, mu = best
+    scale = 1.0 + abs(upper_bound)
+    if lower_bound >= upper_bound - OPTIMAL_RELATIVE_TOLERANCE * scale:
+        return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, 0, gpu_price=mu)
+    gap = upper_bound - lower_bound + BOUND_RELATIVE_TOLERANCE * scale
+    reduced = np.where(np.isfinite(costs), values - price * finite_costs - mu * gpu_costs, -math.inf)
+    survives = (reduced.max(axis=1)[:, None] - reduced <= gap) & (costs <= limit) & (gpu_costs <= gpu_limit)
+    survives[rows, best_choices] = True  # the incumbent always stays
+    counts = survives.sum(axis=1)
+    fixed = counts == 1
+    fixed_rows = np.flatnonzero(fixed)
+    fixed_choices = np.argmax(survives, axis=1)
+    free = np.flatnonzero(~fixed)
+    bandwidth_left = limit - float(costs[fixed_rows, fixed_choices[fixed_rows]].sum())
+    gpu_left = gpu_limit - float(gpu_costs[fixed_rows, fixed_choices[fixed_rows]].sum())
+    found = _core_program(costs[free], values[free], gpu_costs[free], survives[free], bandwidth_left, gpu_left)
+    choices = fixed_choices.copy()
+    if found is not None:
+        choices[free] = found
+        value = float(values[rows, choices].sum())
+        if value >= lower_bound and float(costs[rows, choices].sum()) <= limit and (
+                float(gpu_costs[rows, choices].sum()) <= gpu_limit):
+            return KnapsackResult(choices, value, upper_bound, lower_bound, price, int(free.shape[0]), gpu_price=mu)
+    return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, int(free.shape[0]), gpu_price=mu)
+
+
+def _fit_gpu(choices: np.ndarray, values: np.ndarray, gpu_costs: np.ndarray, fallback_choices: np.ndarray,
+             gpu_limit: float) -> np.ndarray:
+    """A solution within the GPU limit: rows go back to their fallback, least value lost per
+    GPU load saved first, until the load fits (bandwidth only falls)."""
+    rows = np.arange(choices.shape[0])
+    loads = gpu_costs[rows, choices]
+    excess = float(loads.sum()) - gpu_limit * (1 - 1e-12)
+    if excess <= 0:
+        return choices
+    losses = values[rows, choices] - values[rows, fallback_choices]
+    candidates = np.flatnonzero(loads > 0)
+    order = candidates[np.argsort(losses[candidates] / loads[candidates], kind="stable")]
+    needed = int(np.searchsorted(np.cumsum(loads[order]), excess, side="left")) + 1
+    fitted = choices.copy()
+    fitted[order[:needed]] = fallback_choices[order[:needed]]
+    return fitted
+
+
+def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float) -> np.ndarray | None:
+    """The free rows as a boolean program (one allowed column per row, both capacities), solved
+    by HiGHS at zero gap; the chosen column per row, or None if HiGHS finds none."""
+    if costs.shape[0] == 0:
+        return np.zeros(0, dtype=np.intp)
+    import highspy
+
+    row_ids, column_ids = np.nonzero(allowed)
+    count = row_ids.shape[0]
+    free_rows = costs.shape[0]
+    highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    for option, setting in _HIGHS_EXACT.items():
+        highs.setOptionValue(option, setting)
+    lp = highspy.HighsLp()
+    lp.num_col_ = count
+    lp.num_row_ = free_rows + 2
+    lp.col_cost_ = -values[row_ids, column_ids]
+    lp.col_lower_ = np.zeros(count)
+    lp.col_upper_ = np.ones(count)
+    lp.row_lower_ = np.concatenate((np.ones(free_rows), [-highspy.kHighsInf, -highspy.kHighsInf]))
+    lp.row_upper_ = np.concatenate((np.ones(free_rows), [bandwidth_limit, gpu_limit]))
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.arange(0, 3 * count + 1, 3)
+    lp.a_matrix_.index_ = np.stack((row_ids, np.full(count, free_rows), np.full(count, free_rows + 1)), axis=1).ravel()
+    lp.a_matrix_.value_ = np.stack((np.ones(count), costs[row_ids, column_ids], gpu_costs[row_ids, column_ids]),
+                                   axis=1).ravel()
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * count
+    highs.passModel(lp)
+    highs.run()
+    if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    solution = np.asarray(highs.getSolution().col_value)
+    chosen = np.zeros(free_rows, dtype=np.intp)
+    taken = solution > 0.5
+    chosen[row_ids[taken]] = column_ids[taken]
+    return chosen
 
 
 # ---------------------------------------------------------------- the cell problem

@@ -250,3 +250,79 @@ class BooleanProgramAllocator(ConvexProgramAllocator):
         )
         allocation.solve_us = (time.perf_counter_ns() - started_ns) / 1000.0 - self.last_compile_us
         return allocation
+
+
+class CellBooleanProgram:
+    """The cell-level allocation (optimizer/cell.py) as one boolean program in cvxpy, solved by
+    HiGHS at zero gap: the reference for `optimizer.cell.solve_cell`, fairness included.
+
+    Variables x[o] for every option of every camera of every vehicle, one-hot per camera.
+        maximise    sum_o W_v(o) * w_c(o) * u_o * x[o]
+        subject to  sum_o b_o x[o] <= B;  sum_o g_o x[o] <= G (if a GPU pool is given)
+                    U_v = sum_{o of v} w_c(o) u_o x[o] >= floor_v          (floors)
+    Max-min: first maximise t subject to U_v >= t (and the floors), then the weighted total
+    subject to U_v >= t* (within a 1e-9 relative tolerance, as the exact solver)."""
+
+    def __init__(self, solver: str = "HIGHS", solver_options: Mapping[str, object] | None = None) -> None:
+        self.solver = solver
+        self.solver_options = dict(solver_options or {})
+
+    def solve(self, problem) -> object:
+        import cvxpy as cp
+        import scipy.sparse as sparse
+
+        from optimizer.cell import CellTable, _cell_allocation, _floors
+
+        started_ns = time.perf_counter_ns()
+        table = CellTable(problem)
+        row_count, width = table.bandwidths_mbps.shape
+        available = np.isfinite(table.bandwidths_mbps)
+        flat_rows, flat_columns = np.nonzero(available)
+        count = flat_rows.shape[0]
+        membership = sparse.csr_matrix((np.ones(count), (flat_rows, np.arange(count))), shape=(row_count, count))
+        vehicle_membership = sparse.csr_matrix(
+            (table.camera_values[flat_rows, flat_columns], (table.vehicle_of_row[flat_rows], np.arange(count))),
+            shape=(len(problem.vehicles), count))
+        x = cp.Variable(count, boolean=True)
+        constraints = [membership @ x == 1,
+                       table.bandwidths_mbps[flat_rows, flat_columns] @ x <= budget_limit_mbps(problem.capacity_mbps)]
+        if problem.gpu_workers is not None:
+            constraints.append(table.gpu_loads[flat_rows, flat_columns] @ x <= budget_limit_mbps(problem.gpu_workers))
+        floors = _floors(problem)
+        vehicle_utilities = vehicle_membership @ x
+        options = {**HIGHS_EXACT_MIP_OPTIONS, **self.solver_options} if self.solver == "HIGHS" else self.solver_options
+        extra: dict[str, object] = {"solver": self.solver}
+        if problem.fairness == "max-min":
+            level = cp.Variable()
+            stage = cp.Problem(cp.Maximize(level), [*constraints, vehicle_utilities >= level]
+                               + ([vehicle_utilities >= _relaxed(floors)] if floors is not None else []))
+            stage.solve(solver=self.solver, **options)
+            _check_status(stage.status)
+            floors = np.full(len(problem.vehicles), float(level.value)) if floors is None else (
+                np.maximum(floors, float(level.value)))
+            extra["max_min_utility"] = float(level.value)
+        if floors is not None:
+            constraints.append(vehicle_utilities >= _relaxed(floors))
+        program = cp.Problem(cp.Maximize(table.values[flat_rows, flat_columns] @ x), constraints)
+        program.solve(solver=self.solver, **options)
+        _check_status(program.status)
+        chosen = np.zeros(row_count, dtype=np.intp)
+        taken = np.asarray(x.value) > 0.5
+        chosen[flat_rows[taken]] = flat_columns[taken]
+        extra["objective"] = float(program.value)
+        return _cell_allocation(problem, table, chosen, started_ns, extra)
+
+
+def _relaxed(floors: np.ndarray) -> np.ndarray:
+    """Floors within the exact solver's tolerance (-inf floors become a large negative number)."""
+    finite = np.where(np.isfinite(floors), floors, -1e9)
+    return finite - 1e-9 * (1.0 + np.abs(finite))
+
+
+def _check_status(status: str) -> None:
+    if status in ("infeasible", "infeasible_inaccurate"):
+        from optimizer.cell import InfeasibleCellError
+
+        raise InfeasibleCellError("the vehicles' utility floors cannot all be met within the cell capacity")
+    if status not in ("optimal", "optimal_inaccurate"):
+        raise RuntimeError(f"solver returned status {status}")

@@ -170,7 +170,7 @@ def test_unknown_method_is_a_user_error():
 
 
 def test_registry_has_exactly_the_documented_methods():
-    assert set(ALLOCATORS) == {"exact", "lp", "milp", "onboard", "naive", "equal"}
+    assert set(ALLOCATORS) == {"exact", "lp", "milp", "onboard", "naive", "equal", "cell"}
 
 
 @pytest.mark.parametrize("method", sorted(ALLOCATORS))
