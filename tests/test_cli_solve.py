@@ -62,7 +62,7 @@ def test_instances_to_output_file(tmp_path):
     assert second["utility"] == pytest.approx(0.3 + 0.9)
 
 
-@pytest.mark.parametrize("method", ["exact", "lp", "milp", "onboard", "naive", "equal"])
+@pytest.mark.parametrize("method", ["exact", "lp", "milp", "onboard", "naive", "equal", "cell"])
 def test_every_method_writes_the_contract_fields(tmp_path, capsys, method):
     instances = write_lines(tmp_path / "in.jsonl", dict(INSTANCE, budget_mbps=20.0))
     assert main(["solve", "--instances", str(instances), "--method", method]) == 0
