@@ -62,6 +62,38 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+class ReplicaMetrics:
+    """The replica pool of `engine: ray`, on the service's registry: the front end's own metrics
+    (`ServiceMetrics`) already count every reply, queue and batch over all replicas; these break
+    the pool down by replica (the replica label is Ray Serve's replica id)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.replicas = Gauge("avcloud_cloud_replicas", "Replicas in the pool, by state (live, hung)", ["state"],
+                              registry=registry)
+        self.replica_up = Gauge("avcloud_cloud_replica_up", "1 while a replica takes work, 0 while it is hung",
+                                ["replica"], registry=registry)
+        self.held = Gauge("avcloud_cloud_replica_held", "Requests sent to a replica and not answered yet",
+                          ["replica"], registry=registry)
+        self.replica_queue_depth = Gauge(
+            "avcloud_cloud_replica_queue_depth", "Requests waiting in a replica's own EDF queue (as it last reported)",
+            ["replica"], registry=registry)
+        self.replica_requests = Counter(
+            "avcloud_cloud_replica_requests", "Requests a replica answered, by model and status",
+            ["replica", "model", "status"], registry=registry)
+        self.replica_inference_time = Histogram(
+            "avcloud_cloud_replica_inference_time_seconds", "Model time per batch, by replica", ["replica", "model"],
+            buckets=_TIME_BUCKETS_S, registry=registry)
+        self.replica_failures = Counter(
+            "avcloud_cloud_replica_failures", "Replicas lost, by reason (died, hung)", ["reason"], registry=registry)
+        self.redispatched = Counter(
+            "avcloud_cloud_redispatched", "Requests sent again after their replica died or hung, by reason",
+            ["reason"], registry=registry)
+        self.dispatch_hop = Histogram(
+            "avcloud_cloud_dispatch_hop_seconds",
+            "Round trip to a replica minus the replica's own time (the Ray hop), per request",
+            buckets=_TIME_BUCKETS_S, registry=registry)
+
+
 class HealthServer:
     """A small threaded HTTP server: /healthz (alive: loading or serving, no dead thread),
     /readyz (warm and accepting), /metrics (Prometheus text format)."""

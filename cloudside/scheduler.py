@@ -238,6 +238,25 @@ class RequestQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def expire_due(self, now_ms: float) -> list[PendingRequest]:
+        """Take out every request that can no longer finish before its deadline (EDF only: the
+        rule `take` applies to heads), to answer `expired` while no worker is free to take them."""
+        if self.policy != "edf":
+            return []
+        with self._condition:
+            due = [entry[2] for heap in self._by_model.values() for entry in heap
+                   if entry[1] in self._live and entry[2].deadline_ms - now_ms < self.expected_ms(entry[2].model, 1)]
+            for request in due:
+                self._remove(request)
+            return sorted(due, key=lambda request: (request.deadline_ms, request.sequence))
+
+    def earliest_deadline_ms(self) -> float | None:
+        """The earliest deadline among queued requests (None when empty)."""
+        with self._condition:
+            deadlines = [entry[2].deadline_ms for heap in self._by_model.values() for entry in heap
+                         if entry[1] in self._live]
+            return min(deadlines, default=None)
+
     def _remove(self, request: PendingRequest) -> None:
         """Take a queued request out (its heap entries go stale and are skipped later)."""
         self._live.discard(request.sequence)

@@ -102,12 +102,11 @@ def build_engine(config: CloudConfig, runners: dict[str, ModelRunner] | None = N
     if config.engine == "ray":
         if runners is not None:
             raise ValueError("engine: ray builds its runners in its replicas; runners= is for engine: threads")
-        from cloudside.ray_engine import RayEngine, ray_available
-
-        missing = ray_available()
-        if missing is not None:
-            raise ConfigError(f"engine: ray needs Ray Serve ({missing}); install the optional extra: "
-                              "pip install -c requirements.lock -e '.[ray]'")
+        try:
+            from cloudside.ray_engine import RayEngine
+        except ImportError as error:
+            raise ConfigError(f"engine: ray needs Ray Serve, which this Python lacks ({error}); install the "
+                              "optional extra: pip install -c requirements.lock -e '.[ray]'") from None
         return RayEngine(config, clock=clock)
     return ThreadEngine(config, runners=runners, clock=clock)
 
