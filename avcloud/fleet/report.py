@@ -117,6 +117,15 @@ def _panels(document: dict) -> list[tuple[str, object]]:
     return list(dict.fromkeys((point["trace"], point["workers"]) for point in document["points"]))
 
 
+def _fleet_size_axis(axis, document: dict) -> None:
+    """Fleet sizes on a log-2 axis, labelled with the sizes simulated."""
+    sizes = sorted({point["vehicles"] for point in document["points"]})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(size) for size in sizes])
+    axis.minorticks_off()
+    axis.set_xlabel("vehicles in the cell")
+
+
 def _series(document: dict, trace: str, workers, policy: str) -> list[dict]:
     return sorted((point for point in document["points"]
                    if point["trace"] == trace and point["workers"] == workers and point["policy"] == policy),
@@ -145,8 +154,7 @@ def plot_map_vs_fleet_size(document: dict, path: Path) -> Path:
             onboard = 100 * series[0]["onboard_map_mean"]
         if onboard is not None:
             axis.axhline(onboard, color="#7f7f7f", linestyle="--", linewidth=1, label="on-car only")
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("vehicles in the cell")
+        _fleet_size_axis(axis, document)
         axis.set_ylabel("mAP x100 per vehicle")
         axis.set_title(f"{trace}, GPU pool {_workers(workers)}", fontsize=10)
         axis.grid(alpha=0.3)
@@ -209,8 +217,7 @@ def plot_shared_resources(document: dict, path: Path) -> Path:
             axes[2].plot(sizes, [100 * (point["deadline_miss_rate"] or 0.0) for point in series], **style)
     for axis, title in zip(axes, ("GPU utilisation [%]", "uplink utilisation [%]", "deadline miss [% of sent]"),
                            strict=True):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("vehicles in the cell")
+        _fleet_size_axis(axis, document)
         axis.set_title(title, fontsize=10)
         axis.set_ylim(0, 105)
         axis.grid(alpha=0.3)
