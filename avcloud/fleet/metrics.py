@@ -5,7 +5,9 @@ GPU pool did.
   frame) of what that vehicle published, scored exactly as the replay scores (scoring.py).
 - gain: a vehicle's mAP over its on-car model's mAP on the same frames, in points (x100).
 - Jain's fairness index of x over n vehicles: (sum x)^2 / (n sum x^2), 1 when all are equal,
-  1/n when one vehicle has everything; of per-vehicle mAP and of per-vehicle uplink throughput.
+  1/n when one vehicle has everything; of per-vehicle mAP, of per-vehicle gain (clipped at 0:
+  how the benefit of offloading is shared; mAP's index is dominated by the common on-car part)
+  and of per-vehicle uplink throughput.
 - GPU utilisation: worker time spent on batches over K workers x the horizon (the first capture
   to the end of the last vehicle's scene); with an unlimited pool, busy workers on average.
 - cloud: requests sent, results back on time (published from the cloud), late ones (deadline
@@ -91,6 +93,7 @@ def summarise_fleet(run: FleetRun, scorers: Sequence[SceneScorer], onboard_maps:
         "gain_points": _quantiles(gain_array),
         "onboard_map_mean": float(np.mean([vehicle["onboard_map"] for vehicle in vehicles])),
         "jain_map": jain_index(maps),
+        "jain_gain": jain_index(np.maximum(gain_array, 0.0)),
         "jain_uplink": jain_index(uplink_mbps),
         "gpu_utilisation": run.cloud_busy_ms / worker_ms if run.workers is not None and worker_ms > 0 else None,
         "gpu_busy_workers_mean": run.cloud_busy_ms / run.horizon_ms if run.horizon_ms > 0 else 0.0,

@@ -36,7 +36,7 @@ def _fixed(value: float | None, digits: int = 2) -> str:
 
 def table_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     header = ["trace", "GPUs", "vehicles", "policy", "mAP", "worst", "p10", "median", "best", "gain [pt]",
-              "Jain", "GPU util", "goodput [/s]", "deadline miss", "uplink util"]
+              "Jain mAP", "Jain gain", "GPU util", "goodput [/s]", "deadline miss", "uplink util"]
     rows = []
     for point in document["points"]:
         figures = point["map"]
@@ -44,7 +44,7 @@ def table_rows(document: dict) -> tuple[list[str], list[list[str]]]:
             point["trace"], _workers(point["workers"]), str(point["vehicles"]), point["policy"],
             f"{100 * figures['mean']:.1f}", f"{100 * figures['min']:.1f}", f"{100 * figures['p10']:.1f}",
             f"{100 * figures['median']:.1f}", f"{100 * figures['max']:.1f}", f"{point['gain_points']['mean']:+.1f}",
-            _fixed(point["jain_map"], 3), _percent(point["gpu_utilisation"]) if point["workers"] is not None
+            _fixed(point["jain_map"], 3), _fixed(point.get("jain_gain"), 2), _percent(point["gpu_utilisation"]) if point["workers"] is not None
             else f"{point['gpu_busy_workers_mean']:.1f} busy", f"{point['cloud_goodput_per_s']:.1f}",
             _percent(point["deadline_miss_rate"]), _percent(point["uplink_utilisation"]),
         ])
@@ -70,7 +70,8 @@ def caption(document: dict) -> str:
     return (f"fleet: {scenes}; cell scheduler {settings['scheduler']}, phases {settings['phase']}; RTT "
             f"{settings['rtt_ms']:g} ms, SLO {settings['slo_ms']:g} ms, cloud runtimes '{settings['cloud']}'; "
             f"mAP x100 per vehicle (distribution over the fleet); gain over on-car only (on-car mAP "
-            f"{', '.join(f'{value:.1f}' for value in sorted(onboard))}); Jain's index of per-vehicle mAP; "
+            f"{', '.join(f'{value:.1f}' for value in sorted(onboard))}); Jain's fairness index of per-vehicle mAP "
+            f"and of per-vehicle gain; "
             f"deadline miss = late / sent cloud requests; goodput = cloud results on time per second")
 
 
