@@ -130,7 +130,7 @@ class QuantileForecaster(_SampleChecks):
 
     def observe(self, time_ms: float, throughput_mbps: float) -> None:
         self._check(time_ms, throughput_mbps)
-        raw = self._raw_samples()
+        raw = self._raw_samples() if self.recalibrate else np.zeros(0)
         if raw.shape[0] >= 2:  # how the forecast made before this sample fared
             below = np.searchsorted(raw, throughput_mbps, side="left")
             at_or_below = np.searchsorted(raw, throughput_mbps, side="right")
@@ -175,7 +175,8 @@ class QuantileForecaster(_SampleChecks):
         return self._samples_cache
 
     def pit_values(self) -> np.ndarray:
-        """Where each recent sample fell in the forecast made before it (0 = below all of it)."""
+        """Where each recent sample fell in the forecast made before it (0 = below all of it);
+        kept only when recalibrating."""
         return np.asarray(self._pit, dtype=float)
 
     def quantile_mbps(self, q: float) -> float | None:

@@ -56,6 +56,8 @@ class QuantilePlanner:
         self.quantiles = tuple(sorted(set(quantiles)))
         self.allocator = allocator or ExactAllocator()
         self.miss_cost = miss_cost
+        self._fallback_services: tuple[Service, ...] | None = None
+        self._fallback_value = 0.0
 
     def plan(
         self,
@@ -74,7 +76,7 @@ class QuantilePlanner:
             raise DataError("bandwidth samples must be finite numbers >= 0")
         check_link(0.0, rtt_ms, slo_ms)
         prepared = self.allocator.prepare(services, rtt_ms, slo_ms)
-        fallback_utility = sum(s.weight * s.options[fallback_index(s)].utility for s in services)
+        fallback_utility = self._fallback_utility(services)
         # A sample b carries a total T iff T <= budget_limit(b); budget_limit is increasing in b.
         sample_limits_mbps = budget_limit_mbps(samples_mbps)
         budgets = sorted_quantiles(samples_mbps, self.quantiles)
@@ -111,6 +113,13 @@ class QuantilePlanner:
                 best = (expected, success, quantile, budget_mbps, indices, bandwidths)
         expected, success, quantile, budget_mbps, indices, bandwidths = best
         return self._allocation(services, indices, bandwidths, quantile, budget_mbps, expected, success, started_ns)
+
+    def _fallback_utility(self, services: tuple[Service, ...]) -> float:
+        """The all-on-car utility, remembered for the services tuple planned with every frame."""
+        if self._fallback_services is not services:
+            self._fallback_services = services
+            self._fallback_value = sum(s.weight * s.options[fallback_index(s)].utility for s in services)
+        return self._fallback_value
 
     @staticmethod
     def _allocation(services, indices, bandwidths, quantile, budget_mbps, expected, success, started_ns) -> Allocation:
