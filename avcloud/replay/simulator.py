@@ -4,8 +4,9 @@ This is openpilot's process_replay idea. `onboard.daemon.OnboardAgent`, the per-
 daemon runs, is driven here exactly as the live node drives it, except that time and I/O are
 simulated:
 
-- a `SimulatedClock` and an event loop (`EventLoop`) in place of the node's poll loop: after
-  every event the agent's `step()` runs, and the loop also wakes it at `next_wakeup_ms()`;
+- a `SimulatedClock` and an event loop (`EventLoop`, `run_cars`) in place of the node's poll
+  loop: all events of one instant run, then each car they concern takes one agent `step()` (one
+  round of the node's poll loop), and a wake-up event follows the agent's `next_wakeup_ms()`;
 - executors whose work takes simulated time (`SimulatedExecutor`): the on-car fallback takes
   the profile's fallback runtime on `fallback_workers` workers, compression takes the profile's
   `Encode [ms]` on `encode_workers` workers (the daemon's default compresses one camera at a
@@ -23,6 +24,9 @@ Cloud runtimes come from the scenario, i.e. from a declared runtime model
 (avcloud/replay/cloud_runtimes.py), never from the load of the moment.
 
 `oracle` is the same agent with a planner that reads the trace (`OraclePlanner`).
+
+`ReplayedCar` is one car on a shared loop, link and cloud; `simulate_policy` runs one car alone
+(the replay); the fleet simulation (avcloud/fleet) puts many on one cell and one cloud.
 """
 
 from __future__ import annotations
