@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,8 @@ _TICK_S = 0.02  # the dispatcher's loop wakes at least this often (hang checks, 
 _GAUGE_PERIOD_MS = 100.0
 _FLEET_INFO_STALE_MS = 2000.0  # a replica's copy of the fleet's held work expires after this
 _MAX_REPLICA_LABELS = 256
-_POOL_EMPTY_UNHEALTHY_MS = 60_000.0  # no live replica for this long: /healthz fails
+_POOL_EMPTY_UNHEALTHY_MS = 60_000.0
+_RECEIVED_KEPT = 4096  # no live replica for this long: /healthz fails
 _SERVE_LOGGER_NAMES = ("ray.serve", "ray")
 
 
@@ -172,6 +174,8 @@ class ModelReplica:
         self._fleet_held_ms = 0.0
         self._fleet_slack_ms = autoscaling.NO_SLACK_MS
         self._fleet_info_ms = -float("inf")
+        # (ms left until the deadline, this replica's expected runtime) of the latest arrivals.
+        self._received: deque[tuple[float, float]] = deque(maxlen=_RECEIVED_KEPT)
         self._worker = threading.Thread(target=self._work, name="replica-worker", daemon=True)
         self._worker.start()
 
@@ -188,6 +192,7 @@ class ModelReplica:
         future: asyncio.Future = loop.create_future()
         request = PendingRequest(identity=b"", header=header, payload=payload, arrival_ms=arrival_ms,
                                  deadline_ms=arrival_ms + remaining_ms)
+        self._received.append((remaining_ms, self.models.expected_ms(header.model, 1)))
         with self._lock:
             self._waiting[id(request)] = (request, loop, future)
         if not self.queue.push(request):
@@ -214,6 +219,11 @@ class ModelReplica:
                               "backend": self.models.runners[name].backend_name}
                        for name in self.models.names},
         }
+
+    def received(self, target: str | None = None) -> list[tuple[float, float]]:
+        """(ms left until the deadline at arrival, expected runtime) of the latest requests this
+        replica was sent: what the deadline-aware dispatch promises, seen from the replica."""
+        return list(self._received)
 
     def check_health(self) -> None:
         """Ray Serve's health check: fails when the worker died, or holds work without progress."""
@@ -606,9 +616,15 @@ class RayEngine:
 
     def replicas(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """What each replica says of itself (id, pid, node, GPU ids, models); for operators and tests."""
-        assert self._loop is not None
         names = replica_directory.latest(self.app_name)
-        return self._on_loop(self._describe_all(names)).result(timeout=timeout_s)
+        answers = self._on_loop(self._ask_all("describe", names)).result(timeout=timeout_s)
+        return [answer for answer in answers if answer is not None]
+
+    def received(self, timeout_s: float = 30.0) -> dict[str, list[tuple[float, float]]]:
+        """Per replica, (ms left until the deadline, expected runtime) of what it was sent lately."""
+        names = replica_directory.latest(self.app_name)
+        answers = self._on_loop(self._ask_all("received", names)).result(timeout=timeout_s)
+        return dict(zip(names, answers, strict=True))
 
     # ------------------------------------------------------------ the loop
 
@@ -637,10 +653,11 @@ class RayEngine:
     async def _describe_any(self) -> dict[str, Any]:
         return await self._handle.describe.remote()
 
-    async def _describe_all(self, names: list[str]) -> list[dict[str, Any]]:
-        answers = await asyncio.gather(*(self._handle.describe.remote(target=name) for name in names),
+    async def _ask_all(self, method: str, names: list[str]) -> list[Any]:
+        """Call a method on each named replica (None for one that fails)."""
+        answers = await asyncio.gather(*(getattr(self._handle, method).remote(target=name) for name in names),
                                        return_exceptions=True)
-        return [answer for answer in answers if isinstance(answer, dict)]
+        return [None if isinstance(answer, BaseException) else answer for answer in answers]
 
     def _replicas_changed(self, replicas: list[str] | None, died: str | None) -> None:
         """From Serve's router thread: hand over to the dispatcher's loop."""
@@ -793,13 +810,13 @@ class RayEngine:
 
     def _replica_lost(self, name: str, reason: str, now_ms: float) -> None:
         """A replica died or hung: everything it held goes back to the queue (or is answered)."""
+        load = self.dispatcher.replicas.get(name)
+        newly_lost = load is not None and (reason == "died" or not load.hung)  # count each loss once
         if reason == "died":
             handed_back = self.dispatcher.replica_failed(name)
-            known = True
         else:
             handed_back = self.dispatcher.mark_hung(name)
-            known = name in self.dispatcher.replicas
-        if self._pool_metrics is not None and known:
+        if self._pool_metrics is not None and newly_lost:
             self._pool_metrics.replica_failures.labels(reason).inc()
         if handed_back or reason == "hung":
             logger.warning("replica %s %s; %d request(s) it held go back to the queue where their deadlines allow",

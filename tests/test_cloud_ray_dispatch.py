@@ -199,3 +199,33 @@ def test_the_serve_policy_reads_per_replica_metrics_and_keeps_the_count_before_a
                            target_num_replicas=2)
     wanted, state = policy(busy)
     assert wanted == math.ceil(1.9 / 0.5) and state["last_desired"] == pytest.approx(3.8)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_ray_settings_are_checked():
+    from cloudside.config import CloudConfig
+
+    base = {"models": [{"name": "m", "simulated_runtime_ms": 1.0}], "engine": "ray"}
+    with pytest.raises(ValueError, match="max_replicas \\(1\\) is below min_replicas \\(2\\)"):
+        CloudConfig.model_validate({**base, "ray": {"min_replicas": 2, "max_replicas": 1}})
+    with pytest.raises(ValueError, match="initial_replicas"):
+        CloudConfig.model_validate({**base, "ray": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 3}})
+    config = CloudConfig.model_validate({**base, "ray": {"min_replicas": 1, "max_replicas": 4}})
+    assert config.ray.autoscaling and config.ray.replica_num_gpus == "auto"
+
+
+def test_engine_ray_without_ray_installed_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    from avcloud.errors import ConfigError
+    from cloudside.config import CloudConfig
+    from cloudside.service import CloudService
+
+    monkeypatch.setitem(sys.modules, "cloudside.ray_engine", None)  # import fails as if ray were missing
+    config = CloudConfig.model_validate({"models": [{"name": "m", "simulated_runtime_ms": 1.0}], "engine": "ray"})
+    with pytest.raises(ConfigError) as failure:
+        CloudService(config, insecure=True)
+    message = str(failure.value)
+    assert "\n" not in message and "engine: ray needs Ray Serve" in message and "'.[ray]'" in message

@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--bind", default=None, help="override the ZeroMQ bind address, e.g. tcp://0.0.0.0:5555")
     serve.add_argument("--http-port", type=int, default=None, help="override the health/metrics HTTP port")
     serve.add_argument("--scheduler", choices=("edf", "fifo"), default=None, help="override the scheduling policy")
+    serve.add_argument("--engine", choices=("threads", "ray"), default=None,
+                       help="what runs the models: worker threads here (threads) or Ray Serve replicas (ray; "
+                            "joins $RAY_ADDRESS or ray.address when set, else starts a local Ray; needs the "
+                            "optional extra ray)")
     serve.add_argument("-p", "--param", action="append", default=[], metavar="KEY:=VALUE",
                        help="override any config field, e.g. -p queue_limit:=64 (repeatable)")
     serve.set_defaults(handler=run_serve)
@@ -54,7 +58,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from cloudside.service import CloudService
 
     overrides = dict(parse_override(text) for text in args.param)
-    for key, value in (("bind", args.bind), ("http_port", args.http_port), ("scheduler", args.scheduler)):
+    for key, value in (("bind", args.bind), ("http_port", args.http_port), ("scheduler", args.scheduler),
+                       ("engine", args.engine)):
         if value is not None:
             overrides[key] = value
     config = load_cloud_config(args.config, overrides)
