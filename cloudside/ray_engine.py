@@ -81,7 +81,8 @@ _GAUGE_PERIOD_MS = 100.0
 _FLEET_INFO_STALE_MS = 2000.0  # a replica's copy of the fleet's held work expires after this
 _MAX_REPLICA_LABELS = 256
 _POOL_EMPTY_UNHEALTHY_MS = 60_000.0
-_RECEIVED_KEPT = 4096  # no live replica for this long: /healthz fails
+_RECEIVED_KEPT = 4096
+_TEARDOWN_TIMEOUT_S = 20.0  # no live replica for this long: /healthz fails
 _SERVE_LOGGER_NAMES = ("ray.serve", "ray")
 
 
@@ -550,20 +551,17 @@ class RayEngine:
                 self._on_loop(self._shut_dispatch()).result(timeout=30)
             except Exception:  # noqa: BLE001 - closing anyway
                 logger.debug("dispatcher shutdown failed", exc_info=True)
+        # Ray may be gone already (a signal to the whole process group stops a local Ray's own
+        # processes too): no step of the teardown may hang the service's shutdown.
         if self._deployed:
-            try:
-                serve.delete(self.app_name)
-            except Exception:  # noqa: BLE001 - Ray may be gone already
-                logger.debug("serve.delete failed", exc_info=True)
+            _bounded(lambda: serve.delete(self.app_name), _TEARDOWN_TIMEOUT_S, "deleting the Serve application")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(timeout=10)
         if self._started_ray:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            _bounded(serve.shutdown, _TEARDOWN_TIMEOUT_S, "stopping Ray Serve")
+            _bounded(ray.shutdown, _TEARDOWN_TIMEOUT_S, "stopping the local Ray instance")
 
     # ------------------------------------------------------------ what the front end asks
 
@@ -928,6 +926,25 @@ class RayEngine:
             pool.replica_up.labels(label).set(0 if load.hung else 1)
             pool.held.labels(label).set(load.held)
         self._host.metrics.queue_depth.set(len(self.queue))
+
+
+def _bounded(step: Callable[[], Any], timeout_s: float, what: str) -> bool:
+    """Run a teardown step for at most timeout_s (in a daemon thread); False if it did not finish."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - tearing down anyway
+            logger.debug("%s failed", what, exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="cloud-ray-teardown", daemon=True).start()
+    if not done.wait(timeout_s):
+        logger.warning("%s did not finish within %.0f s (is Ray still running?); going on", what, timeout_s)
+        return False
+    return True
 
 
 def _metrics_interval_s(look_back_period_s: float) -> float:

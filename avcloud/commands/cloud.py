@@ -82,6 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
     service = CloudService(config, insecure=args.insecure, announce=announce)
     try:
         service.start()
+        for sig in previous:  # starting Ray (engine: ray) installs its own handlers: ours come first again
+            signal.signal(sig, request_stop)
         while not stop_requested.wait(0.2):
             pass
         announce("stopping: no new requests; finishing or expiring queued work")
