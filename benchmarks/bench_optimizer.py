@@ -78,6 +78,27 @@ def random_services(rng: np.random.Generator, count: int, options: int, base_siz
     return tuple(services)
 
 
+def random_cell(rng: np.random.Generator, vehicles: int, cameras: int, options: int, base_sizes, base_runtimes):
+    """A cell of `vehicles` cars with `cameras` cameras of `options` options each (1 fallback +
+    cloud rows drawn from the TURBO table, sizes and runtimes jittered, random utilities), each
+    car with its own RTT (10-40 ms), one SLO (150-300 ms), and an uplink of 2-20 Mbps per car."""
+    from optimizer.cell import CellProblem, CellVehicle
+
+    cars = []
+    for vehicle in range(vehicles):
+        services = []
+        for camera in range(cameras):
+            rows = rng.choice(base_sizes.shape[0], options - 1, replace=False)
+            fallback_utility = float(rng.uniform(0.15, 0.35))
+            sizes = base_sizes[rows] * rng.lognormal(0.0, 0.15, options - 1)
+            runtimes = base_runtimes[rows] * rng.uniform(0.9, 1.1, options - 1)
+            utilities = fallback_utility + rng.uniform(0.0, 0.35, options - 1)
+            services.append(Service(f"camera{camera}", (Option("onboard", 0.0, 0.0, fallback_utility),) + tuple(
+                Option(f"cfg{k}", float(sizes[k]), float(runtimes[k]), float(utilities[k])) for k in range(options - 1))))
+        cars.append(CellVehicle(f"car{vehicle}", tuple(services), rtt_ms=float(rng.uniform(10.0, 40.0))))
+    return CellProblem(tuple(cars), float(vehicles * rng.uniform(2.0, 20.0)), slo_ms=float(rng.uniform(150.0, 300.0)))
+
+
 def max_total_mbps(services, rtt_ms: float, slo_ms: float) -> float:
     total = 0.0
     for service in services:

@@ -47,19 +47,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from avcloud.errors import DataError
 from avcloud.types import Allocation, Service
-from optimizer.exact import _FrontierDP, read_option_numbers
+from optimizer.exact import _FrontierDP, forget_oldest, read_option_numbers
 from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link
 
 BOUND_RELATIVE_TOLERANCE = 1e-9
 # The greedy integer solution is returned as optimal when it is this close to the upper bound.
 OPTIMAL_RELATIVE_TOLERANCE = 1e-12
 FAIRNESS_MODES = (None, "max-min")
+# The first round of the core keeps options within this fraction of UB - LB (then x4 per round).
+CORE_FIRST_GAP_FRACTION = 1 / 16
+# The core's bounds try this many dual prices spread over the free rows' slopes (and the LP's).
+CORE_PRICE_QUANTILES = 9
+CORE_STATE_PRICES = "lp"
 
 
 class InfeasibleCellError(DataError):
@@ -95,18 +101,46 @@ class CellProblem:
     fairness: str | float | None = None
 
 
-@dataclass
 class CellAllocation:
-    """Per vehicle, its cameras' choices as an `Allocation` (utility = U_v, camera-weighted);
-    `utility` is the objective sum_v W_v U_v."""
+    """The cell's allocation. `option_indices[v]` is vehicle v's option index per camera (in its
+    services' order); `vehicle_utilities[v]` its camera-weighted utility U_v; `utility` the
+    objective sum_v W_v U_v. `vehicles` (built on first use) maps each vehicle's name to an
+    `Allocation` of its cameras, as a single car's allocator returns it."""
 
-    vehicles: dict[str, Allocation]
-    utility: float
-    total_bandwidth_mbps: float
-    gpu_load: float  # worker-seconds per second used by the cloud choices
-    min_vehicle_utility: float
-    solve_us: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
+    def __init__(self, problem: CellProblem, table: CellTable, choices: np.ndarray, solve_us: float,
+                 extra: dict[str, object]) -> None:
+        rows = np.arange(choices.shape[0])
+        self._problem = problem
+        self._table = table
+        self._choices = choices
+        self._bandwidths_mbps = table.bandwidths_mbps[rows, choices]
+        starts = table.row_starts
+        self.vehicle_utilities = np.add.reduceat(table.camera_values[rows, choices], starts[:-1])
+        self.utility = float(np.dot(table.vehicle_weights, self.vehicle_utilities))
+        self.total_bandwidth_mbps = float(self._bandwidths_mbps.sum())
+        self.gpu_load = float(table.gpu_loads[rows, choices].sum())  # worker-seconds per second
+        self.min_vehicle_utility = float(self.vehicle_utilities.min())
+        self.solve_us = solve_us
+        self.extra = extra
+        self._vehicles: dict[str, Allocation] | None = None
+
+    @property
+    def option_indices(self) -> list[list[int]]:
+        choices = self._choices.tolist()
+        starts = self._table.row_starts
+        return [choices[start:end] for start, end in zip(starts[:-1], starts[1:], strict=True)]
+
+    @property
+    def vehicles(self) -> dict[str, Allocation]:
+        if self._vehicles is None:
+            choices = self._choices.tolist()
+            bandwidths = self._bandwidths_mbps.tolist()
+            starts = self._table.row_starts
+            self._vehicles = {
+                vehicle.name: allocation_from_indices(vehicle.services, choices[start:end], bandwidths[start:end])
+                for vehicle, start, end in zip(self._problem.vehicles, starts[:-1], starts[1:], strict=True)
+            }
+        return self._vehicles
 
 
 # ---------------------------------------------------------------- the multiple-choice knapsack on arrays
@@ -143,8 +177,9 @@ def solve_multiple_choice(costs: np.ndarray, values: np.ndarray, limit: float,
 
 
 class RowFrontiers:
-    """Every row's Pareto frontier on a padded (row x point) table: costs strictly ascending,
-    values strictly ascending, `order` the original column of each point, `lengths` per row."""
+    """Every row's Pareto frontier on a (row x point) table sorted by cost: where `present`, costs
+    and values strictly ascending; elsewhere (dominated, unreachable or padding) cost inf and
+    value -inf. `order` is each point's original column."""
 
     def __init__(self, costs: np.ndarray, values: np.ndarray) -> None:
         rows = np.arange(costs.shape[0])[:, None]
@@ -157,15 +192,13 @@ class RowFrontiers:
         keep &= sorted_costs < math.inf
         if not (sorted_costs[:, 0] == 0).all():
             raise ValueError("every row needs a column of cost 0 (the fallback)")
-        self.lengths = keep.sum(axis=1)
-        width = int(self.lengths.max())
-        moved = np.argsort(~keep, axis=1, kind="stable")[:, :width]
-        self.order = order[rows, moved]
-        self.costs = sorted_costs[rows, moved]
-        self.values = sorted_values[rows, moved]
-        self.present = np.arange(width) < self.lengths[:, None]
-        self.costs[~self.present] = math.inf
-        self.values[~self.present] = -math.inf
+        self.order = order
+        self.present = keep
+        # Points off the frontier stay in place, marked like padding.
+        sorted_costs[~keep] = math.inf
+        sorted_values[~keep] = -math.inf
+        self.costs = sorted_costs
+        self.values = sorted_values
 
 
 def _upper_hulls(frontier: RowFrontiers) -> tuple[np.ndarray, np.ndarray]:
@@ -264,8 +297,9 @@ def _solve_frontiers(frontier: RowFrontiers, limit: float) -> KnapsackResult:
     round is the full exact reduction."""
     rows = np.arange(frontier.costs.shape[0])
     segments = _Segments(frontier)
-    points, price, _, _ = _greedy(frontier, segments, limit)
+    points, price, _, taken = _greedy(frontier, segments, limit)
     lower_bound = float(frontier.values[rows, points].sum())
+    prices = _nearby_prices(segments, taken, price)
     finite_costs = np.where(frontier.present, frontier.costs, 0.0)
     reduced = np.where(frontier.present, frontier.values - price * finite_costs, -math.inf)
     best_reduced = reduced.max(axis=1)
@@ -276,13 +310,12 @@ def _solve_frontiers(frontier: RowFrontiers, limit: float) -> KnapsackResult:
     tolerance = BOUND_RELATIVE_TOLERANCE * scale
     excess = np.where(frontier.present & (frontier.costs <= limit), best_reduced[:, None] - reduced, math.inf)
     best_points, best_value = points, lower_bound
-    target_gap = (upper_bound - lower_bound) / 64
+    target_gap = (upper_bound - lower_bound) * CORE_FIRST_GAP_FRACTION
     free_rows = largest = 0
     while True:
         gap = min(target_gap, upper_bound - best_value)
         threshold = upper_bound - gap - tolerance
-        found, value, free_rows, states = _core_dp(frontier, excess <= gap + tolerance, best_reduced, price, limit,
-                                                   threshold)
+        found, value, free_rows, states = _core_dp(frontier, excess <= gap + tolerance, prices, limit, threshold)
         largest = max(largest, states)
         if found is not None and value > best_value:
             best_points, best_value = found, value
@@ -292,11 +325,40 @@ def _solve_frontiers(frontier: RowFrontiers, limit: float) -> KnapsackResult:
     return KnapsackResult(best_points, best_value, upper_bound, lower_bound, price, free_rows, largest)
 
 
+def _nearby_prices(segments: _Segments, taken: int, price: float) -> np.ndarray:
+    """Dual prices for the core's bounds: the LP's own and the slopes of segments at doubling
+    distances on either side of the cut. Each gives a valid Lagrangian bound; the core uses the
+    smallest, which follows the LP bound of what is left as a function of the capacity left
+    (one price alone is loose when the capacity left is far from the LP's)."""
+    count = segments.slopes.shape[0]
+    picks = [taken + step for step in (-512, -128, -32, -8, -2, 1, 3, 9, 33, 129, 513)]
+    picks = [pick for pick in picks if 0 <= pick < count]
+    others = np.unique(segments.slopes[picks])
+    return np.concatenate(([price], others[others != price]))
+
+
+def _core_prices(prices: np.ndarray, survives: np.ndarray, costs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Add to `prices` the quantiles of the slopes between consecutive surviving options of the
+    free rows: the slopes of the LP of what the core has left to decide."""
+    rows, points = np.nonzero(survives)
+    same_row = rows[1:] == rows[:-1]
+    if not same_row.any():
+        return prices
+    cost_steps = costs[rows[1:], points[1:]] - costs[rows[:-1], points[:-1]]
+    value_steps = values[rows[1:], points[1:]] - values[rows[:-1], points[:-1]]
+    slopes = (value_steps[same_row] / cost_steps[same_row])
+    slopes = slopes[np.isfinite(slopes) & (slopes > 0)]
+    if slopes.shape[0] == 0:
+        return prices
+    quantiles = np.unique(np.quantile(slopes, np.linspace(0.0, 1.0, CORE_PRICE_QUANTILES)))
+    return np.concatenate((prices, quantiles[~np.isin(quantiles, prices)]))
+
+
 class _CoreDP:
     """Pareto states (cost ascending, value strictly ascending) over the free rows, with
     back-pointers. A merge lays the pairs out point-major (one cost-sorted run per point of the
     new row, which the stable sort merges quickly) and drops, before sorting, every pair over
-    the limit or whose Lagrangian bound is below the threshold."""
+    the limit or whose Lagrangian bound under some price is below the threshold."""
 
     def __init__(self, cost: float, value: float) -> None:
         self.costs = np.array([cost])
@@ -304,12 +366,16 @@ class _CoreDP:
         self.stages: list[tuple[int, np.ndarray, int, np.ndarray]] = []  # row, pairs, states before, points
 
     def merge(self, row: int, points: np.ndarray, costs: np.ndarray, values: np.ndarray, limit: float,
-              price: float, bound_floor: float) -> None:
-        """Keep pairs with cost <= limit and value - price * cost >= bound_floor."""
+              prices: np.ndarray, bound_floors: np.ndarray) -> None:
+        """Keep pairs with cost <= limit and value - price * cost >= bound floor for every price."""
         state_count = self.costs.shape[0]
         pair_costs = np.add.outer(costs, self.costs).ravel()
         pair_values = np.add.outer(values, self.values).ravel()
-        candidates = np.flatnonzero((pair_costs <= limit) & (pair_values - price * pair_costs >= bound_floor))
+        if prices.shape[0] == 1:
+            fits = pair_values - pair_costs * prices[0] >= bound_floors[0]
+        else:
+            fits = ((pair_values[:, None] - pair_costs[:, None] * prices) - bound_floors).min(axis=1) >= 0
+        candidates = np.flatnonzero((pair_costs <= limit) & fits)
         order = candidates[np.argsort(pair_costs[candidates], kind="stable")]
         pairs = order[_strict_records(pair_values[order])]
         self.costs, self.values = pair_costs[pairs], pair_values[pairs]
@@ -330,10 +396,12 @@ def _strict_records(values: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _core_dp(frontier: RowFrontiers, survives: np.ndarray, best_reduced: np.ndarray, price: float, limit: float,
+def _core_dp(frontier: RowFrontiers, survives: np.ndarray, prices: np.ndarray, limit: float,
              threshold: float) -> tuple[np.ndarray | None, float, int, int]:
     """The best solution among those using only `survives` options and worth at least
-    `threshold` (Lagrangian bound pruning): (points or None, value, free rows, most states)."""
+    `threshold`: (points or None, value, free rows, most states). A partial solution's bound
+    under price p is its value + p * (limit - its cost) + the rows still to come at their best
+    value - p * cost; it is dropped when its smallest bound is below the threshold."""
     counts = survives.sum(axis=1)
     if (counts == 0).any():
         return None, -math.inf, 0, 0
@@ -345,15 +413,34 @@ def _core_dp(frontier: RowFrontiers, survives: np.ndarray, best_reduced: np.ndar
     start_value = float(frontier.values[fixed_rows, fixed_points[fixed_rows]].sum())
     if start_cost > limit:
         return None, -math.inf, int(free.shape[0]), 0
-    free = free[np.argsort(counts[free], kind="stable")]
+    free_survives = survives[free]
+    free_costs = np.where(free_survives, frontier.costs[free], 0.0)
+    lp_price = float(prices[0])
+    prices = _core_prices(prices, free_survives, frontier.costs[free], frontier.values[free])
+    # Best value - p * cost of each free row under each price: (free rows, prices).
+    reduced = np.where(free_survives[:, :, None], frontier.values[free][:, :, None] - free_costs[:, :, None] * prices,
+                       -math.inf)
+    row_best = reduced.max(axis=1)
+    # Drop the options that cannot reach the threshold even with every other row at its best.
+    everyone = (start_value - start_cost * prices) + prices * limit + row_best.sum(axis=0)
+    option_bounds = (everyone - row_best)[:, None, :] + reduced
+    free_survives &= option_bounds.min(axis=2) >= threshold
+    counts = free_survives.sum(axis=1)
+    if (counts == 0).any():
+        return None, -math.inf, int(free.shape[0]), 0
+    order = np.argsort(counts, kind="stable")
+    free, free_survives, row_best = free[order], free_survives[order], row_best[order]
+    # Rows still to come after each step, at their best, under each price the states are checked with.
+    state_prices = prices if CORE_STATE_PRICES == "all" else np.array([lp_price])
+    row_best = row_best if CORE_STATE_PRICES == "all" else row_best[:, list(prices).index(lp_price)][:, None]
+    prices = state_prices
+    suffix = np.concatenate((np.cumsum(row_best[::-1], axis=0)[::-1][1:], np.zeros((1, prices.shape[0]))))
     dp = _CoreDP(start_cost, start_value)
-    # A state's bound: value - price * cost + price * limit + (the rows still to come at their best).
-    remaining_best = np.concatenate((np.cumsum(best_reduced[free][::-1])[::-1][1:], [0.0])).tolist()
     largest = 1
     for step, row in enumerate(free.tolist()):
-        points = np.flatnonzero(survives[row])
-        dp.merge(row, points, frontier.costs[row, points], frontier.values[row, points], limit, price,
-                 threshold - price * limit - remaining_best[step])
+        points = np.flatnonzero(free_survives[step])
+        dp.merge(row, points, frontier.costs[row, points], frontier.values[row, points], limit, prices,
+                 threshold - prices * limit - suffix[step])
         if dp.costs.shape[0] == 0:
             return None, -math.inf, int(free.shape[0]), largest
         largest = max(largest, dp.costs.shape[0])
@@ -500,6 +587,54 @@ def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu
 # ---------------------------------------------------------------- the cell problem
 
 
+# Vehicles' camera tuples already read and found valid, by identity (the entry holds the tuple,
+# so its id cannot be reused while cached): (tuple, (3, cameras, width) sizes/runtimes/utilities,
+# padding mask or None, camera weights).
+_VEHICLE_BLOCKS: dict[int, tuple[tuple, np.ndarray, np.ndarray | None, np.ndarray]] = {}
+_VEHICLE_BLOCKS_KEPT = 16_384
+
+
+def _vehicle_blocks(vehicles: Sequence[CellVehicle]) -> list[tuple[tuple, np.ndarray, np.ndarray | None, np.ndarray]]:
+    """Each vehicle's cameras as one block; reads (and checks) the vehicles not seen before."""
+    blocks = [_VEHICLE_BLOCKS.get(id(vehicle.services)) for vehicle in vehicles]
+    missing = [index for index, (vehicle, block) in enumerate(zip(vehicles, blocks, strict=True))
+               if block is None or block[0] is not vehicle.services]
+    if not missing:
+        return blocks
+    new_vehicles = [vehicles[index] for index in missing]
+    option_tuples = [service.options for vehicle in new_vehicles for service in vehicle.services]
+    counts = [len(options) for options in option_tuples]
+    numbers = read_option_numbers(option_tuples, counts)
+    for vehicle in new_vehicles:
+        services = vehicle.services
+        if numbers is None or len({service.name for service in services}) != len(services) or not all(
+                0 <= service.weight < math.inf for service in services):
+            _check_vehicle_services(vehicle)  # names the vehicle and the offending camera or option
+    if numbers is None:
+        raise AssertionError("every vehicle passed check_services but the options were refused")
+    offset = 0
+    for index, vehicle in zip(missing, new_vehicles, strict=True):
+        vehicle_counts = [len(service.options) for service in vehicle.services]
+        total = sum(vehicle_counts)
+        width = max(vehicle_counts)
+        block_numbers = numbers[:, offset:offset + total]
+        offset += total
+        if min(vehicle_counts) == width:
+            padding = None
+            block = block_numbers.reshape(3, len(vehicle_counts), width)
+        else:
+            padding = np.arange(width) >= np.array(vehicle_counts)[:, None]
+            block = np.zeros((3, len(vehicle_counts), width))
+            block[0] = 1.0  # padding: a size that is not a fallback
+            block[:, ~padding] = block_numbers
+        weights = np.array([service.weight for service in vehicle.services], dtype=float)
+        entry = (vehicle.services, block, padding, weights)
+        _VEHICLE_BLOCKS[id(vehicle.services)] = entry
+        blocks[index] = entry
+    forget_oldest(_VEHICLE_BLOCKS, _VEHICLE_BLOCKS_KEPT)
+    return blocks
+
+
 class CellTable:
     """Every camera of every vehicle as one row of (camera x option) tables: critical
     bandwidth at its vehicle's link, camera-weighted utility, GPU load. Checks the problem on
@@ -507,47 +642,54 @@ class CellTable:
 
     def __init__(self, problem: CellProblem) -> None:
         vehicles = problem.vehicles
-        _check_cell(problem)
+        rtts, slos = _check_cell(problem)
         self.vehicles = vehicles
-        services = [service for vehicle in vehicles for service in vehicle.services]
-        self.services = services
-        counts = [len(service.options) for service in services]
-        self.camera_counts = [len(vehicle.services) for vehicle in vehicles]
+        blocks = _vehicle_blocks(vehicles)
+        self.camera_counts = [block[1].shape[1] for block in blocks]
+        widths = {block[1].shape[2] for block in blocks}
+        if len(widths) == 1 and len(set(self.camera_counts)) == 1 and all(block[2] is None for block in blocks):
+            numbers = np.stack([block[1] for block in blocks], axis=1).reshape(3, sum(self.camera_counts), -1)
+            padding = None
+        else:
+            width = max(widths)
+            numbers = np.zeros((3, sum(self.camera_counts), width))
+            numbers[0] = 1.0
+            padding = np.ones((sum(self.camera_counts), width), dtype=bool)
+            row = 0
+            for _, block, block_padding, _ in blocks:
+                cameras, block_width = block.shape[1], block.shape[2]
+                numbers[:, row:row + cameras, :block_width] = block
+                padding[row:row + cameras, :block_width] = False if block_padding is None else block_padding
+                row += cameras
+        sizes, runtimes, utilities = numbers
         self.vehicle_of_row = np.repeat(np.arange(len(vehicles)), self.camera_counts)
-        option_tuples = [service.options for service in services]
-        numbers = read_option_numbers(option_tuples, counts)
-        if numbers is None:
-            for vehicle in vehicles:
-                _check_vehicle_services(vehicle)
-            raise AssertionError("every vehicle passed check_services but the options were refused")
-        width = max(counts)
-        shape = (len(services), width)
-        present = np.arange(width) < np.array(counts)[:, None]
-        sizes = np.ones(shape)
-        runtimes = np.zeros(shape)
-        utilities = np.zeros(shape)
-        sizes[present], runtimes[present], utilities[present] = numbers
-        rtts = np.array([problem.rtt_ms if v.rtt_ms is None else v.rtt_ms for v in vehicles])[self.vehicle_of_row]
-        slos = np.array([problem.slo_ms if v.slo_ms is None else v.slo_ms for v in vehicles])[self.vehicle_of_row]
-        slack_s = slos[:, None] - runtimes
-        slack_s -= rtts[:, None]
+        slack_s = slos[self.vehicle_of_row][:, None] - runtimes
+        slack_s -= rtts[self.vehicle_of_row][:, None]
         slack_s /= 1000.0
-        bandwidths = np.full(shape, math.inf)
+        bandwidths = np.full(sizes.shape, math.inf)
         np.divide(sizes, slack_s, out=bandwidths, where=slack_s > 0)
         bandwidths[sizes == 0] = 0.0
-        bandwidths[~present] = math.inf
+        if padding is not None:
+            bandwidths[padding] = math.inf
         self.bandwidths_mbps = bandwidths
-        camera_weights = np.array([service.weight for service in services], dtype=float)
+        camera_weights = np.concatenate([block[3] for block in blocks])
         self.vehicle_weights = np.array([vehicle.weight for vehicle in vehicles], dtype=float)
         self.camera_values = utilities * camera_weights[:, None]  # U_v contributions
         self.values = self.camera_values * self.vehicle_weights[self.vehicle_of_row][:, None]
-        self.gpu_loads = np.where(sizes > 0, runtimes / 1000.0 * problem.frame_rate_hz, 0.0)
-        self.gpu_loads[~present] = 0.0
-        self.row_starts = np.concatenate(([0], np.cumsum(self.camera_counts))).tolist()
+        self.gpu_loads = np.where(sizes > 0, runtimes * (problem.frame_rate_hz / 1000.0), 0.0)
+        if padding is not None:
+            self.gpu_loads[padding] = 0.0
+        self.row_starts = [0, *np.cumsum(self.camera_counts).tolist()]
+
+    @property
+    def services(self) -> list[Service]:
+        return [service for vehicle in self.vehicles for service in vehicle.services]
 
 
-def _check_cell(problem: CellProblem) -> None:
-    if not problem.vehicles:
+def _check_cell(problem: CellProblem) -> tuple[np.ndarray, np.ndarray]:
+    """Checks the cell and its vehicles' own fields (vectorised); returns each vehicle's RTT and SLO."""
+    vehicles = problem.vehicles
+    if not vehicles:
         raise DataError("a cell problem needs at least one vehicle")
     check_link(problem.capacity_mbps, problem.rtt_ms, problem.slo_ms)
     if problem.gpu_workers is not None and not (math.isfinite(problem.gpu_workers) and problem.gpu_workers >= 0):
@@ -558,23 +700,46 @@ def _check_cell(problem: CellProblem) -> None:
     if fairness not in FAIRNESS_MODES and not (
             isinstance(fairness, int | float) and not isinstance(fairness, bool) and math.isfinite(fairness)):
         raise DataError(f"fairness must be None, 'max-min' or a utility floor (got {fairness!r})")
+    try:
+        rtts = np.array([problem.rtt_ms if v.rtt_ms is None else v.rtt_ms for v in vehicles], dtype=float)
+        slos = np.array([problem.slo_ms if v.slo_ms is None else v.slo_ms for v in vehicles], dtype=float)
+        weights = np.array([vehicle.weight for vehicle in vehicles], dtype=float)
+        floors = np.array([0.0 if v.utility_floor is None else v.utility_floor for v in vehicles], dtype=float)
+    except (TypeError, ValueError):
+        rtts = slos = weights = floors = np.array([math.nan])
+    valid = (
+        len({vehicle.name for vehicle in vehicles}) == len(vehicles)
+        and ((rtts >= 0) & (rtts < math.inf) & (slos > 0) & (slos < math.inf)).all()
+        and ((weights >= 0) & (weights < math.inf)).all()
+        and np.isfinite(floors).all()
+        and all(vehicle.services for vehicle in vehicles)
+    )
+    if not valid:
+        _check_vehicles_one_by_one(problem)
+    return rtts, slos
+
+
+def _check_vehicles_one_by_one(problem: CellProblem) -> None:
     names = set()
     for vehicle in problem.vehicles:
         if vehicle.name in names:
             raise DataError(f"vehicle '{vehicle.name}' appears twice")
         names.add(vehicle.name)
-        if not (math.isfinite(vehicle.weight) and vehicle.weight >= 0):
+        if not (isinstance(vehicle.weight, int | float) and math.isfinite(vehicle.weight) and vehicle.weight >= 0):
             raise DataError(f"vehicle '{vehicle.name}': weight must be a finite number >= 0")
-        check_link(problem.capacity_mbps,
-                   problem.rtt_ms if vehicle.rtt_ms is None else vehicle.rtt_ms,
-                   problem.slo_ms if vehicle.slo_ms is None else vehicle.slo_ms)
-        if vehicle.utility_floor is not None and not math.isfinite(vehicle.utility_floor):
+        try:
+            check_link(problem.capacity_mbps,
+                       problem.rtt_ms if vehicle.rtt_ms is None else vehicle.rtt_ms,
+                       problem.slo_ms if vehicle.slo_ms is None else vehicle.slo_ms)
+        except DataError as error:
+            raise DataError(f"vehicle '{vehicle.name}': {error}") from None
+        except TypeError:
+            raise DataError(f"vehicle '{vehicle.name}': rtt_ms and slo_ms must be numbers") from None
+        if vehicle.utility_floor is not None and not (
+                isinstance(vehicle.utility_floor, int | float) and math.isfinite(vehicle.utility_floor)):
             raise DataError(f"vehicle '{vehicle.name}': utility_floor must be a finite number")
         if not vehicle.services:
             raise DataError(f"vehicle '{vehicle.name}' has no cameras")
-        if len({service.name for service in vehicle.services}) != len(vehicle.services) or not all(
-                0 <= service.weight < math.inf for service in vehicle.services):
-            _check_vehicle_services(vehicle)
 
 
 def _check_vehicle_services(vehicle: CellVehicle) -> None:
@@ -623,22 +788,7 @@ def _floors(problem: CellProblem) -> np.ndarray | None:
 
 def _cell_allocation(problem: CellProblem, table: CellTable, choices: np.ndarray, started_ns: int,
                      extra: dict[str, object]) -> CellAllocation:
-    rows = np.arange(choices.shape[0])
-    bandwidths = table.bandwidths_mbps[rows, choices].tolist()
-    gpu_load = float(table.gpu_loads[rows, choices].sum())
-    choice_list = choices.tolist()
-    allocations: dict[str, Allocation] = {}
-    total_utility = 0.0
-    total_bandwidth = 0.0
-    minimum = math.inf
-    for vehicle, start, end in zip(problem.vehicles, table.row_starts[:-1], table.row_starts[1:], strict=True):
-        allocation = allocation_from_indices(vehicle.services, choice_list[start:end], bandwidths[start:end])
-        allocations[vehicle.name] = allocation
-        total_utility += vehicle.weight * allocation.utility
-        total_bandwidth += math.fsum(bandwidths[start:end])
-        minimum = min(minimum, allocation.utility)
-    solve_us = (time.perf_counter_ns() - started_ns) / 1000.0
-    return CellAllocation(allocations, total_utility, total_bandwidth, gpu_load, minimum, solve_us, extra)
+    return CellAllocation(problem, table, choices, (time.perf_counter_ns() - started_ns) / 1000.0, extra)
 
 
 def _solve_with_floors(problem: CellProblem, table: CellTable, limit: float, floors: np.ndarray | None):
@@ -648,12 +798,15 @@ def _solve_with_floors(problem: CellProblem, table: CellTable, limit: float, flo
     vehicle_count = len(problem.vehicles)
     frontier = RowFrontiers(table.bandwidths_mbps, table.camera_values)
     dps = []
+    point_maps = []
     for start, end in zip(table.row_starts[:-1], table.row_starts[1:], strict=True):
         dp = _FrontierDP()
+        columns = {}
         for row in range(start, end):
-            length = int(frontier.lengths[row])
-            dp.merge(row - start, frontier.costs[row, :length], frontier.values[row, :length], limit)
+            columns[row - start] = points = np.flatnonzero(frontier.present[row])
+            dp.merge(row - start, frontier.costs[row, points], frontier.values[row, points], limit)
         dps.append(dp)
+        point_maps.append(columns)
     width = max(dp.costs.shape[0] for dp in dps)
     state_costs = np.full((vehicle_count, width), math.inf)
     state_utilities = np.full((vehicle_count, width), math.inf)  # ascending per row; inf on padding
@@ -700,7 +853,7 @@ def _solve_with_floors(problem: CellProblem, table: CellTable, limit: float, flo
     points = [0] * len(table.services)
     for index, (dp, start, end) in enumerate(zip(dps, table.row_starts[:-1], table.row_starts[1:], strict=True)):
         camera_points = [0] * (end - start)
-        dp.backtrack(int(result.choices[index]), camera_points)
+        dp.backtrack(int(result.choices[index]), camera_points, point_maps[index])
         points[start:end] = camera_points
     point_array = np.asarray(points, dtype=np.intp)
     choices = frontier.order[np.arange(point_array.shape[0]), point_array]

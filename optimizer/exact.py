@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, islice
 from operator import attrgetter
 
 import numpy as np
@@ -91,9 +91,16 @@ def read_option_numbers(option_tuples: Sequence[tuple], counts: Sequence[int]) -
         return None
     for options, start, count in zip(option_tuples, starts.tolist(), counts, strict=True):
         _OPTION_NUMBERS[id(options)] = (options, numbers[:, start:start + count])
-    while len(_OPTION_NUMBERS) > _OPTION_NUMBERS_KEPT:
-        del _OPTION_NUMBERS[next(iter(_OPTION_NUMBERS))]
+    forget_oldest(_OPTION_NUMBERS, _OPTION_NUMBERS_KEPT)
     return numbers
+
+
+def forget_oldest(cache: dict, kept: int) -> None:
+    """Past `kept` entries, drop the oldest half at once (deleting a dict's first entry one at a
+    time costs a scan over the deleted slots each time)."""
+    if len(cache) > kept:
+        for key in list(islice(cache, len(cache) - kept // 2)):
+            del cache[key]
 
 
 class ProblemArrays:
