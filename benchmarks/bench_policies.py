@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from benchjson import write_report
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
 from avcloud.replay.job import DEFAULT_PRESET, default_scene_path, run_case

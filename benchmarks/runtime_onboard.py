@@ -40,8 +40,8 @@ from onboard.daemon import OnboardAgent  # noqa: E402
 from onboard.inference import CameraDecoder, CompressionEncoder, ModelInputs  # noqa: E402
 from onboard.measurement import LinkMeasurement  # noqa: E402
 from onboard.planning import build_planner  # noqa: E402
-from optimizer.policies import get_policy  # noqa: E402
 from onboard.transport import CloudTransport  # noqa: E402
+from optimizer.policies import get_policy  # noqa: E402
 
 TARGET_P99_MS = 15.0
 CLOUD_MODEL = "avd-cloud-m"

@@ -96,7 +96,7 @@ def encode(image: np.ndarray, configuration: str, full_size_wh: tuple[int, int])
 
 
 def make_agent(cloud_cameras=("FRONT",), run_fallback_at_once=True, estimator_mbps=10.0, guard_ms=0.0,
-               encode_executor=None, rediscover=False):
+               encode_executor=None, plans_for_uplink=False):
     clock = SimulatedClock(1000.0)
     published = []
     link = FakeLink()
@@ -107,7 +107,7 @@ def make_agent(cloud_cameras=("FRONT",), run_fallback_at_once=True, estimator_mb
         measurement=LinkMeasurement(ConstantEstimator(estimator_mbps), initial_rtt_ms=10.0),
         fallback=fallback_detections, fallback_name=FALLBACK.name, executor=executor, encoder=encode,
         link=link, publish=published.append, reconnect_after_timeouts=2, min_reconnect_interval_ms=0.0,
-        publish_guard_ms=guard_ms, encode_executor=encode_executor, rediscover=rediscover,
+        publish_guard_ms=guard_ms, encode_executor=encode_executor, plans_for_uplink=plans_for_uplink,
     )
     return agent, clock, link, executor, published
 
@@ -254,7 +254,7 @@ def test_rtt_comes_from_pings_and_bandwidth_from_reply_timing():
 
 
 def test_a_stale_plan_that_sends_nothing_gets_one_discovery_request_per_stale_interval():
-    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, rediscover=True)
+    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, plans_for_uplink=True)
     for frame_index in range(30):  # 3 s at 10 Hz, no sample ever arrives
         clock.advance_to(1000.0 + 100 * frame_index)
         agent.step()
