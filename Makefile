@@ -31,7 +31,7 @@ lint: $(STAMP)
 QUICK ?= --quick
 bench: $(STAMP)
 	mkdir -p runs/bench
-	for area in optimizer datasets models runtime replay security; do \
+	for area in optimizer datasets models runtime replay policies fleet security; do \
 		$(BIN)/python benchmarks/bench_$$area.py $(QUICK) --out runs/bench/$$area.json || exit 1; \
 	done
 
