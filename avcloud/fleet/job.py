@@ -197,7 +197,8 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
         raise UserError(f"unknown --executor '{executor}' (choose from {', '.join(EXECUTORS)})")
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray is not installed (pip install 'avcloud[ray]')")
-    if executor == "local" or (executor == "auto" and not ray_available()):
+    # auto: Ray only when there is a sweep to spread (starting Ray costs seconds of a 2-core machine).
+    if executor == "local" or (executor == "auto" and (len(points) < 2 or not ray_available())):
         results = []
         for point in points:
             results.append(run_point(inputs, settings, point))
@@ -408,7 +409,8 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
             "cell_policy": {"fairness": options.cell.fairness, "capacity_fraction": options.cell.capacity_fraction,
                             "capacity_window_ms": options.cell.capacity_window_ms,
                             "gpu_fraction": options.cell.gpu_fraction} if CELL_POLICY in policies else None,
-            "executor": options.executor if options.executor != "auto" else ("ray" if ray_available() else "local"),
+            "executor": options.executor if options.executor != "auto" else (
+                "ray" if ray_available() and len(results) > 1 else "local"),
             "agent": "onboard.daemon.OnboardAgent on a simulated clock, one per vehicle",
             "map": "per vehicle: mean over cameras of per-camera mAP over all frames",
         },
