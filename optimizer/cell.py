@@ -453,7 +453,8 @@ def _core_dp(frontier: RowFrontiers, survives: np.ndarray, prices: np.ndarray, l
 # HiGHS settings for the core of the two-constraint problem: the true optimum, not one within a gap.
 _HIGHS_EXACT = {"mip_rel_gap": 0.0, "mip_abs_gap": 1e-12, "mip_feasibility_tolerance": 1e-10,
                 "primal_feasibility_tolerance": 1e-10}
-DUAL_SEARCH_STEPS = 40
+DUAL_SEARCH_STEPS = 30
+INTEGER_SEARCH_STEPS = 6
 
 
 def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, gpu_costs: np.ndarray,
@@ -501,30 +502,67 @@ def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, 
             mu_low = mu
         else:
             mu_high = mu
+    # Better feasible solutions: the exact one-capacity optimum under GPU prices around the
+    # dual's, bisected on whether it fits the GPU (each also sent back to the fallback until it fits).
+    mu_fits = max(mu_high, 1e-12)
+    for _ in range(INTEGER_SEARCH_STEPS):
+        choices = solve_multiple_choice(costs, values - mu_fits * gpu_costs, limit).choices
+        if float(gpu_costs[rows, choices].sum()) <= gpu_limit:
+            break
+        mu_low, mu_fits = mu_fits, mu_fits * 2
+    mu_low = min(mu_low, mu_fits)
+    for step in range(INTEGER_SEARCH_STEPS):
+        mu = mu_fits if step == 0 else 0.5 * (mu_low + mu_fits)
+        choices = solve_multiple_choice(costs, values - mu * gpu_costs, limit).choices
+        fits = float(gpu_costs[rows, choices].sum()) <= gpu_limit
+        choices = _fit_gpu(choices, values, gpu_costs, fallback_choices, gpu_limit)
+        value = float(values[rows, choices].sum())
+        if value > lower_bound:
+            lower_bound, best_choices = value, choices
+        if step:
+            if fits:
+                mu_fits = mu
+            else:
+                mu_low = mu
     upper_bound, price, mu = best
     scale = 1.0 + abs(upper_bound)
     if lower_bound >= upper_bound - OPTIMAL_RELATIVE_TOLERANCE * scale:
         return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, 0, gpu_price=mu)
-    gap = upper_bound - lower_bound + BOUND_RELATIVE_TOLERANCE * scale
+    tolerance = BOUND_RELATIVE_TOLERANCE * scale
     reduced = np.where(np.isfinite(costs), values - price * finite_costs - mu * gpu_costs, -math.inf)
-    survives = (reduced.max(axis=1)[:, None] - reduced <= gap) & (costs <= limit) & (gpu_costs <= gpu_limit)
-    survives[rows, best_choices] = True  # the incumbent always stays
-    counts = survives.sum(axis=1)
-    fixed = counts == 1
-    fixed_rows = np.flatnonzero(fixed)
-    fixed_choices = np.argmax(survives, axis=1)
-    free = np.flatnonzero(~fixed)
-    bandwidth_left = limit - float(costs[fixed_rows, fixed_choices[fixed_rows]].sum())
-    gpu_left = gpu_limit - float(gpu_costs[fixed_rows, fixed_choices[fixed_rows]].sum())
-    found = _core_program(costs[free], values[free], gpu_costs[free], survives[free], bandwidth_left, gpu_left)
-    choices = fixed_choices.copy()
-    if found is not None:
-        choices[free] = found
-        value = float(values[rows, choices].sum())
-        if value >= lower_bound and float(costs[rows, choices].sum()) <= limit and (
-                float(gpu_costs[rows, choices].sum()) <= gpu_limit):
-            return KnapsackResult(choices, value, upper_bound, lower_bound, price, int(free.shape[0]), gpu_price=mu)
-    return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, int(free.shape[0]), gpu_price=mu)
+    excess = np.where((costs <= limit) & (gpu_costs <= gpu_limit), reduced.max(axis=1)[:, None] - reduced, math.inf)
+    # Rounds as in `_solve_frontiers`: a round keeps the options within `gap` of their row's best
+    # and asks HiGHS for a solution worth at least UB - gap; one found is optimal.
+    target_gap = (upper_bound - lower_bound) * CORE_FIRST_GAP_FRACTION
+    free_rows = 0
+    while True:
+        gap = min(target_gap, upper_bound - lower_bound)
+        threshold = upper_bound - gap - tolerance
+        survives = excess <= gap + tolerance
+        counts = survives.sum(axis=1)
+        if not (counts == 0).any():
+            fixed_rows = np.flatnonzero(counts == 1)
+            fixed_choices = np.argmax(survives, axis=1)
+            free = np.flatnonzero(counts > 1)
+            free_rows = int(free.shape[0])
+            fixed_value = float(values[fixed_rows, fixed_choices[fixed_rows]].sum())
+            found = _core_program(costs[free], values[free], gpu_costs[free], survives[free],
+                                  limit - float(costs[fixed_rows, fixed_choices[fixed_rows]].sum()),
+                                  gpu_limit - float(gpu_costs[fixed_rows, fixed_choices[fixed_rows]].sum()),
+                                  threshold - fixed_value)
+            if found is not None:
+                choices = fixed_choices.copy()
+                choices[free] = found
+                value = float(values[rows, choices].sum())
+                if value > lower_bound and float(costs[rows, choices].sum()) <= limit and (
+                        float(gpu_costs[rows, choices].sum()) <= gpu_limit):
+                    lower_bound, best_choices = value, choices
+                if value >= threshold:
+                    break
+        if gap >= upper_bound - lower_bound:
+            break
+        target_gap *= 4
+    return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, free_rows, gpu_price=mu)
 
 
 def _fit_gpu(choices: np.ndarray, values: np.ndarray, gpu_costs: np.ndarray, fallback_choices: np.ndarray,
@@ -545,11 +583,13 @@ def _fit_gpu(choices: np.ndarray, values: np.ndarray, gpu_costs: np.ndarray, fal
     return fitted
 
 
-def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float) -> np.ndarray | None:
-    """The free rows as a boolean program (one allowed column per row, both capacities), solved
-    by HiGHS at zero gap; the chosen column per row, or None if HiGHS finds none."""
+def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float,
+                  value_floor: float) -> np.ndarray | None:
+    """The free rows as a boolean program (one allowed column per row, both capacities, a total
+    value of at least `value_floor`), solved by HiGHS at zero gap; the chosen column per row, or
+    None if there is no such solution."""
     if costs.shape[0] == 0:
-        return np.zeros(0, dtype=np.intp)
+        return np.zeros(0, dtype=np.intp) if value_floor <= 0 and bandwidth_limit >= 0 and gpu_limit >= 0 else None
     import highspy
 
     row_ids, column_ids = np.nonzero(allowed)
@@ -561,17 +601,19 @@ def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu
         highs.setOptionValue(option, setting)
     lp = highspy.HighsLp()
     lp.num_col_ = count
-    lp.num_row_ = free_rows + 2
-    lp.col_cost_ = -values[row_ids, column_ids]
+    lp.num_row_ = free_rows + 3
+    chosen_values = values[row_ids, column_ids]
+    lp.col_cost_ = -chosen_values
     lp.col_lower_ = np.zeros(count)
     lp.col_upper_ = np.ones(count)
-    lp.row_lower_ = np.concatenate((np.ones(free_rows), [-highspy.kHighsInf, -highspy.kHighsInf]))
-    lp.row_upper_ = np.concatenate((np.ones(free_rows), [bandwidth_limit, gpu_limit]))
+    lp.row_lower_ = np.concatenate((np.ones(free_rows), [-highspy.kHighsInf, -highspy.kHighsInf, value_floor]))
+    lp.row_upper_ = np.concatenate((np.ones(free_rows), [bandwidth_limit, gpu_limit, highspy.kHighsInf]))
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.arange(0, 3 * count + 1, 3)
-    lp.a_matrix_.index_ = np.stack((row_ids, np.full(count, free_rows), np.full(count, free_rows + 1)), axis=1).ravel()
-    lp.a_matrix_.value_ = np.stack((np.ones(count), costs[row_ids, column_ids], gpu_costs[row_ids, column_ids]),
-                                   axis=1).ravel()
+    lp.a_matrix_.start_ = np.arange(0, 4 * count + 1, 4)
+    lp.a_matrix_.index_ = np.stack((row_ids, np.full(count, free_rows), np.full(count, free_rows + 1),
+                                    np.full(count, free_rows + 2)), axis=1).ravel()
+    lp.a_matrix_.value_ = np.stack((np.ones(count), costs[row_ids, column_ids], gpu_costs[row_ids, column_ids],
+                                    chosen_values), axis=1).ravel()
     lp.integrality_ = [highspy.HighsVarType.kInteger] * count
     highs.passModel(lp)
     highs.run()
