@@ -8,10 +8,20 @@ not publish them). Budgets span 0 .. the sum of every service's largest reachabl
 bandwidth. For every instance, every method is timed (`Allocation.solve_us`) and compared with
 the cvxpy boolean program solved by HiGHS with zero MIP gap.
 
-Exact solver timings: `exact_cold` = a services tuple never seen before (arrays, frontiers and
-solve); `exact_new_rtt` = same services, new RTT (frontiers rebuilt); `exact_new_budget` = same
-services and link, new budget (the replay's per-frame case). cvxpy timings are re-solves of a
-program compiled once per shape with new parameter values.
+Exact solver timings (fresh tables): `exact_cold` = a services tuple of option objects never
+seen before (reading them, frontiers and solve); `exact_new_tuple` = a new services tuple (new
+weights) of options already seen, as another car with the same profile; `exact_new_rtt` = same
+services, new RTT (frontiers rebuilt); `exact_new_budget` = same services and link, new budget
+(the replay's per-frame case). cvxpy timings are re-solves of a program compiled once per shape
+with new parameter values.
+
+Joint cell (`cell_*`, optimizer/cell.py): 10, 100 and 1000 cars x 5 cameras x 10 options (1
+fallback + 9 TURBO rows), each car its own RTT, one SLO, an uplink of 2-20 Mbps per car.
+`cell_fresh` = a cell of option objects never seen before; `cell_known` = the same cars with new
+RTTs and a new capacity (the fleet's per-frame case); `cell_max_min` = the max-min fairness
+variant; `cell_gpu` = with a GPU pool of half a worker per car. The cvxpy/HiGHS boolean program
+(`CellBooleanProgram`) is solved on the first `reference_instances` cells of each size (it takes
+about a minute per 1000-car cell), and the exact solver must equal it within 1e-6.
 
     .venv/bin/python benchmarks/bench_optimizer.py --out runs/bench/optimizer.json
     .venv/bin/python benchmarks/bench_optimizer.py --quick
@@ -120,7 +130,8 @@ def summarise_us(samples: list[float]) -> dict[str, float]:
 def run_shape(name: str, count: int, options: int, instances: int, rng, base_sizes, base_runtimes) -> dict:
     allocators = {method: get_allocator(method) for method in COMPARED_METHODS}
     boolean = get_allocator("milp")
-    times: dict[str, list[float]] = {k: [] for k in ("exact_cold", "exact_new_rtt", "exact_new_budget", "lp", "milp")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("exact_cold", "exact_new_tuple", "exact_new_rtt", "exact_new_budget", "lp", "milp")}
     differences: dict[str, list[float]] = {method: [] for method in COMPARED_METHODS}
     relaxation_gaps, fractional = [], 0
     started = time.perf_counter()
@@ -146,6 +157,8 @@ def run_shape(name: str, count: int, options: int, instances: int, rng, base_siz
                 relaxation_gaps.append(float(allocation.extra["relaxation_utility"]) - reference.utility)
                 fractional += bool(allocation.extra["fractional"])
         exact = allocators["exact"]
+        reweighted = tuple(Service(s.name, s.options, 2.0) for s in services)
+        times["exact_new_tuple"].append(exact.solve(AllocationProblem(reweighted, budget_mbps, rtt_ms, slo_ms)).solve_us)
         other_rtt = AllocationProblem(services, budget_mbps, rtt_ms + 1.0, slo_ms)
         times["exact_new_rtt"].append(exact.solve(other_rtt).solve_us)
         # Two solves build the cached frontier; the third new budget is the per-frame case.
@@ -175,12 +188,68 @@ def run_shape(name: str, count: int, options: int, instances: int, rng, base_siz
     }
 
 
+CELL_SIZES = (10, 100, 1000)
+FULL_CELL_INSTANCES = {10: 200, 100: 100, 1000: 30}
+QUICK_CELL_INSTANCES = {10: 20, 100: 10, 1000: 3}
+FULL_CELL_REFERENCES = {10: 50, 100: 10, 1000: 3}
+QUICK_CELL_REFERENCES = {10: 5, 100: 2, 1000: 0}
+FULL_CELL_VARIANTS = {10: 20, 100: 10, 1000: 3}  # instances of the max-min and GPU variants
+QUICK_CELL_VARIANTS = {10: 3, 100: 2, 1000: 1}
+
+
+def run_cell(vehicles: int, instances: int, references: int, variants: int, rng, base_sizes, base_runtimes) -> dict:
+    import dataclasses
+
+    from optimizer.cell import solve_cell
+    from optimizer.convex import CellBooleanProgram
+
+    started = time.perf_counter()
+    times: dict[str, list[float]] = {"cell_fresh": [], "cell_known": [], "cell_max_min": [], "cell_gpu": [],
+                                     "cvxpy_highs_boolean": []}
+    free_rows, differences = [], []
+    reference = CellBooleanProgram()
+    for index in range(instances):
+        problem = random_cell(rng, vehicles, 5, 10, base_sizes, base_runtimes)
+        allocation = solve_cell(problem)
+        times["cell_fresh"].append(allocation.solve_us)
+        # The same cars a frame later: new RTTs, a new capacity.
+        later = dataclasses.replace(
+            problem, capacity_mbps=float(vehicles * rng.uniform(2.0, 20.0)),
+            vehicles=tuple(dataclasses.replace(v, rtt_ms=float(rng.uniform(10.0, 40.0))) for v in problem.vehicles))
+        known = solve_cell(later)
+        times["cell_known"].append(known.solve_us)
+        free_rows.append(int(known.extra["free_rows"]))
+        if index < references:
+            started_ns = time.perf_counter_ns()
+            optimum = reference.solve(later)
+            times["cvxpy_highs_boolean"].append((time.perf_counter_ns() - started_ns) / 1000.0)
+            differences.append(known.utility - optimum.utility)
+        if index < variants:
+            times["cell_max_min"].append(solve_cell(dataclasses.replace(later, fairness="max-min")).solve_us)
+            times["cell_gpu"].append(solve_cell(dataclasses.replace(later, gpu_workers=0.5 * vehicles)).solve_us)
+    return {
+        "vehicles": vehicles,
+        "cameras_per_vehicle": 5,
+        "options_per_camera": 10,
+        "instances": instances,
+        "reference_instances": references,
+        "variant_instances": variants,
+        "seconds": round(time.perf_counter() - started, 1),
+        "solve_ms": {name: {k: (v / 1000.0 if k != "count" else v) for k, v in summarise_us(samples).items()}
+                     for name, samples in times.items() if samples},
+        "free_rows_in_core": {"median": float(np.median(free_rows)), "max": int(np.max(free_rows))},
+        "max_abs_gap_vs_milp": float(np.max(np.abs(differences))) if differences else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     parser.add_argument("--quick", action="store_true", help="a few hundred instances instead of 10,000")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    parser.add_argument("--cells", default=",".join(map(str, CELL_SIZES)),
+                        help="cars per cell for the joint-cell rows (empty: none)")
     args = parser.parse_args(argv)
     base_sizes, base_runtimes, source = cloud_rows()
     rng = np.random.default_rng(args.seed)
@@ -192,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         count, options = SHAPES[name]
         results[name] = run_shape(name, count, options, plan[name], rng, base_sizes, base_runtimes)
         print(f"{name}: done in {results[name]['seconds']} s", file=sys.stderr)
+    cells = {}
+    for text in filter(None, args.cells.split(",")):
+        vehicles = int(text)
+        plans = (QUICK_CELL_INSTANCES, QUICK_CELL_REFERENCES, QUICK_CELL_VARIANTS) if args.quick else (
+            FULL_CELL_INSTANCES, FULL_CELL_REFERENCES, FULL_CELL_VARIANTS)
+        instances, references, variants = (plan.get(vehicles, plan[CELL_SIZES[-1]]) for plan in plans)
+        cells[f"cell_{vehicles}x5x10"] = run_cell(vehicles, instances, references, variants, rng, base_sizes,
+                                                  base_runtimes)
+        print(f"cell {vehicles}: done in {cells[f'cell_{vehicles}x5x10']['seconds']} s", file=sys.stderr)
     import cvxpy
 
     report = {
@@ -209,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "total_instances": sum(r["instances"] for r in results.values()),
         "shapes": results,
+        "cells": cells,
     }
     if "a_5x49" in results and "c_200x50" in results:
         a, c = results["a_5x49"]["solve_us"], results["c_200x50"]["solve_us"]
@@ -219,7 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             "a_exact_cold_p99_le_1ms": a["exact_cold"]["p99"] <= 1000,
             "c_exact_cold_median_le_20ms": c["exact_cold"]["median"] <= 20_000,
             "exact_gap_zero_everywhere": all(r["exact_max_abs_gap"] <= GAP_TOLERANCE for r in results.values()),
+            "a_exact_new_rtt_median_le_50us": a["exact_new_rtt"]["median"] <= 50,
+            "a_exact_new_tuple_median_le_50us": a["exact_new_tuple"]["median"] <= 50,
         }
+    if "cell_1000x5x10" in cells:
+        big = cells["cell_1000x5x10"]
+        report.setdefault("targets", {})["cell_1000_known_median_le_20ms"] = big["solve_ms"]["cell_known"]["median"] <= 20
+    if cells:
+        gaps = [c["max_abs_gap_vs_milp"] for c in cells.values() if c["max_abs_gap_vs_milp"] is not None]
+        report.setdefault("targets", {})["cell_equals_milp_within_1e-6"] = all(g <= 1e-6 for g in gaps)
     write_report(report, args.out)
     return 0
 

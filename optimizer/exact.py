@@ -143,8 +143,14 @@ class ProblemArrays:
             utilities = np.zeros(shape)
             utilities[present] = numbers[2]
         self.is_fallback = self.sizes_mbit == 0
+        # Runtimes as the critical bandwidth sees them: a fallback's slack is infinite (so its
+        # size 0 needs 0 Mbps whatever the SLO), padding's is never positive.
+        self.slack_runtimes_ms = np.where(self.is_fallback, -math.inf, self.runtimes_ms)
+        if self.padding is not None:
+            self.slack_runtimes_ms[self.padding] = math.inf
         self.values = utilities * self.weights[:, None]
         self.negated_values = -self.values
+        self.imaginary_values = self.values * 1j  # (cost, value) pairs as complex numbers: one array
         self.row_numbers = np.arange(len(counts))[:, None]
 
     def _read_options(self, option_tuples: list[tuple], counts: list[int]) -> np.ndarray:
@@ -157,14 +163,11 @@ class ProblemArrays:
     def critical_bandwidths_mbps(self, rtt_ms: float, slo_ms: float) -> np.ndarray:
         """Critical bandwidth of every cell (inf where the SLO is out of reach, and on padding);
         the same arithmetic as `avcloud.types.critical_bandwidth_mbps`, bit for bit."""
-        slack_s = slo_ms - self.runtimes_ms
+        slack_s = slo_ms - self.slack_runtimes_ms
         slack_s -= rtt_ms
         slack_s /= 1000.0
         bandwidths_mbps = np.full(slack_s.shape, math.inf)
         np.divide(self.sizes_mbit, slack_s, out=bandwidths_mbps, where=slack_s > 0)
-        bandwidths_mbps[self.is_fallback] = 0.0
-        if self.padding is not None:
-            bandwidths_mbps[self.padding] = math.inf
         return bandwidths_mbps
 
 
@@ -180,22 +183,25 @@ class Frontier:
 
 
 class FrontierTable:
-    """Every service's frontier, concatenated in service order: `costs` (ascending within a
-    service), `values` (strictly ascending within a service), `option_indices` into the
+    """Every service's frontier, concatenated in service order: `points` as complex numbers
+    cost + 1j * value (so that one addition sums both), `costs` (ascending within a service) and
+    `values` (strictly ascending within a service) their parts, `option_indices` into the
     service's options; service s owns [starts[s], starts[s + 1])."""
 
-    __slots__ = ("costs", "values", "option_indices", "starts")
+    __slots__ = ("points", "costs", "values", "option_indices", "starts")
 
-    def __init__(self, costs: np.ndarray, values: np.ndarray, option_indices: np.ndarray, starts: list[int]):
-        self.costs = costs
-        self.values = values
+    def __init__(self, points: np.ndarray, option_indices: np.ndarray, starts: list[int]):
+        self.points = points
+        self.costs = points.real
+        self.values = points.imag
         self.option_indices = option_indices
         self.starts = starts
 
     def frontiers(self) -> list[Frontier]:
         bounds = self.starts
+        costs, values = np.ascontiguousarray(self.costs), np.ascontiguousarray(self.values)
         return [
-            Frontier(self.costs[start:end], self.values[start:end], self.option_indices[start:end])
+            Frontier(costs[start:end], values[start:end], self.option_indices[start:end])
             for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         ]
 
@@ -206,17 +212,16 @@ def build_frontier_table(arrays: ProblemArrays, rtt_ms: float, slo_ms: float) ->
     cheaper one."""
     bandwidths_mbps = arrays.critical_bandwidths_mbps(rtt_ms, slo_ms)
     order = np.lexsort((arrays.negated_values, bandwidths_mbps), axis=1)
-    rows = arrays.row_numbers
-    costs = bandwidths_mbps[rows, order]
-    values = arrays.values[rows, order]
-    keep = np.empty(costs.shape, dtype=bool)
+    points = (bandwidths_mbps + arrays.imaginary_values)[arrays.row_numbers, order]
+    values = points.imag
+    keep = np.empty(points.shape, dtype=bool)
     keep[:, 0] = True  # the cheapest option of a row is an on-car fallback (cost 0)
     np.greater(values[:, 1:], np.maximum.accumulate(values, axis=1)[:, :-1], out=keep[:, 1:])
-    keep &= costs < math.inf
+    keep &= points.real < math.inf
     starts = [0]
     for length in keep.sum(axis=1).tolist():
         starts.append(starts[-1] + length)
-    return FrontierTable(costs[keep], values[keep], order[keep], starts)
+    return FrontierTable(points[keep], order[keep], starts)
 
 
 def build_frontiers(arrays: ProblemArrays, rtt_ms: float, slo_ms: float) -> list[Frontier]:
@@ -233,15 +238,6 @@ def _strict_records(values: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _combinations(costs: list[np.ndarray], values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Total cost and value of every combination of one point per service (row-major order)."""
-    total_costs, total_values = costs[0], values[0]
-    for more_costs, more_values in zip(costs[1:], values[1:], strict=True):
-        total_costs = np.add.outer(total_costs, more_costs).ravel()
-        total_values = np.add.outer(total_values, more_values).ravel()
-    return total_costs, total_values
-
-
 def meet_in_the_middle(table: FrontierTable, limit_mbps: float) -> list[int] | None:
     """The optimal frontier point per service for one budget, by pairing every combination of
     the first half of the services with the best fitting combination of the second half; None
@@ -250,26 +246,32 @@ def meet_in_the_middle(table: FrontierTable, limit_mbps: float) -> list[int] | N
     # Points over the limit can never be part of a solution; a service's points are cost-sorted.
     within = np.add.reduceat(table.costs <= limit_mbps, bounds[:-1]).tolist()
     half = len(within) // 2
+    if half == 0:
+        return [within[0] - 1]
     if math.prod(within[:half]) > MEET_IN_THE_MIDDLE_MAX_COMBINATIONS or (
             math.prod(within[half:]) > MEET_IN_THE_MIDDLE_MAX_COMBINATIONS):
         return None
-    costs = [table.costs[start:start + count] for start, count in zip(bounds, within, strict=False)]
-    if half == 0:
-        return [within[0] - 1]
-    values = [table.values[start:start + count] for start, count in zip(bounds, within, strict=False)]
-    first_costs, first_values = _combinations(costs[:half], values[:half])
-    second_costs, second_values = _combinations(costs[half:], values[half:])
-    order = np.argsort(second_costs, kind="stable")
-    second_costs = second_costs[order]
-    best_second = np.maximum.accumulate(second_values[order])
-    partners = np.searchsorted(second_costs, limit_mbps - first_costs, side="right") - 1
-    # The subtraction may round; never accept a pair whose sum exceeds the limit.
-    partners -= first_costs + second_costs[partners] > limit_mbps
-    totals = np.where(partners >= 0, first_values + best_second[np.maximum(partners, 0)], -math.inf)
-    first = int(np.argmax(totals))
-    second = int(order[int(np.argmax(second_values[order[: int(partners[first]) + 1]]))])
+    parts = [table.points[start:start + count] for start, count in zip(bounds, within, strict=False)]
+    first = parts[0]
+    for part in parts[1:half]:
+        first = np.add.outer(first, part).ravel()
+    second = parts[half]
+    for part in parts[half + 1:]:
+        second = np.add.outer(second, part).ravel()
+    order = second.real.argsort(kind="stable")
+    second_costs = second.real[order]
+    second_values = second.imag[order]
+    best_second = np.empty(order.shape[0] + 1)
+    best_second[0] = -math.inf  # no partner fits
+    np.maximum.accumulate(second_values, out=best_second[1:])
+    # Searching a hair below the limit keeps every accepted pair's sum, added in any order,
+    # within it, and still finds every pair whose sum is within the budget itself.
+    search_limit = limit_mbps - 1e-13 * (1.0 + limit_mbps)
+    partners = second_costs.searchsorted(search_limit - first.real, side="right")
+    chosen = int((first.imag + best_second[partners]).argmax())
+    second_choice = int(order[int(second_values[: int(partners[chosen])].argmax())])
     points = []
-    for combination, counts in ((first, within[:half]), (second, within[half:])):
+    for combination, counts in ((chosen, within[:half]), (second_choice, within[half:])):
         for count in reversed(counts):
             combination, point = divmod(combination, count)
             points.append(point)
@@ -383,7 +385,7 @@ class PreparedServices:
             points = meet_in_the_middle(self.table, limit_mbps)
             if points is not None:
                 flat = [start + point for start, point in zip(self.table.starts, points, strict=False)]
-                return self.table.option_indices[flat].tolist(), self.table.costs[flat].tolist()
+                return self.table.option_indices[flat].tolist(), self.table.points[flat].real.tolist()
         if self._whole is None and self._solve_count >= 2 and not self._whole_too_large:
             self._whole = self._merge(range(len(self.frontiers)), math.inf, CACHED_FRONTIER_MAX_STATES)
             self._whole_too_large = self._whole is None
