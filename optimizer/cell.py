@@ -470,7 +470,10 @@ def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, 
     if float(gpu_costs[rows, plain.choices].sum()) <= gpu_limit:
         return plain
     finite_costs = np.where(np.isfinite(costs), costs, 0.0)
-    fallback_choices = np.argmax(np.where((costs == 0) & (gpu_costs == 0), values, -math.inf), axis=1)
+    free_columns = (costs == 0) & (gpu_costs == 0)
+    if not free_columns.any(axis=1).all():
+        raise ValueError("every row needs a column of cost 0 and GPU load 0 (the fallback)")
+    fallback_choices = np.argmax(np.where(free_columns, values, -math.inf), axis=1)
     lower_bound = float(values[rows, fallback_choices].sum())
     best_choices = fallback_choices
     best = (math.inf, 0.0, 0.0)  # (UB, lambda, mu)
@@ -545,11 +548,14 @@ def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, 
             fixed_choices = np.argmax(survives, axis=1)
             free = np.flatnonzero(counts > 1)
             free_rows = int(free.shape[0])
+            bandwidth_left = limit - float(costs[fixed_rows, fixed_choices[fixed_rows]].sum())
+            gpu_left = gpu_limit - float(gpu_costs[fixed_rows, fixed_choices[fixed_rows]].sum())
             fixed_value = float(values[fixed_rows, fixed_choices[fixed_rows]].sum())
-            found = _core_program(costs[free], values[free], gpu_costs[free], survives[free],
-                                  limit - float(costs[fixed_rows, fixed_choices[fixed_rows]].sum()),
-                                  gpu_limit - float(gpu_costs[fixed_rows, fixed_choices[fixed_rows]].sum()),
-                                  threshold - fixed_value)
+            found = _core_dp_two(costs[free], values[free], gpu_costs[free], survives[free], bandwidth_left,
+                                 gpu_left, price, mu, threshold - fixed_value)
+            if found is False:  # too many states: the boolean program instead
+                found = _core_program(costs[free], values[free], gpu_costs[free], survives[free], bandwidth_left,
+                                      gpu_left)
             if found is not None:
                 choices = fixed_choices.copy()
                 choices[free] = found
@@ -563,6 +569,46 @@ def _solve_two_constraints(costs: np.ndarray, values: np.ndarray, limit: float, 
             break
         target_gap *= 4
     return KnapsackResult(best_choices, lower_bound, upper_bound, lower_bound, price, free_rows, gpu_price=mu)
+
+
+CORE_TWO_MAX_STATES = 200_000
+
+
+def _core_dp_two(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float, price: float,
+                 gpu_price: float, threshold: float):
+    """The free rows with both capacities: every combination of allowed columns that fits both
+    and whose Lagrangian bound (value + lambda * bandwidth left + mu * GPU left + the rows to come
+    at their best reduced value) reaches `threshold`, built row by row; the best one's column per
+    row, None if there is none, False if the states outgrow CORE_TWO_MAX_STATES."""
+    row_count = costs.shape[0]
+    if row_count == 0:
+        return np.zeros(0, dtype=np.intp) if bandwidth_limit >= 0 and gpu_limit >= 0 and threshold <= 0 else None
+    finite_costs = np.where(allowed, costs, 0.0)
+    reduced = np.where(allowed, values - price * finite_costs - gpu_price * gpu_costs, -math.inf)
+    suffix = np.concatenate((np.cumsum(reduced.max(axis=1)[::-1])[::-1][1:], [0.0]))
+    floor_base = threshold - price * bandwidth_limit - gpu_price * gpu_limit
+    state_costs, state_gpu, state_values = np.zeros(1), np.zeros(1), np.zeros(1)
+    stages = []
+    for row in range(row_count):
+        columns = np.flatnonzero(allowed[row])
+        pair_costs = np.add.outer(costs[row, columns], state_costs).ravel()
+        pair_gpu = np.add.outer(gpu_costs[row, columns], state_gpu).ravel()
+        pair_values = np.add.outer(values[row, columns], state_values).ravel()
+        keep = np.flatnonzero((pair_costs <= bandwidth_limit) & (pair_gpu <= gpu_limit) & (
+            pair_values - price * pair_costs - gpu_price * pair_gpu >= floor_base - suffix[row]))
+        if keep.shape[0] == 0:
+            return None
+        if keep.shape[0] > CORE_TWO_MAX_STATES:
+            return False
+        stages.append((columns, keep, state_costs.shape[0]))
+        state_costs, state_gpu, state_values = pair_costs[keep], pair_gpu[keep], pair_values[keep]
+    state = int(np.argmax(state_values))
+    chosen = np.zeros(row_count, dtype=np.intp)
+    for row in range(row_count - 1, -1, -1):
+        columns, keep, previous_count = stages[row]
+        column, state = divmod(int(keep[state]), previous_count)
+        chosen[row] = columns[column]
+    return chosen
 
 
 def _fit_gpu(choices: np.ndarray, values: np.ndarray, gpu_costs: np.ndarray, fallback_choices: np.ndarray,
@@ -583,13 +629,11 @@ def _fit_gpu(choices: np.ndarray, values: np.ndarray, gpu_costs: np.ndarray, fal
     return fitted
 
 
-def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float,
-                  value_floor: float) -> np.ndarray | None:
-    """The free rows as a boolean program (one allowed column per row, both capacities, a total
-    value of at least `value_floor`), solved by HiGHS at zero gap; the chosen column per row, or
-    None if there is no such solution."""
+def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu_limit: float) -> np.ndarray | None:
+    """The free rows as a boolean program (one allowed column per row, both capacities), solved
+    by HiGHS at zero gap; the chosen column per row, or None if there is no solution."""
     if costs.shape[0] == 0:
-        return np.zeros(0, dtype=np.intp) if value_floor <= 0 and bandwidth_limit >= 0 and gpu_limit >= 0 else None
+        return np.zeros(0, dtype=np.intp) if bandwidth_limit >= 0 and gpu_limit >= 0 else None
     import highspy
 
     row_ids, column_ids = np.nonzero(allowed)
@@ -601,19 +645,17 @@ def _core_program(costs, values, gpu_costs, allowed, bandwidth_limit: float, gpu
         highs.setOptionValue(option, setting)
     lp = highspy.HighsLp()
     lp.num_col_ = count
-    lp.num_row_ = free_rows + 3
-    chosen_values = values[row_ids, column_ids]
-    lp.col_cost_ = -chosen_values
+    lp.num_row_ = free_rows + 2
+    lp.col_cost_ = -values[row_ids, column_ids]
     lp.col_lower_ = np.zeros(count)
     lp.col_upper_ = np.ones(count)
-    lp.row_lower_ = np.concatenate((np.ones(free_rows), [-highspy.kHighsInf, -highspy.kHighsInf, value_floor]))
-    lp.row_upper_ = np.concatenate((np.ones(free_rows), [bandwidth_limit, gpu_limit, highspy.kHighsInf]))
+    lp.row_lower_ = np.concatenate((np.ones(free_rows), [-highspy.kHighsInf, -highspy.kHighsInf]))
+    lp.row_upper_ = np.concatenate((np.ones(free_rows), [bandwidth_limit, gpu_limit]))
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.arange(0, 4 * count + 1, 4)
-    lp.a_matrix_.index_ = np.stack((row_ids, np.full(count, free_rows), np.full(count, free_rows + 1),
-                                    np.full(count, free_rows + 2)), axis=1).ravel()
-    lp.a_matrix_.value_ = np.stack((np.ones(count), costs[row_ids, column_ids], gpu_costs[row_ids, column_ids],
-                                    chosen_values), axis=1).ravel()
+    lp.a_matrix_.start_ = np.arange(0, 3 * count + 1, 3)
+    lp.a_matrix_.index_ = np.stack((row_ids, np.full(count, free_rows), np.full(count, free_rows + 1)), axis=1).ravel()
+    lp.a_matrix_.value_ = np.stack((np.ones(count), costs[row_ids, column_ids], gpu_costs[row_ids, column_ids]),
+                                   axis=1).ravel()
     lp.integrality_ = [highspy.HighsVarType.kInteger] * count
     highs.passModel(lp)
     highs.run()
