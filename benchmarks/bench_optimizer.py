@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import sys
@@ -125,6 +126,17 @@ def summarise_us(samples: list[float]) -> dict[str, float]:
         "mean": float(values.mean()),
         "count": int(values.shape[0]),
     }
+
+
+def numpy_call_us() -> float:
+    values = np.ones(245)
+    best = math.inf
+    for _ in range(20):
+        started_ns = time.perf_counter_ns()
+        for _ in range(1000):
+            values + 1.0
+        best = min(best, (time.perf_counter_ns() - started_ns) / 1000.0 / 1000)
+    return best
 
 
 def run_shape(name: str, count: int, options: int, instances: int, rng, base_sizes, base_runtimes) -> dict:
@@ -253,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base_sizes, base_runtimes, source = cloud_rows()
     rng = np.random.default_rng(args.seed)
+    load_before = os.getloadavg()
+    calibration_us = numpy_call_us()
     plan = QUICK_GAP_INSTANCES if args.quick else FULL_GAP_INSTANCES
     results = {}
     for name in args.shapes.split(","):
@@ -284,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cvxpy": cvxpy.__version__,
+            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            # One small numpy call (adding a scalar to 245 floats), best of many: the machine's
+            # speed at the time (about 0.4 us on an idle core of this class of machine).
+            "numpy_call_us_before_after": [round(calibration_us, 3), round(numpy_call_us(), 3)],
         },
         "total_instances": sum(r["instances"] for r in results.values()),
         "shapes": results,

@@ -28,19 +28,34 @@ Method (exact; the cvxpy boolean programs in `optimizer.convex` are the referenc
    UB = lambda * B + sum_c max_o (v_o - lambda * b_o). Greedy over the remaining segments that
    still fit gives a feasible integer solution, LB.
 3. Any solution x satisfies value(x) <= UB - sum_c r_c(x_c), where r_c(o) = max_o' (v_o' - lambda
-   b_o') - (v_o - lambda b_o) >= 0 is the option's reduced cost. So an optimal solution (value >=
-   LB) uses only options with r <= UB - LB: every other option is dropped, and a camera left with
-   one option is fixed. Usually a few cameras stay free.
-4. The free cameras are solved exactly by the Pareto-frontier DP of `optimizer.exact`, with
-   the fixed cameras folded into the start state and every partial state dropped whose
-   Lagrangian bound (its value + lambda * (B - its cost) + the free cameras still to come at
-   their best reduced value) falls below LB. Bounds are compared with a tolerance on the safe
-   side (we keep anything within 1e-9 relative), so the result is the optimum.
-With the GPU constraint the same reduction uses both prices (lambda for bandwidth, mu for the
-GPU, mu found by bisection on the Lagrangian dual), and the free cameras form a small boolean
-program solved by HiGHS with a zero gap. A floor is a per-vehicle constraint, so the floor
-variants work per vehicle: each vehicle's own frontier of (bandwidth, U_v) states (the exact
-single-car DP), cut at the floor, is one multiple-choice class of the same solver.
+   b_o') - (v_o - lambda b_o) >= 0 is the option's reduced cost. So a solution worth at least T
+   uses only options with r <= UB - T: every other option is dropped, and a camera left with one
+   option is fixed (folded into the start state). Usually a few dozen cameras stay free.
+4. The free cameras are solved by a Pareto-frontier DP (cost ascending, value strictly
+   ascending) in which every partial state is dropped whose Lagrangian bound, under any of a
+   few dual prices (the LP's, its neighbours in slope order, quantiles of the free cameras'
+   slopes), falls below T: value + p * (B - cost) + the free cameras still to come at their best
+   value - p * cost. Every such bound is valid, so every solution worth at least T survives.
+5. The core grows in rounds: T = UB - gap with gap = (UB - LB) / 16, then x4 per round. A round
+   that finds a solution worth at least T has found the optimum (everything worth more was
+   kept); otherwise the optimum is below T and the next round widens the gap, until T reaches
+   the best solution found so far, where the round is the full reduction and exact by (3).
+   Bounds are compared with a tolerance on the safe side (we keep anything within 1e-9
+   relative), so the result is the optimum.
+With the GPU pool the reduction uses two prices, lambda for bandwidth and mu for the GPU: mu by
+bisection on the Lagrangian dual mu * G + LP(values - mu * GPU load), the incumbent from the
+exact one-capacity optimum under GPU prices around it (sent back to the fallback where it still
+overuses the GPU), and the free cameras of each round by a bounded enumeration over both
+capacities (a boolean program solved by HiGHS at zero gap if it outgrows 200,000 states). This
+variant is exact but slower (seconds at 1000 cars). A floor is a per-vehicle constraint, so the
+floor variants work per vehicle: each vehicle's frontier of (bandwidth, U_v) states (the exact
+single-car DP), cut at its floor, is one multiple-choice class of the same solver.
+
+API, for a coordinator: build `CellVehicle(name, services, weight, rtt_ms, slo_ms,
+utility_floor)` per car and `CellProblem(vehicles, capacity_mbps, rtt_ms, slo_ms, gpu_workers,
+frame_rate_hz, fairness)`; `solve_cell(problem)` returns a `CellAllocation`. Pass the same
+services tuple for a car from frame to frame: its options are then read once (remembered by
+identity), and a frame costs the solve alone.
 """
 
 from __future__ import annotations
