@@ -12,6 +12,12 @@ Sections:
 - deadline_goodput: open-loop arrivals at 2x the service's capacity, mixed budgets, an
   emulated model (sleep = emulated GPU time, so the comparison does not depend on CPU load);
   goodput = `ok` replies received before the client's own deadline, per second.
+- ray_engine (`engine: ray`, needs the optional extra `ray`; a local Ray instance on this
+  machine's CPUs, replicas with emulated GPU time): on-time goodput at 1, 2 and 4 replicas
+  (scaling efficiency against n x one replica), plain Ray Serve (its router and FIFO
+  `@serve.batch`) against our EDF dispatch at 2x overload, the Ray hop's added round trip at
+  low load (p50/p99 against the threaded engine), and replies when a replica is killed mid-load
+  (none lost, none twice).
 """
 
 from __future__ import annotations
@@ -201,6 +207,13 @@ def open_loop_load(address: str, vehicles: int, rate_per_s: float, budgets_ms: l
                    seed: int) -> list[tuple[str, bool]]:
     """Poisson arrivals at rate_per_s in total, spread over the vehicles, budgets drawn from
     budgets_ms; returns (status, on time by the client's own clock) per request."""
+    return open_loop_counted(address, vehicles, rate_per_s, budgets_ms, duration_s, seed)["results"]
+
+
+def open_loop_counted(address: str, vehicles: int, rate_per_s: float, budgets_ms: list[float], duration_s: float,
+                      seed: int, model: str = "emulated") -> dict:
+    """`open_loop_load`, also counting replies to requests already answered (`duplicates`) and
+    requests never answered (`no_reply`, after waiting out the largest budget plus 2 s)."""
     rng = np.random.default_rng(seed)
     fleet = Fleet(address, vehicles)
     deadlines: dict[int, float] = {}
@@ -210,11 +223,13 @@ def open_loop_load(address: str, vehicles: int, rate_per_s: float, budgets_ms: l
     stop_at = start + duration_s
     drain_until = stop_at + max(budgets_ms) / 1000.0 + 2.0
     payload = bytes(48)
+    answered: set[int] = set()
+    duplicates = 0
     while True:
         now = time.perf_counter()
         if next_send <= now < stop_at:
             budget_ms = float(rng.choice(budgets_ms))
-            request_id = fleet.send(int(rng.integers(vehicles)), "emulated", "raw", (4, 4, 3), payload, budget_ms)
+            request_id = fleet.send(int(rng.integers(vehicles)), model, "raw", (4, 4, 3), payload, budget_ms)
             deadlines[request_id] = now + budget_ms / 1000.0
             next_send += rng.exponential(1.0 / rate_per_s)
             continue
@@ -224,10 +239,20 @@ def open_loop_load(address: str, vehicles: int, rate_per_s: float, budgets_ms: l
         for _, header in fleet.replies(min((wake_at - now) * 1000.0, 50.0)):
             deadline = deadlines.pop(header.request_id, None)
             if deadline is not None:
+                answered.add(header.request_id)
                 results.append((header.status, header.status == "ok" and time.perf_counter() <= deadline))
+            elif header.request_id in answered:
+                duplicates += 1
+    # Linger a little: a second reply to an answered request would show up now.
+    linger_until = time.perf_counter() + 0.5
+    while time.perf_counter() < linger_until:
+        for _, header in fleet.replies(50.0):
+            if header.request_id in answered:
+                duplicates += 1
+    no_reply = len(deadlines)
     results.extend(("no reply", False) for _ in deadlines)
     fleet.close()
-    return results
+    return {"results": results, "duplicates": duplicates, "no_reply": no_reply}
 
 
 def deadline_goodput(duration_s: float, runtime_ms: float, overload: float, vehicles: int,
@@ -262,12 +287,156 @@ def deadline_goodput(duration_s: float, runtime_ms: float, overload: float, vehi
     }
 
 
+# ---------------------------------------------------------------- the Ray engine
+
+
+def summarize(load: dict, duration_s: float) -> dict:
+    statuses: dict[str, int] = {}
+    for status, _ in load["results"]:
+        statuses[status] = statuses.get(status, 0) + 1
+    on_time = sum(1 for _, ok in load["results"] if ok)
+    return {"requests": len(load["results"]), "statuses": statuses, "on_time": on_time,
+            "goodput_rps": round(on_time / duration_s, 2), "no_reply": load["no_reply"],
+            "duplicates": load["duplicates"]}
+
+
+def ray_service_config(replicas: int, runtime_ms: float, dispatch: str = "edf", scheduler: str = "edf",
+                       max_batch_size: int = 1, downlink_allowance_ms: float = 5.0) -> CloudConfig:
+    return CloudConfig.model_validate({
+        "bind": "tcp://127.0.0.1:0", "http_port": None, "engine": "ray", "scheduler": scheduler,
+        "queue_limit": 1024, "per_vehicle_queue_limit": None, "max_batch_size": max_batch_size,
+        "downlink_allowance_ms": downlink_allowance_ms,
+        "models": [{"name": "emulated", "simulated_runtime_ms": runtime_ms, "simulated_decode": False}],
+        "ray": {"min_replicas": replicas, "max_replicas": replicas, "replica_num_cpus": 0.1, "dispatch": dispatch}})
+
+
+def ray_open_loop(config: CloudConfig, rate_per_s: float, budgets_ms: list[float], duration_s: float,
+                  vehicles: int = 4, kill_after_s: float | None = None) -> dict:
+    """Open-loop load from a child process against a Ray-engine service; optionally SIGKILL one
+    replica's process `kill_after_s` into the run."""
+    import signal
+
+    with CloudService(config, insecure=True, announce=quiet) as service:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            pending = pool.apply_async(open_loop_counted, (service.address, vehicles, rate_per_s, budgets_ms,
+                                                           duration_s, 0))
+            killed = None
+            if kill_after_s is not None:
+                victim = service.engine.replicas()[0]
+                time.sleep(kill_after_s)
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed = victim["replica"]
+            load = pending.get()
+        replica_failures = service.metrics.registry.get_sample_value(
+            "avcloud_cloud_replica_failures_total", {"reason": "died"}) or 0.0
+        redispatched = service.metrics.registry.get_sample_value(
+            "avcloud_cloud_redispatched_total", {"reason": "died"}) or 0.0
+    summary = summarize(load, duration_s)
+    if kill_after_s is not None:
+        summary.update(killed_replica=killed, replica_failures=replica_failures, redispatched=redispatched)
+    return summary
+
+
+def closed_loop_round_trips(address: str, model: str, requests: int) -> list[float]:
+    """One vehicle, one request in flight: client-side round trips in ms."""
+    fleet = Fleet(address, 1)
+    round_trips_ms = []
+    for _ in range(requests):
+        began = time.perf_counter()
+        request_id = fleet.send(0, model, "raw", (4, 4, 3), bytes(48), 10_000.0)
+        while True:
+            replies = [header for _, header in fleet.replies(5000) if header.request_id == request_id]
+            if replies:
+                break
+        round_trips_ms.append((time.perf_counter() - began) * 1000.0)
+    fleet.close()
+    return round_trips_ms
+
+
+def ray_hop_latency(runtime_ms: float, requests: int) -> dict:
+    """Round trips at low load (one request at a time) through the threaded engine and the Ray
+    engine (one replica), same emulated model."""
+    by_engine = {}
+    for engine in ("threads", "ray"):
+        if engine == "ray":
+            config = ray_service_config(1, runtime_ms)
+        else:
+            config = CloudConfig.model_validate({
+                "bind": "tcp://127.0.0.1:0", "http_port": None, "max_batch_size": 1,
+                "models": [{"name": "emulated", "simulated_runtime_ms": runtime_ms, "simulated_decode": False}]})
+        with CloudService(config, insecure=True, announce=quiet) as service:
+            closed_loop_round_trips(service.address, "emulated", 20)  # warm up both paths
+            round_trips_ms = in_child_process(closed_loop_round_trips, service.address, "emulated", requests)
+        by_engine[engine] = {"p50_ms": round(percentile(round_trips_ms, 50), 2),
+                             "p99_ms": round(percentile(round_trips_ms, 99), 2)}
+    return {"model": f"emulated, {runtime_ms} ms per image", "requests": requests, **by_engine,
+            "added_p50_ms": round(by_engine["ray"]["p50_ms"] - by_engine["threads"]["p50_ms"], 2),
+            "added_p99_ms": round(by_engine["ray"]["p99_ms"] - by_engine["threads"]["p99_ms"], 2)}
+
+
+def ray_engine(duration_s: float, quick: bool) -> dict:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as error:
+        return {"available": False, "reason": f"Ray Serve not installed ({error}): pip install -e '.[ray]'"}
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    report: dict = {"available": True, "ray": ray.__version__,
+                    "cluster": "local Ray instance, 2 logical CPUs, no GPU; replicas reserve 0.1 CPU each and "
+                               "emulate GPU time by sleeping"}
+    try:
+        # Scaling: each replica count offered 1.5x its capacity, budgets far above the runtime.
+        runtime_ms = 40.0
+        per_replica_rps = 1000.0 / runtime_ms
+        scaling = {}
+        for replicas in (1, 2, 4):
+            scaling[replicas] = ray_open_loop(ray_service_config(replicas, runtime_ms), 1.5 * replicas * per_replica_rps,
+                                              [300.0, 600.0], duration_s)
+        one = scaling[1]["goodput_rps"]
+        report["scaling"] = {
+            "model": f"emulated, {runtime_ms} ms per image (sleep: emulated GPU time), max_batch_size 1",
+            "offered": "1.5x the replicas' capacity, budgets 300 or 600 ms",
+            "replicas": {str(n): {**result, "ideal_rps": round(n * one, 2),
+                                  "efficiency": round(result["goodput_rps"] / (n * one), 3) if one else None}
+                         for n, result in scaling.items()},
+            "two_over_one": round(scaling[2]["goodput_rps"] / one, 2) if one else None,
+        }
+        # Plain Ray Serve FIFO against our EDF dispatch, 2x overload, same front end.
+        runtime_ms = 20.0
+        budgets_ms = [50.0, 100.0, 200.0, 400.0]
+        offered_rps = 2.0 * 2 * 1000.0 / runtime_ms
+        edf = ray_open_loop(ray_service_config(2, runtime_ms), offered_rps, budgets_ms, duration_s)
+        fifo = ray_open_loop(ray_service_config(2, runtime_ms, dispatch="serve", scheduler="fifo"), offered_rps,
+                             budgets_ms, duration_s)
+        report["fifo_vs_edf"] = {
+            "model": f"emulated, {runtime_ms} ms per image, 2 replicas, max_batch_size 1",
+            "offered_rps": offered_rps, "overload": 2.0, "budgets_ms": budgets_ms,
+            "edf_dispatch": edf, "ray_serve_fifo": fifo,
+            "goodput_ratio_edf_over_fifo": (round(edf["goodput_rps"] / fifo["goodput_rps"], 2)
+                                            if fifo["goodput_rps"] > 0 else None),
+        }
+        report["hop_latency"] = ray_hop_latency(runtime_ms=5.0, requests=100 if quick else 400)
+        # A replica killed a third into the run: every request answered exactly once.
+        report["replica_killed"] = {
+            "model": "emulated, 20 ms per image, 3 replicas, ~2/3 of their capacity offered",
+            **ray_open_loop(ray_service_config(3, 20.0), 100.0, [300.0, 1000.0], max(duration_s, 3.0),
+                            kill_after_s=max(duration_s, 3.0) / 3),
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write JSON here (default: stdout)")
     parser.add_argument("--quick", action="store_true", help="short run (a few seconds per section)")
-    parser.add_argument("--sections", default="onboard,throughput,goodput",
-                        help="comma-separated subset of onboard,throughput,goodput")
+    parser.add_argument("--sections", default="onboard,throughput,goodput,ray",
+                        help="comma-separated subset of onboard,throughput,goodput,ray")
     parser.add_argument("--in-flight", type=int, default=1, help="outstanding requests per vehicle (throughput)")
     parser.add_argument("--model", default=None, help="zoo cloud model for the throughput section "
                         "(default: the smallest; an emulated model when the zoo has none)")
@@ -294,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             duration_s=duration_s, runtime_ms=10.0, overload=2.0, vehicles=4,
             budgets_ms=[50.0, 100.0, 200.0, 400.0], queue_limit=256, max_batch_size=1,
             downlink_allowance_ms=args.downlink_allowance_ms)
+    if "ray" in sections:
+        report["ray_engine"] = ray_engine(duration_s, args.quick)
     report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     write_report(report, args.out)
     return 0

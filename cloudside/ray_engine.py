@@ -76,7 +76,7 @@ logger = logging.getLogger("avcloud.cloud.ray")
 # (it is shutting down); the dispatcher sends it elsewhere.
 REQUEUE = "requeue"
 _DEPLOYMENT = "models"
-_TICK_S = 0.02  # the dispatcher's loop wakes at least this often (hang checks, expiry)
+_TICK_S = 0.02  # the dispatcher runs at least this often (hang checks, expiry)
 _GAUGE_PERIOD_MS = 100.0
 _FLEET_INFO_STALE_MS = 2000.0  # a replica's copy of the fleet's held work expires after this
 _MAX_REPLICA_LABELS = 256
@@ -405,14 +405,14 @@ class RayEngine:
         self._host: EngineHost | None = None
         self._pool_metrics: ReplicaMetrics | None = None
         self._handle: Any = None
+        self._requests: Any = None  # the handle inference requests go through
         self._started_ray = False
         self._deployed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._wake: asyncio.Event | None = None
-        self._dispatch_task: asyncio.Future | None = None
+        self._step_scheduled = False
         self._calls: dict[int, asyncio.Task] = {}  # attempt -> the task awaiting its answer
-        self._serve_calls = 0  # dispatch: serve, calls in flight
+        self._serve_calls: dict[int, PendingRequest] = {}  # dispatch: serve, requests in flight
         self._closing = False
         self._closed = False
         self._failed = False
@@ -458,6 +458,7 @@ class RayEngine:
                               f"({str(error).strip().splitlines()[-1][:300] if str(error) else type(error).__name__})"
                               ) from None
         self._handle = self._on_loop(self._get_handle()).result(timeout=60)
+        self._requests = self._on_loop(self._get_request_handle()).result(timeout=60)
         described = self._on_loop(self._describe_any()).result(timeout=120)
         for name, model in described["models"].items():
             self._estimates[name] = RuntimeEstimate(initial_ms_per_image=float(model["expected_ms"]), clock=self.clock)
@@ -497,6 +498,10 @@ class RayEngine:
             options["max_ongoing_requests"] = 100_000
             options["request_router_config"] = RequestRouterConfig(
                 request_router_class="cloudside.ray_router:DeadlineRouter")
+            # The replica's methods only queue and await (the models run on its worker thread), so
+            # they can run on Serve's own replica loop: one thread hop less each way.
+            options["ray_actor_options"]["runtime_env"] = {
+                "env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
             deployment = serve.deployment(ModelReplica)
         else:
             deployment = serve.deployment(ServeBatchReplica)
@@ -525,7 +530,8 @@ class RayEngine:
         if self.settings.dispatch == "edf":
             assert self._loop is not None
             replica_directory.listen(self.app_name, self._replicas_changed)
-            self._dispatch_task = asyncio.run_coroutine_threadsafe(self._dispatch_loop(), self._loop)
+            self._on_loop(_barrier()).result(timeout=10)  # the pool as listed now is in the dispatcher
+            self._loop.call_soon_threadsafe(self._tick)
 
     def stop(self, grace_ms: float) -> list[PendingRequest]:
         give_up_at = time.monotonic() + grace_ms / 1000.0
@@ -581,20 +587,20 @@ class RayEngine:
             return "service shutting down"
         if self.settings.dispatch == "serve":
             assert self._loop is not None
-            self._serve_calls += 1
+            self._serve_calls[id(request)] = request
             self._loop.call_soon_threadsafe(self._start_serve_call, request)
             return None
         if not self.queue.push(request):
             return refusal_reason(self.queue, request.accounted_vehicle)
         host = self._host
-        assert host is not None and self._loop is not None and self._wake is not None
+        assert host is not None and self._loop is not None
         for pushed_out in self.queue.drain_evicted():
             host.reply(pushed_out, reply_to(pushed_out.header, REJECTED, PUSHED_OUT, host.timings(pushed_out)))
-        self._loop.call_soon_threadsafe(self._wake.set)
+        self._loop.call_soon_threadsafe(self._kick)
         return None
 
     def pending(self) -> int:
-        return len(self.queue) + len(self.dispatcher.outstanding()) + self._serve_calls
+        return len(self.queue) + len(self.dispatcher.outstanding()) + len(self._serve_calls)
 
     @property
     def healthy(self) -> bool:
@@ -632,7 +638,6 @@ class RayEngine:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            self._wake = asyncio.Event()
             ready.set()
             loop.run_forever()
 
@@ -646,7 +651,23 @@ class RayEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     async def _get_handle(self) -> Any:
-        return serve.get_deployment_handle(_DEPLOYMENT, app_name=self.app_name)
+        """The deployment handle, its router on this loop (one thread hop less each way; Serve's
+        default runs it on a loop thread of its own)."""
+        handle = serve.get_deployment_handle(_DEPLOYMENT, app_name=self.app_name)
+        try:
+            handle._init(_run_router_in_separate_loop=False)
+        except Exception:  # noqa: BLE001 - a Serve without the option: its default router loop
+            logger.debug("router on the dispatcher's loop not available", exc_info=True)
+        return handle
+
+    async def _get_request_handle(self) -> Any:
+        """The handle requests go through: by value over Serve's direct gRPC channel to the replica
+        (`_by_reference=False`), which on this machine halves the hop of Ray's actor-call path."""
+        try:
+            return self._handle.options(_by_reference=False)
+        except Exception:  # noqa: BLE001 - a Serve without the option: actor calls
+            logger.debug("direct gRPC requests not available", exc_info=True)
+            return self._handle
 
     async def _describe_any(self) -> dict[str, Any]:
         return await self._handle.describe.remote()
@@ -671,23 +692,31 @@ class RayEngine:
         if replicas is not None:
             self.dispatcher.update_replicas(replicas, now_ms)
             self._update_gauges(now_ms, force=True)
-        if self._wake is not None:
-            self._wake.set()
+        self._kick()
 
-    async def _dispatch_loop(self) -> None:
-        assert self._wake is not None
+    def _kick(self) -> None:
+        """On the loop: dispatch soon (once, however many kicks come before it runs)."""
+        if not self._step_scheduled and self._loop is not None:
+            self._step_scheduled = True
+            self._loop.call_soon(self._step)
+
+    def _tick(self) -> None:
+        """On the loop, every _TICK_S: hang checks and expiry even when nothing else happens."""
+        if self._closing or self._loop is None:
+            return
+        self._step()
+        self._loop.call_later(_TICK_S, self._tick)
+
+    def _step(self) -> None:
+        self._step_scheduled = False
+        if self._closing or self._failed:
+            return
         try:
-            while not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S)
-                self._wake.clear()
-                if self._closing:
-                    return
-                now_ms = self.clock.now_ms()
-                for name in self.dispatcher.overdue(now_ms):
-                    self._replica_lost(name, "hung", now_ms)
-                self._dispatch(now_ms)
-                self._update_gauges(now_ms)
+            now_ms = self.clock.now_ms()
+            for name in self.dispatcher.overdue(now_ms):
+                self._replica_lost(name, "hung", now_ms)
+            self._dispatch(now_ms)
+            self._update_gauges(now_ms)
         except Exception:
             self._failed = True
             logger.exception("Ray dispatcher failed")
@@ -735,23 +764,17 @@ class RayEngine:
         sent_ms = self.clock.now_ms()
         try:
             remaining_ms = request.deadline_ms - sent_ms - self._hop_ms / 2.0
-            outcome: ReplicaOutcome = await self._handle.infer.remote(
+            outcome: ReplicaOutcome = await self._requests.infer.remote(
                 request.header, bytes(request.payload), remaining_ms, target=assignment.replica, fleet=fleet)
         except asyncio.CancelledError:
             return  # handed back already (hung replica, shutdown)
-        except ActorUnavailableError:  # unreachable for now: treated as hung until it answers again
+        except Exception as error:  # noqa: BLE001 - classified below
             self._calls.pop(assignment.attempt, None)
-            self._replica_lost(assignment.replica, "hung", self.clock.now_ms())
-            self._wake_dispatcher()
-            return
-        except RayActorError:
-            self._calls.pop(assignment.attempt, None)
-            self._replica_lost(assignment.replica, "died", self.clock.now_ms())
-            self._wake_dispatcher()
-            return
-        except Exception as error:  # noqa: BLE001 - Serve or replica errors: this request fails, loudly
             now_ms = self.clock.now_ms()
-            if self.dispatcher.finished(assignment, now_ms):
+            lost = _replica_failure(error)
+            if lost is not None:  # the replica, not the request: send it elsewhere
+                self._replica_lost(assignment.replica, lost, now_ms)
+            elif self.dispatcher.finished(assignment, now_ms):  # the request itself failed there
                 logger.warning("replica %s failed a request: %s", assignment.replica, error)
                 host = self._host
                 assert host is not None
@@ -860,8 +883,7 @@ class RayEngine:
             host.timings(request, taken_ms=now_ms)))
 
     def _wake_dispatcher(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        self._kick()
 
     async def _shut_dispatch(self) -> list[PendingRequest]:
         """On the loop: stop dispatching; hand back what is queued and what replicas still hold."""
@@ -870,8 +892,8 @@ class RayEngine:
         for assignment in self.dispatcher.drain():
             self._cancel_call(assignment)
             leftovers.append(assignment.request)
-        if self._dispatch_task is not None:
-            self._dispatch_task.cancel()
+        leftovers += self._serve_calls.values()
+        self._serve_calls.clear()
         return leftovers
 
     # ------------------------------------------------------------ plain Serve (dispatch: serve)
@@ -884,14 +906,15 @@ class RayEngine:
         assert host is not None
         sent_ms = self.clock.now_ms()
         try:
-            outcome: ReplicaOutcome = await self._handle.infer.remote(
+            outcome: ReplicaOutcome = await self._requests.infer.remote(
                 request.header, bytes(request.payload), request.deadline_ms - sent_ms)
         except Exception as error:  # noqa: BLE001 - the baseline has no failure handling: the request fails
-            host.reply(request, reply_to(request.header, ERROR, f"internal: replica failed ({type(error).__name__})",
-                                         host.timings(request, taken_ms=sent_ms)))
+            if self._serve_calls.pop(id(request), None) is not None:
+                host.reply(request, reply_to(request.header, ERROR, f"internal: replica failed "
+                                             f"({type(error).__name__})", host.timings(request, taken_ms=sent_ms)))
             return
-        finally:
-            self._serve_calls -= 1
+        if self._serve_calls.pop(id(request), None) is None:
+            return  # answered at shutdown already
         now_ms = self.clock.now_ms()
         self._answer(Assignment(request, outcome.replica, 0, sent_ms, 0.0, 0.0), outcome, sent_ms, now_ms)
 
@@ -926,6 +949,27 @@ class RayEngine:
             pool.replica_up.labels(label).set(0 if load.hung else 1)
             pool.held.labels(label).set(load.held)
         self._host.metrics.queue_depth.set(len(self.queue))
+
+
+async def _barrier() -> None:
+    """Awaited on the loop: everything scheduled on it before has run."""
+
+
+def _replica_failure(error: BaseException) -> str | None:
+    """How a failed call to a replica lost it: "died" (its actor is dead), "hung" (unreachable for
+    now: treated as hung until it answers again), or None (the request failed, the replica lives)."""
+    if isinstance(error, ActorUnavailableError):
+        return "hung"
+    if isinstance(error, RayActorError):
+        return "died"
+    try:
+        import grpc  # Serve's direct channel to replicas
+    except ImportError:
+        return None
+    if isinstance(error, grpc.RpcError) and getattr(error, "code", lambda: None)() in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return "hung"
+    return None
 
 
 def _bounded(step: Callable[[], Any], timeout_s: float, what: str) -> bool:
