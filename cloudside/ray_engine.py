@@ -82,7 +82,8 @@ _FLEET_INFO_STALE_MS = 2000.0  # a replica's copy of the fleet's held work expir
 _MAX_REPLICA_LABELS = 256
 _POOL_EMPTY_UNHEALTHY_MS = 60_000.0
 _RECEIVED_KEPT = 4096
-_TEARDOWN_TIMEOUT_S = 20.0  # no live replica for this long: /healthz fails
+_TEARDOWN_TIMEOUT_S = 20.0
+_GRPC_HEADROOM_BYTES = 1024 * 1024  # request header and framing around the payload  # no live replica for this long: /healthz fails
 _SERVE_LOGGER_NAMES = ("ray.serve", "ray")
 
 
@@ -500,8 +501,12 @@ class RayEngine:
                 request_router_class="cloudside.ray_router:DeadlineRouter")
             # The replica's methods only queue and await (the models run on its worker thread), so
             # they can run on Serve's own replica loop: one thread hop less each way.
-            options["ray_actor_options"]["runtime_env"] = {
-                "env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+            # Requests travel over Serve's gRPC channel: the replica must take the largest payload
+            # the front end admits (Serve's default limit is 4 MiB; a raw Waymo frame is 7.4 MB).
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": {
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max(
+                    4 * 1024 * 1024, self.config.max_payload_bytes + _GRPC_HEADROOM_BYTES))}}
             deployment = serve.deployment(ModelReplica)
         else:
             deployment = serve.deployment(ServeBatchReplica)

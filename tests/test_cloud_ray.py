@@ -131,6 +131,9 @@ def test_ray_engine_serves_curve_clients_with_the_same_protocol(local_ray, tmp_p
             expired = car.infer(bytes(12), task="FRONT", model="emulated", codec="raw", shape=(2, 2, 3),
                                 budget_ms=1.0, timeout_ms=REPLY_TIMEOUT_MS)
             assert expired is not None and expired[0].status == "expired"
+            large = car.infer(bytes(1200 * 1500 * 3), task="FRONT", model="emulated", codec="raw",
+                              shape=(1200, 1500, 3), budget_ms=5000, timeout_ms=REPLY_TIMEOUT_MS)
+            assert large is not None and large[0].status == "ok"  # 5.4 MB: over gRPC's default 4 MiB
             unknown = car.infer(bytes(12), task="FRONT", model="yolo", codec="raw", shape=(2, 2, 3),
                                 budget_ms=5000, timeout_ms=REPLY_TIMEOUT_MS)
             assert unknown is not None and unknown[0].status == "rejected" and "unknown model" in unknown[0].reason
@@ -146,9 +149,9 @@ def test_ray_engine_serves_curve_clients_with_the_same_protocol(local_ray, tmp_p
         status, text = scrape(service, "/metrics")
         assert status == 200
         assert f'avcloud_cloud_replica_up{{replica="{replica["replica"]}"}} 1.0' in text
-        assert metric(service, "avcloud_cloud_requests_total", vehicle="car-1", model="emulated", status="ok") == 1
+        assert metric(service, "avcloud_cloud_requests_total", vehicle="car-1", model="emulated", status="ok") == 2
         assert metric(service, "avcloud_cloud_replica_requests_total", replica=replica["replica"],
-                      model="emulated", status="ok") == 1
+                      model="emulated", status="ok") == 2
         assert metric(service, "avcloud_cloud_identity_mismatches_total", vehicle="car-2") == 1
         app = service.engine.app_name
     from ray import serve
