@@ -233,11 +233,20 @@ class OnboardAgent:
             # Discovery: after a stale interval at most one request per interval; while discovery
             # requests keep coming back in time, one per frame, each the next size up (slow start).
             growing = self._discovery_succeeded and not self._discovery_outstanding
-            if (self.plans_for_uplink and self._sends_nothing(allocation)
-                    and (growing or (stale and now_ms - self._last_discovery_ms > self.stale_after_ms))):
+            due = stale and now_ms - self._last_discovery_ms > self.stale_after_ms
+            if self.plans_for_uplink and self._sends_nothing(allocation) and (growing or due):
                 self._add_discovery_request(allocation, rtt_ms)
                 self._last_discovery_ms = now_ms
                 self._discovery_succeeded = False
+            elif self.plans_for_uplink and due:
+                # The plan sends, but on a stale estimate the drop-before-send check would judge
+                # its requests by that estimate and could drop every one, so the car would never
+                # measure again: its cheapest planned request goes out as a discovery request.
+                sending = [(self.options[camera][choice].size_mbit, camera) for camera, choice in allocation.choices.items()
+                           if choice in self.options.get(camera, {}) and not self.options[camera][choice].is_fallback]
+                if sending:
+                    allocation.extra["discovery"] = min(sending)[1]
+                    self._last_discovery_ms = now_ms
             self._allocations[frame_index] = allocation
             while len(self._allocations) > ALLOCATIONS_KEPT:
                 self._allocations.popitem(last=False)
@@ -464,7 +473,7 @@ class OnboardAgent:
     # ------------------------------------------------------------ internals
 
     def _sends_nothing(self, allocation: Allocation) -> bool:
-        return all(self.options[camera].get(choice) is None or self.options[camera][choice].is_fallback
+        return all(self.options.get(camera, {}).get(choice) is None or self.options[camera][choice].is_fallback
                    for camera, choice in allocation.choices.items())
 
     def _add_discovery_request(self, allocation: Allocation, rtt_ms: float) -> None:

@@ -314,3 +314,27 @@ def test_capture_stamp_starts_the_budget_unless_it_comes_from_another_clock():
     assert (published[-1].config, published[-1].deadline_met) == ("onboard:reused", False)
     agent.on_camera_frame(2, "FRONT", IMAGE, capture_ms=-1e9)  # another host's clock: ignored
     assert published[-1].latency_ms == 0.0 and agent.counters.capture_clock_ignored == 1
+
+
+class ThinSharePlanner(FixedPlanner):
+    """Sends FRONT to the cloud but grants it far too little bandwidth for its frame."""
+
+    def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps):
+        allocation = super().plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
+        allocation.bandwidth_mbps["FRONT"] = 0.05
+        return allocation
+
+
+def test_a_plan_on_a_stale_estimate_still_sends_one_request_to_measure_the_link():
+    # The drop-before-send check, judging by a 0.05 Mbps share and a 0.1 Mbps estimate, would drop
+    # every frame, and a car that never sends never measures: one request per stale interval goes.
+    agent, clock, link, _, _ = make_agent(estimator_mbps=0.1, plans_for_uplink=True)
+    agent.planner = ThinSharePlanner(("FRONT",))
+    for frame_index in range(25):
+        clock.advance_to(1000.0 + 100 * frame_index)
+        agent.step()
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+    sent_frames = [decode_request(frames)[0].frame for frames in link.sent]
+    assert sent_frames and sent_frames[0] == 0
+    assert all(later - earlier > 10 for earlier, later in zip(sent_frames, sent_frames[1:], strict=False))
+    assert agent.counters.dropped_stale >= 20  # the rest were judged by the estimate, as before
