@@ -134,6 +134,9 @@ class OnboardNode:
             from onboard.inference import CameraDecoder
 
             self.decoder = CameraDecoder(params.onboard_model)
+            for service in services:  # model cards are read now, not on the first frame
+                for option in service.options:
+                    self.decoder.needed_size_wh(option.name)
         self.transport = CloudTransport(self.context, params.endpoints.cloud, params.security.client_secret_key,
                                         params.security.server_public_key, params.security.insecure,
                                         params.send_high_water_mark)

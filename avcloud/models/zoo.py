@@ -103,11 +103,26 @@ def _card_paths() -> list[Path]:
     return shipped + registered
 
 
+# Parsed cards by (path, modification time, size): a daemon looks cards up on its hot path, and
+# parsing every card's YAML each time cost hundreds of ms once the zoo held two families.
+_PARSED_CARDS: dict[tuple[str, int, int], ModelCard] = {}
+
+
+def _load_card_cached(path: Path) -> ModelCard:
+    status = path.stat()
+    key = (str(path), status.st_mtime_ns, status.st_size)
+    card = _PARSED_CARDS.get(key)
+    if card is None:
+        card = load_card(path)
+        _PARSED_CARDS[key] = card
+    return card
+
+
 def list_cards() -> list[ModelCard]:
     """Every model known here: shipped first, then registered, each name once."""
     cards: dict[str, ModelCard] = {}
     for path in _card_paths():
-        card = load_card(path)
+        card = _load_card_cached(path)
         cards.setdefault(card.name, card)
     return list(cards.values())
 
