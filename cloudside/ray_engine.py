@@ -410,7 +410,6 @@ class RayEngine:
         self._started_ray = False
         self._deployed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
         self._step_scheduled = False
         self._calls: dict[int, asyncio.Task] = {}  # attempt -> the task awaiting its answer
         self._serve_calls: dict[int, PendingRequest] = {}  # dispatch: serve, requests in flight
@@ -542,12 +541,9 @@ class RayEngine:
         give_up_at = time.monotonic() + grace_ms / 1000.0
         while self.pending() and time.monotonic() < give_up_at and not self._failed:
             time.sleep(0.005)
-        leftovers: list[PendingRequest] = []
-        if self._loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
-            leftovers = self._on_loop(self._shut_dispatch()).result(timeout=30)
-        else:
-            leftovers = self.queue.close()
-        return leftovers
+        if self._loop is not None:
+            return self._on_loop(self._shut_dispatch()).result(timeout=30)
+        return self.queue.close()
 
     def close(self) -> None:
         if self._closed:
@@ -557,7 +553,7 @@ class RayEngine:
         replica_directory.forget(self.app_name)
         if not self.queue.closed:
             self.queue.close()
-        if self._loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
+        if self._loop is not None:
             try:
                 self._on_loop(self._shut_dispatch()).result(timeout=30)
             except Exception:  # noqa: BLE001 - closing anyway
@@ -566,10 +562,6 @@ class RayEngine:
         # processes too): no step of the teardown may hang the service's shutdown.
         if self._deployed:
             _bounded(lambda: serve.delete(self.app_name), _TEARDOWN_TIMEOUT_S, "deleting the Serve application")
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._loop_thread is not None:
-                self._loop_thread.join(timeout=10)
         if self._started_ray:
             _bounded(serve.shutdown, _TEARDOWN_TIMEOUT_S, "stopping Ray Serve")
             _bounded(ray.shutdown, _TEARDOWN_TIMEOUT_S, "stopping the local Ray instance")
@@ -609,7 +601,7 @@ class RayEngine:
 
     @property
     def healthy(self) -> bool:
-        if self._failed or (self._loop_thread is not None and not self._loop_thread.is_alive()):
+        if self._failed or (_LOOP_THREAD is not None and not _LOOP_THREAD.is_alive()):
             return False
         if self._no_live_since_ms is not None:
             return self.clock.now_ms() - self._no_live_since_ms < _POOL_EMPTY_UNHEALTHY_MS
@@ -638,18 +630,7 @@ class RayEngine:
     # ------------------------------------------------------------ the loop
 
     def _start_loop(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            ready.set()
-            loop.run_forever()
-
-        self._loop = loop
-        self._loop_thread = threading.Thread(target=run, name="cloud-ray-dispatch", daemon=True)
-        self._loop_thread.start()
-        ready.wait(5)
+        self._loop = _dispatch_loop()
 
     def _on_loop(self, coroutine: Any) -> Any:
         assert self._loop is not None
@@ -954,6 +935,33 @@ class RayEngine:
             pool.replica_up.labels(label).set(0 if load.hung else 1)
             pool.held.labels(label).set(load.held)
         self._host.metrics.queue_depth.set(len(self.queue))
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_THREAD: threading.Thread | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _dispatch_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for Ray engines (dispatch, Serve calls, the Serve router of
+    their handles). It runs for the life of the process: Serve binds its shared long-poll client
+    to the loop of the first router, so that loop must outlive every service."""
+    global _LOOP, _LOOP_THREAD
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP_THREAD is None or not _LOOP_THREAD.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                ready.set()
+                loop.run_forever()
+
+            _LOOP_THREAD = threading.Thread(target=run, name="cloud-ray-dispatch", daemon=True)
+            _LOOP_THREAD.start()
+            ready.wait(5)
+            _LOOP = loop
+        return _LOOP
 
 
 async def _barrier() -> None:
