@@ -161,6 +161,8 @@ class ModelSet:
                     raise ConfigError(f"models: cannot load '{entry.name}' "
                                       f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
                                       ) from None
+        if any(runner.decodes_images for runner in runners.values()):
+            import avcloud.compression  # noqa: F401 - OpenCV loads now, not on the first request
         estimates: dict[str, RuntimeEstimate] = {}
         for name, runner in runners.items():
             runner.warmup()

@@ -441,8 +441,12 @@ class RayEngine:
                              logging_level=logging.WARNING)
                     announce(f"Ray: started a local instance ({_resources_line()})")
             except (ConnectionError, ValueError, RuntimeError) as error:
+                hint = ("; a cluster started with `ray start` uses token authentication: set RAY_AUTH_MODE=token "
+                        "with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+                        if address and not os.environ.get("RAY_AUTH_MODE") else "")
                 raise ConfigError(f"ray.address {address or '(local)'}: cannot start or join Ray "
-                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}){hint}"
+                                  ) from None
             self._started_ray = True
         num_gpus = settings.replica_num_gpus
         if num_gpus == "auto":
