@@ -31,7 +31,7 @@ from avcloud.protocol import PONG, ProtocolError, RequestHeader, decode_reply, e
 from avcloud.types import Allocation, Option, Service, critical_bandwidth_mbps, empty_detections
 from onboard.measurement import LinkMeasurement, RequestTiming
 from onboard.merge import TaskFrame, decide
-from onboard.planning import AllocationPlanner
+from onboard.planning import AllocationPlanner, planning_slo
 from onboard.topics import DetectionResult
 
 # After this long without a throughput sample, a plan that sends nothing gets one discovery
@@ -226,7 +226,7 @@ class OnboardAgent:
             # Bytes the car has already queued delay this frame's requests: they have that much
             # less time to reach the cloud (TURBO's critical bandwidth assumes an empty uplink).
             backlog_ms = self.measurement.backlog_ms(now_ms) if self.plans_for_uplink else 0.0
-            planning_slo_ms = max(self.slo_ms - backlog_ms, MIN_PLANNING_SLO_MS)
+            planning_slo_ms = max(planning_slo(self.slo_ms, backlog_ms), MIN_PLANNING_SLO_MS)
             allocation = self.planner.plan(bandwidth_mbps, rtt_ms, planning_slo_ms,
                                            self.measurement.forecast_samples_mbps())
             allocation.extra["backlog_ms"] = backlog_ms

@@ -27,6 +27,15 @@ def planning_rtt_ms(measured_rtt_ms: float) -> float:
     return math.ceil(measured_rtt_ms / PLANNING_RTT_STEP_MS) * PLANNING_RTT_STEP_MS
 
 
+def planning_slo(slo_ms: float, backlog_ms: float) -> float:
+    """The deadline a frame plans with when the uplink still holds `backlog_ms` of the car's
+    bytes: the SLO less that, rounded down to the RTT step (for the same reason: a handful of
+    distinct values keeps the solver's preparation cached; rounding down is the safe side)."""
+    if backlog_ms <= 0:
+        return slo_ms
+    return math.floor((slo_ms - backlog_ms) / PLANNING_RTT_STEP_MS) * PLANNING_RTT_STEP_MS
+
+
 class AllocationPlanner(Protocol):
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation: ...
