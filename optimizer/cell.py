@@ -734,6 +734,40 @@ def _vehicle_blocks(vehicles: Sequence[CellVehicle]) -> list[tuple[tuple, np.nda
     return blocks
 
 
+# The last cell's cameras stacked into one table, kept while the next cell has the same cars'
+# camera tuples (a fleet's frames): (the tuples, (numbers, padding, camera weights, counts)).
+_LAST_STACK: list = [(), None]
+
+
+def _stacked_blocks(vehicles: Sequence[CellVehicle]):
+    """Every car's cameras as one (3, cameras, width) table of sizes, runtimes and utilities,
+    the padding mask (or None), the camera weights and the cameras per car."""
+    services = [vehicle.services for vehicle in vehicles]
+    previous, stacked = _LAST_STACK
+    if len(previous) == len(services) and all(a is b for a, b in zip(previous, services, strict=True)):
+        return stacked
+    blocks = _vehicle_blocks(vehicles)
+    counts = [block[1].shape[1] for block in blocks]
+    widths = {block[1].shape[2] for block in blocks}
+    if len(widths) == 1 and len(set(counts)) == 1 and all(block[2] is None for block in blocks):
+        numbers = np.stack([block[1] for block in blocks], axis=1).reshape(3, sum(counts), -1)
+        padding = None
+    else:
+        width = max(widths)
+        numbers = np.zeros((3, sum(counts), width))
+        numbers[0] = 1.0
+        padding = np.ones((sum(counts), width), dtype=bool)
+        row = 0
+        for _, block, block_padding, _ in blocks:
+            cameras, block_width = block.shape[1], block.shape[2]
+            numbers[:, row:row + cameras, :block_width] = block
+            padding[row:row + cameras, :block_width] = False if block_padding is None else block_padding
+            row += cameras
+    stacked = (numbers, padding, np.concatenate([block[3] for block in blocks]), counts)
+    _LAST_STACK[:] = [services, stacked]
+    return stacked
+
+
 class CellTable:
     """Every camera of every vehicle as one row of (camera x option) tables: critical
     bandwidth at its vehicle's link, camera-weighted utility, GPU load. Checks the problem on
@@ -743,23 +777,7 @@ class CellTable:
         vehicles = problem.vehicles
         rtts, slos = _check_cell(problem)
         self.vehicles = vehicles
-        blocks = _vehicle_blocks(vehicles)
-        self.camera_counts = [block[1].shape[1] for block in blocks]
-        widths = {block[1].shape[2] for block in blocks}
-        if len(widths) == 1 and len(set(self.camera_counts)) == 1 and all(block[2] is None for block in blocks):
-            numbers = np.stack([block[1] for block in blocks], axis=1).reshape(3, sum(self.camera_counts), -1)
-            padding = None
-        else:
-            width = max(widths)
-            numbers = np.zeros((3, sum(self.camera_counts), width))
-            numbers[0] = 1.0
-            padding = np.ones((sum(self.camera_counts), width), dtype=bool)
-            row = 0
-            for _, block, block_padding, _ in blocks:
-                cameras, block_width = block.shape[1], block.shape[2]
-                numbers[:, row:row + cameras, :block_width] = block
-                padding[row:row + cameras, :block_width] = False if block_padding is None else block_padding
-                row += cameras
+        numbers, padding, camera_weights, self.camera_counts = _stacked_blocks(vehicles)
         sizes, runtimes, utilities = numbers
         self.vehicle_of_row = np.repeat(np.arange(len(vehicles)), self.camera_counts)
         slack_s = slos[self.vehicle_of_row][:, None] - runtimes
@@ -771,7 +789,6 @@ class CellTable:
         if padding is not None:
             bandwidths[padding] = math.inf
         self.bandwidths_mbps = bandwidths
-        camera_weights = np.concatenate([block[3] for block in blocks])
         self.vehicle_weights = np.array([vehicle.weight for vehicle in vehicles], dtype=float)
         self.camera_values = utilities * camera_weights[:, None]  # U_v contributions
         self.values = self.camera_values * self.vehicle_weights[self.vehicle_of_row][:, None]
