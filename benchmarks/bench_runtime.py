@@ -387,7 +387,8 @@ def ray_engine(duration_s: float, quick: bool) -> dict:
         return {"available": False, "reason": f"Ray Serve not installed ({error}): pip install -e '.[ray]'"}
     import logging
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
     report: dict = {"available": True, "ray": ray.__version__,
                     "cluster": "local Ray instance, 2 logical CPUs, no GPU; replicas reserve 0.1 CPU each and "
                                "emulate GPU time by sleeping"}

@@ -437,8 +437,9 @@ class RayEngine:
                              logging_level=logging.WARNING)
                     announce(f"Ray: joined the cluster at {address}")
                 else:
-                    ray.init(num_cpus=settings.num_cpus, include_dashboard=False, log_to_driver=False,
-                             logging_level=logging.WARNING)
+                    # "local": a new instance, even where `ray start` left a cluster address behind.
+                    ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
+                             log_to_driver=False, logging_level=logging.WARNING)
                     announce(f"Ray: started a local instance ({_resources_line()})")
             except (ConnectionError, ValueError, RuntimeError) as error:
                 hint = ("; a cluster started with `ray start` uses token authentication: set RAY_AUTH_MODE=token "
@@ -822,7 +823,7 @@ class RayEngine:
     def _replica_lost(self, name: str, reason: str, now_ms: float) -> None:
         """A replica died or hung: everything it held goes back to the queue (or is answered)."""
         load = self.dispatcher.replicas.get(name)
-        newly_lost = load is not None and (reason == "died" or not load.hung)  # count each loss once
+        newly_lost = load is not None and not load.hung  # count each loss once (hung, then dead: one)
         if reason == "died":
             handed_back = self.dispatcher.replica_failed(name)
         else:

@@ -36,7 +36,8 @@ def local_ray():
     """A local Ray instance for this module (2 logical CPUs: replicas reserve 0.1 each)."""
     owned = not ray.is_initialized()
     if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
     try:
         yield
     finally:
@@ -185,7 +186,10 @@ def test_every_request_gets_one_reply_when_a_replica_is_killed_mid_load(local_ra
         statuses = Counter(reply.status for reply in replies.values())
         assert statuses["ok"] >= total * 0.6, statuses
         assert set(statuses) <= {"ok", "expired"}, {reply.reason for reply in replies.values() if reply.reason}
-        assert metric(service, "avcloud_cloud_replica_failures_total", reason="died") == 1
+        # Lost once: "died" when Ray reports the actor dead first, "hung" when its calls fail first.
+        failures = {reason: metric(service, "avcloud_cloud_replica_failures_total", reason=reason)
+                    for reason in ("died", "hung")}
+        assert sum(failures.values()) == 1, failures
         # Serve replaces the replica; the dispatcher takes the new one into the pool.
         wait_for(lambda: len(service.engine.dispatcher.live()) == 3
                  and victim["replica"] not in service.engine.dispatcher.replicas, 60, "a replacement replica")
