@@ -178,14 +178,28 @@ class EqualSplitAllocator:
         return allocation
 
 
+# Baselines plan the same services at the same RTT and SLO frame after frame: their option costs
+# are remembered (keyed by identity, holding the frozen service so its id stays its own).
+_COSTS: OrderedDict[tuple[int, float, float], tuple[Service, list[float], int]] = OrderedDict()
+_COSTS_KEPT = 64
+
+
+def _costs_and_fallback(service: Service, rtt_ms: float, slo_ms: float) -> tuple[list[float], int]:
+    key = (id(service), rtt_ms, slo_ms)
+    found = _COSTS.get(key)
+    if found is None or found[0] is not service:
+        found = (service, critical_bandwidths_mbps(service, rtt_ms, slo_ms).tolist(), fallback_index(service))
+        _remember(_COSTS, key, found, _COSTS_KEPT)
+    return found[1], found[2]
+
+
 def _best_option_per_service(problem: AllocationProblem, eligible, prefer_cloud: bool = False):
     """Per service, the most useful option among those `eligible(option, critical_bandwidth)`
     accepts (the fallback is the starting incumbent); ties go to the cheaper option. With
     `prefer_cloud`, any eligible option replaces the fallback whatever its utility."""
     indices, bandwidths = [], []
     for service in problem.services:
-        costs = critical_bandwidths_mbps(service, problem.rtt_ms, problem.slo_ms)
-        best = fallback_index(service)
+        costs, best = _costs_and_fallback(service, problem.rtt_ms, problem.slo_ms)
         for index, option in enumerate(service.options):
             if not eligible(option, costs[index]):
                 continue
