@@ -303,3 +303,40 @@ def test_lp_with_clarabel_matches_highs():
     clarabel = LpAllocator(solver="CLARABEL").solve(problem)
     assert clarabel.extra["relaxation_utility"] == pytest.approx(highs.extra["relaxation_utility"], abs=1e-6)
     assert clarabel.total_bandwidth_mbps <= budget_limit_mbps(20.0)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_problems(max_services=6, max_options=5))
+def test_exact_dp_path_equals_brute_force(problem):
+    # The first solve of a fresh table goes through the meet in the middle; with it disabled the
+    # same budget takes the frontier DP, which must agree.
+    import optimizer.exact as exact
+
+    saved = exact.MEET_IN_THE_MIDDLE_MAX_COMBINATIONS
+    exact.MEET_IN_THE_MIDDLE_MAX_COMBINATIONS = 0
+    try:
+        indices, bandwidths = PreparedServices(problem.services, RTT_MS, SLO_MS).solve(problem.budget_mbps)
+    finally:
+        exact.MEET_IN_THE_MIDDLE_MAX_COMBINATIONS = saved
+    utility = sum(s.weight * s.options[i].utility for s, i in zip(problem.services, indices, strict=True))
+    assert sum(bandwidths) <= budget_limit_mbps(problem.budget_mbps)
+    assert utility == pytest.approx(brute_force_optimum(problem), abs=1e-9)
+
+
+def test_known_options_in_a_new_tuple_with_new_weights():
+    # The options of a tuple already read are remembered by identity; a new tuple of them with
+    # other weights (another car with the same profile) must still be solved with its own weights.
+    allocator = ExactAllocator()
+    first = allocator.solve(AllocationProblem((CAM_A, CAM_B), 20.0, RTT_MS, SLO_MS))
+    assert first.choices == {"A": "fb", "B": "b1"}
+    heavy_a = (Service("A", CAM_A.options, 3.0), Service("B", CAM_B.options, 1.0))
+    second = allocator.solve(AllocationProblem(heavy_a, 20.0, RTT_MS, SLO_MS))
+    assert second.choices == {"A": "a1", "B": "fb"}
+    assert second.utility == pytest.approx(brute_force_optimum(AllocationProblem(heavy_a, 20.0, RTT_MS, SLO_MS)))
+
+
+def test_an_invalid_options_tuple_is_refused_every_time():
+    broken = (Option("fb", 0.0, 0.0, 0.2), Option("x", -1.0, 10.0, 0.5))
+    for _ in range(2):
+        with pytest.raises(DataError, match="service 'X' option 'x': size_mbit must be"):
+            get_allocator("exact").solve(AllocationProblem((Service("X", broken),), 10.0, RTT_MS, SLO_MS))
