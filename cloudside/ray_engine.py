@@ -418,6 +418,7 @@ class RayEngine:
         self._failed = False
         self._no_live_since_ms: float | None = None
         self._gauges_at_ms = -float("inf")
+        self._live_replicas = 0  # as of the dispatcher's last look (read from other threads)
         self._replica_labels: set[str] = set()
         self._hop_ms = 1.0  # EWMA of the Ray hop (round trip minus replica time)
         self.gpus_per_replica = 0.0
@@ -602,7 +603,26 @@ class RayEngine:
         return None
 
     def pending(self) -> int:
+        if self._loop is None:
+            return len(self.queue)
+        try:  # the dispatcher belongs to the loop: count there
+            return self._on_loop(self._pending_on_loop()).result(timeout=5)
+        except Exception:  # noqa: BLE001 - a stuck loop: what the queue holds
+            return len(self.queue)
+
+    async def _pending_on_loop(self) -> int:
         return len(self.queue) + len(self.dispatcher.outstanding()) + len(self._serve_calls)
+
+    def pool(self, timeout_s: float = 10.0) -> dict[str, list[str]]:
+        """The dispatcher's view of the replicas, by state: live, hung, leaving."""
+        assert self._loop is not None
+        return self._on_loop(self._pool_on_loop()).result(timeout=timeout_s)
+
+    async def _pool_on_loop(self) -> dict[str, list[str]]:
+        loads = self.dispatcher.replicas.values()
+        return {"live": sorted(load.name for load in loads if not load.hung and not load.leaving),
+                "hung": sorted(load.name for load in loads if load.hung),
+                "leaving": sorted(load.name for load in loads if load.leaving and not load.hung)}
 
     @property
     def healthy(self) -> bool:
@@ -618,7 +638,7 @@ class RayEngine:
             return False
         if self.settings.dispatch == "serve":
             return self._handle is not None
-        return bool(self.dispatcher.live())
+        return self._live_replicas > 0
 
     def replicas(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """What each replica says of itself (id, pid, node, GPU ids, models); for operators and tests."""
@@ -923,6 +943,7 @@ class RayEngine:
             return
         self._gauges_at_ms = now_ms
         live = self.dispatcher.live()
+        self._live_replicas = len(live)
         self._no_live_since_ms = None if live else (self._no_live_since_ms or now_ms)
         if self._host is None or self._pool_metrics is None:
             return

@@ -191,8 +191,8 @@ def test_every_request_gets_one_reply_when_a_replica_is_killed_mid_load(local_ra
                     for reason in ("died", "hung")}
         assert sum(failures.values()) == 1, failures
         # Serve replaces the replica; the dispatcher takes the new one into the pool.
-        wait_for(lambda: len(service.engine.dispatcher.live()) == 3
-                 and victim["replica"] not in service.engine.dispatcher.replicas, 60, "a replacement replica")
+        wait_for(lambda: len(service.engine.pool()["live"]) == 3
+                 and victim["replica"] not in sum(service.engine.pool().values(), []), 60, "a replacement replica")
         assert service.ready
 
 
@@ -240,7 +240,7 @@ def test_the_replica_count_follows_the_load_up_and_down(local_ray):
                         models=[{"name": "emulated", "simulated_runtime_ms": 20.0, "simulated_decode": False}])
     with CloudService(config, insecure=True, announce=lambda line: None) as service, \
             CloudClient(service.address, vehicle="car-1") as client:
-        assert len(service.engine.dispatcher.live()) == 1
+        assert len(service.engine.pool()["live"]) == 1
         started = time.monotonic()
         request_id = 0
         grew = False
@@ -251,10 +251,10 @@ def test_the_replica_count_follows_the_load_up_and_down(local_ray):
             time.sleep(0.04)
             while client.receive(0) is not None:
                 pass
-            grew = len(service.engine.dispatcher.live()) >= 2
+            grew = len(service.engine.pool()["live"]) >= 2
         assert grew, "no replica added under 2.5x one replica's load"
         collect(client, 0, linger_ms=1000)
-        wait_for(lambda: len(service.engine.dispatcher.replicas) == 1, 60, "the pool to shrink back to one")
+        wait_for(lambda: len(sum(service.engine.pool().values(), [])) == 1, 60, "the pool to shrink back to one")
         assert metric(service, "avcloud_cloud_replicas", state="live") == 1
 
 
