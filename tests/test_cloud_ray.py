@@ -51,8 +51,9 @@ def local_ray():
 
 
 def ray_config(**changes) -> CloudConfig:
-    ray_settings = {"replica_num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1, "health_check_period_s": 1.0,
-                    "health_check_timeout_s": 3.0}
+    # CPU replicas with emulated GPU time, on a machine with GPUs too (placement has its own test).
+    ray_settings = {"replica_num_cpus": 0.1, "replica_num_gpus": 0, "min_replicas": 1, "max_replicas": 1,
+                    "health_check_period_s": 1.0, "health_check_timeout_s": 3.0}
     ray_settings.update(changes.pop("ray", {}))
     fields = dict(bind="tcp://127.0.0.1:0", http_port=0, engine="ray", shutdown_grace_ms=2000, max_batch_size=1,
                   models=[{"name": "emulated", "simulated_runtime_ms": 10.0, "simulated_decode": False}],
@@ -158,6 +159,21 @@ def test_ray_engine_serves_curve_clients_with_the_same_protocol(local_ray, tmp_p
     from ray import serve
 
     assert app not in serve.status().applications  # the service removed its replicas
+
+
+def test_each_replica_gets_a_gpu_when_the_cluster_has_them(local_ray):
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if gpus < 1:
+        pytest.skip("no GPU in this Ray cluster: GPU placement cannot be checked here")
+    config = ray_config(ray={"replica_num_gpus": "auto", "min_replicas": 1, "max_replicas": 1})
+    with CloudService(config, insecure=True, announce=lambda line: None) as service:
+        assert service.engine.gpus_per_replica == 1.0
+        [replica] = service.engine.replicas()
+        assert len(replica["gpu_ids"]) == 1
+        with CloudClient(service.address, vehicle="car-1") as client:
+            reply = client.infer(bytes(12), task="FRONT", model="emulated", codec="raw", shape=(2, 2, 3),
+                                 budget_ms=5000, timeout_ms=REPLY_TIMEOUT_MS)
+            assert reply is not None and reply[0].status == "ok"
 
 
 # ---------------------------------------------------------------- slow: failures, deadlines, scaling
