@@ -500,18 +500,18 @@ class RayEngine:
             options["autoscaling_config"] = self._autoscaling_config()
         else:
             options["num_replicas"] = settings.initial_replicas or settings.min_replicas
+        # The replica's methods only queue and await (the models run on a thread of their own), so
+        # they can run on Serve's own replica loop: one thread hop less each way. Requests travel
+        # over Serve's gRPC channel: the replica must take the largest payload the front end
+        # admits (Serve's default limit is 4 MiB; a raw Waymo frame is 7.4 MB).
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max(
+                4 * 1024 * 1024, self.config.max_payload_bytes + _GRPC_HEADROOM_BYTES))}}
         if settings.dispatch == "edf":
             options["max_ongoing_requests"] = 100_000
             options["request_router_config"] = RequestRouterConfig(
                 request_router_class="cloudside.ray_router:DeadlineRouter")
-            # The replica's methods only queue and await (the models run on its worker thread), so
-            # they can run on Serve's own replica loop: one thread hop less each way.
-            # Requests travel over Serve's gRPC channel: the replica must take the largest payload
-            # the front end admits (Serve's default limit is 4 MiB; a raw Waymo frame is 7.4 MB).
-            options["ray_actor_options"]["runtime_env"] = {"env_vars": {
-                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max(
-                    4 * 1024 * 1024, self.config.max_payload_bytes + _GRPC_HEADROOM_BYTES))}}
             deployment = serve.deployment(ModelReplica)
         else:
             deployment = serve.deployment(ServeBatchReplica)
