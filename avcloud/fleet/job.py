@@ -35,6 +35,7 @@ from avcloud.fleet.simulation import (
 )
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import UplinkTrace
+from avcloud.replay.job import avcloud_version
 
 DEFAULT_VEHICLES: tuple[int, ...] = (1, 2, 4, 8, 16)
 # The default GPU pool: 4 workers (say one 4-GPU server), each running one batch at a time.
@@ -398,7 +399,7 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
     return {
         "schema": 1,
         "kind": "fleet",
-        "avcloud_version": _avcloud_version(),
+        "avcloud_version": avcloud_version(),
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {
             "vehicles": sorted(set(options.vehicles)), "workers": list(dict.fromkeys(options.workers)),
@@ -424,15 +425,6 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
         "points": results,
         "break_even": break_even,
     }
-
-
-def _avcloud_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("avcloud")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def default_out_dir() -> Path:

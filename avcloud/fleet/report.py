@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from avcloud.replay.report import POLICY_COLOURS
+from avcloud.replay.report import POLICY_COLOURS, pyplot
 
 EXTRA_COLOURS = {"cell": "#8c564b"}
 
@@ -105,15 +105,6 @@ def write_report(document: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _panels(document: dict) -> list[tuple[str, object]]:
     return list(dict.fromkeys((point["trace"], point["workers"]) for point in document["points"]))
 
@@ -136,7 +127,7 @@ def _series(document: dict, trace: str, workers, policy: str) -> list[dict]:
 def plot_map_vs_fleet_size(document: dict, path: Path) -> Path:
     """Mean mAP per vehicle against fleet size (band: 10th to 90th percentile; dotted: the worst
     vehicle), one panel per trace and pool, with the on-car mAP for reference."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(document)
     policies = document["settings"]["policies"]
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
@@ -170,7 +161,7 @@ def plot_map_vs_fleet_size(document: dict, path: Path) -> Path:
 
 def plot_map_per_vehicle(document: dict, path: Path) -> Path:
     """The distribution of per-vehicle mAP at each fleet size, one row per policy."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(document)
     policies = document["settings"]["policies"]
     figure, axes = plt.subplots(len(policies), len(panels), figsize=(6.5 * len(panels), 2.8 * len(policies)),
@@ -199,7 +190,7 @@ def plot_map_per_vehicle(document: dict, path: Path) -> Path:
 
 def plot_shared_resources(document: dict, path: Path) -> Path:
     """GPU utilisation, uplink utilisation and the deadline-miss rate against fleet size."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(document)
     policies = document["settings"]["policies"]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -203,7 +203,7 @@ def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode
         })
     document = {
         "schema": 1,
-        "avcloud_version": _avcloud_version(),
+        "avcloud_version": avcloud_version(),
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "mode": mode,
         "settings": {
@@ -241,7 +241,8 @@ def aggregate(cases: Sequence[dict]) -> dict[str, dict]:
     return figures
 
 
-def _avcloud_version() -> str:
+def avcloud_version() -> str:
+    """The installed avcloud version, for the reports ('unknown' from a source tree)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

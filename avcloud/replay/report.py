@@ -110,7 +110,8 @@ def write_report(document: dict, results: Sequence[CaseResult], out_dir: Path) -
     return written
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (reports are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +128,7 @@ def _per_bin(times_ms: np.ndarray, values: np.ndarray, duration_ms: float, bin_m
 
 def plot_bandwidth(result: CaseResult, path: Path) -> Path:
     """True capacity per second with each policy's planning budget (top) and uplink use (bottom)."""
-    plt = _pyplot()
+    plt = pyplot()
     scenario = result.case.scenario
     duration_ms = max(scenario.duration_s * 1000.0, PLOT_BIN_MS)
     starts_ms, capacity = true_capacity_mbps(result.case.schedule, 0.0, duration_ms, PLOT_BIN_MS)
@@ -162,7 +163,7 @@ def plot_bandwidth(result: CaseResult, path: Path) -> Path:
 
 
 def plot_map(case: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(case["policies"])
     values = [100 * case["policies"][name]["map"] for name in names]
     figure, axis = plt.subplots(figsize=(7.5, 4))
@@ -185,7 +186,7 @@ def plot_map(case: dict, path: Path) -> Path:
 
 def plot_configuration_timeline(result: CaseResult, path: Path) -> Path:
     """Per camera and frame: the planned configuration (colour) and whether it came back in time."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
