@@ -212,6 +212,12 @@ def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode
             "policies": list(check_policy_names(list(options.policies))),
             "profile_preset": options.preset,
             "max_frames": options.max_frames,
+            # Kept from schema 1's first release (readers of these fields still find them); the
+            # full spec of every policy is in each case's `policy_specs`.
+            "initial_estimate_mbps": get_policy("turbo").initial_estimate_mbps,
+            "point_estimate": f"harmonic mean of the last {get_policy('turbo').estimator_window} throughput samples",
+            "forecast_samples": get_policy("turbo-q").quantile_window,
+            "probe_interval_ms": get_policy("turbo").stale_after_ms,
             "cloud": options.cloud,
             "cloud_workers": options.cloud_workers,
             "agent": "onboard.daemon.OnboardAgent on a simulated clock" if mode == "simulated"
