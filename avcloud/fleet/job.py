@@ -35,7 +35,7 @@ from avcloud.fleet.simulation import (
 )
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import UplinkTrace
-from avcloud.replay.job import avcloud_version
+from avcloud.replay.job import avcloud_version, check_input_paths
 
 DEFAULT_VEHICLES: tuple[int, ...] = (1, 2, 4, 8, 16)
 # The default GPU pool: 4 workers (say one 4-GPU server), each running one batch at a time.
@@ -296,14 +296,7 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
         if spec.planner == "oracle" and options.scheduler in SHARED_SCHEDULERS:
             raise UserError(f"policy '{name}' plans from its own trace's future, which a shared cell does not "
                             "have: use it with --scheduler per-vehicle")
-    for path in options.scene_paths:
-        if not Path(path).exists():
-            raise UserError(f"scene {path}: no such file or directory")
-    if options.profile_dir is not None and not Path(options.profile_dir).is_dir():
-        raise UserError(f"--profile {options.profile_dir}: no such directory")
-    for path in options.trace_paths:
-        if not Path(path).is_file():
-            raise UserError(f"trace {path}: no such file")
+    check_input_paths(options.scene_paths, options.profile_dir, options.trace_paths)
     # The scene's length and cameras (cheap), for the pool and the traces.
     shapes = [_scene_shape(path, options.max_frames) for path in (options.scene_paths or [None])]
     check_fleet_against_scenes(options, [duration for duration, _ in shapes], [cameras for _, cameras in shapes])

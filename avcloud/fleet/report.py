@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from avcloud.replay.report import POLICY_COLOURS, pyplot
+from avcloud.replay.report import POLICY_COLOURS, html_images, html_table, pyplot, write_html_page
 
 EXTRA_COLOURS = {"cell": "#8c564b"}
 
@@ -242,14 +242,6 @@ def write_html(document: dict, images: Sequence[Path], path: Path) -> Path:
     for title, (header, rows) in (("", table_rows(document)), ("Where offloading stops paying", break_even_rows(document))):
         if title:
             body.append(f"<h2>{escape(title)}</h2>")
-        body.append("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        body += ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-        body.append("</table>")
-    body += [f'<p><img src="{escape(image.name)}" alt="{escape(image.stem)}" style="max-width:100%"></p>'
-             for image in images]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}")
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>avcloud fleet</title>"
-                    f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-    return path
+        body += html_table(header, rows)
+    body += html_images(images)
+    return write_html_page(path, "avcloud fleet", body, width_px=1200)

@@ -84,15 +84,21 @@ def check_options(options: ReplayOptions) -> tuple[str, ...]:
     names = check_policy_names(list(options.policies))
     if not names:
         raise UserError("no policy to replay")
-    for path in options.scene_paths:
+    check_input_paths(options.scene_paths, options.profile_dir, options.trace_paths)
+    return names
+
+
+def check_input_paths(scene_paths: Sequence[str | Path], profile_dir: str | Path | None,
+                      trace_paths: Sequence[str | Path]) -> None:
+    """One line naming the first scene, profile folder or trace that is not there."""
+    for path in scene_paths:
         if not Path(path).exists():
             raise UserError(f"scene {path}: no such file or directory")
-    if options.profile_dir is not None and not Path(options.profile_dir).is_dir():
-        raise UserError(f"--profile {options.profile_dir}: no such directory")
-    for path in options.trace_paths:
+    if profile_dir is not None and not Path(profile_dir).is_dir():
+        raise UserError(f"--profile {profile_dir}: no such directory")
+    for path in trace_paths:
         if not Path(path).is_file():
             raise UserError(f"trace {path}: no such file")
-    return names
 
 
 def default_scene_path() -> Path:

@@ -249,14 +249,29 @@ def write_html(document: dict, images: Sequence[Sequence[Path]], path: Path) -> 
     for case, case_images in zip(document["cases"], images, strict=True):
         header, rows = table_rows(case)
         body.append(f"<h2>{escape(case_title(case))}</h2><p>{escape(case['profile_note'])}</p>")
-        body.append("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        body += ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-        body.append("</table>")
-        body += [f'<p><img src="{escape(image.name)}" alt="{escape(image.stem)}" style="max-width:100%"></p>'
-                 for image in case_images]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        body += html_table(header, rows)
+        body += html_images(case_images)
+    return write_html_page(path, "avcloud replay", body)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    escape = html.escape
+    return (["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+            + ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+            + ["</table>"])
+
+
+def html_images(images: Sequence[Path]) -> list[str]:
+    escape = html.escape
+    return [f'<p><img src="{escape(image.name)}" alt="{escape(image.stem)}" style="max-width:100%"></p>'
+            for image in images]
+
+
+def write_html_page(path: Path, title: str, body: Sequence[str], width_px: int = 1100) -> Path:
+    """A report page: the body parts (already HTML) with the reports' table style."""
+    style = (f"body{{font-family:sans-serif;max-width:{width_px}px;margin:2em auto}}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}")
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>avcloud replay</title>"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return path
