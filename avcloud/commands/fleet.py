@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -139,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         run_fleet_job,
     )
     from avcloud.fleet.report import print_tables, write_report
+    from avcloud.replay.report import show_report
 
     vehicles = _int_list(args.vehicles, "--vehicles")
     workers = _workers_list(args.workers)
@@ -165,10 +165,5 @@ def run(args: argparse.Namespace) -> int:
         write_report(document, out_dir)
     except OSError as error:
         raise UserError(f"--out {out_dir}: cannot write the report ({error.strerror or error})") from None
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_tables(document, console)
-        console.print(f"report: {out_dir / 'summary.html'} (results.json, summary.md, plots)")
+    show_report(document, out_dir, console, args.json, print_tables)
     return 0

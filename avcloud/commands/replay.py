@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from avcloud.replay.job import ReplayOptions, check_options, default_out_dir, results_document, run_replay
-    from avcloud.replay.report import print_tables, write_report
+    from avcloud.replay.report import print_tables, show_report, write_report
 
     policies = [name for group in (args.policies or [list(POLICY_NAMES)]) for name in group]
     options = ReplayOptions(
@@ -120,10 +119,5 @@ def run(args: argparse.Namespace) -> int:
         for number, result in enumerate(results):
             for name in args.mcap:
                 write_policy_mcap(result.case, result.runs[name], out_dir / f"case{number}-{name}.mcap")
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_tables(document, console)
-        console.print(f"report: {out_dir / 'summary.html'} (results.json, summary.md, plots)")
+    show_report(document, out_dir, console, args.json, print_tables)
     return 0

@@ -267,6 +267,20 @@ def html_images(images: Sequence[Path]) -> list[str]:
             for image in images]
 
 
+def show_report(document: dict, out_dir: Path, console: Console, as_json: bool, print_document) -> None:
+    """What `replay` and `fleet` print when done: the results JSON (`--json`), or the tables and
+    where the report folder is."""
+    import json
+    import sys
+
+    if as_json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_document(document, console)
+        console.print(f"report: {out_dir / 'summary.html'} (results.json, summary.md, plots)")
+
+
 def write_html_page(path: Path, title: str, body: Sequence[str], width_px: int = 1100) -> Path:
     """A report page: the body parts (already HTML) with the reports' table style."""
     style = (f"body{{font-family:sans-serif;max-width:{width_px}px;margin:2em auto}}"
