@@ -13,7 +13,10 @@ seen before (reading them, frontiers and solve); `exact_new_tuple` = a new servi
 weights) of options already seen, as another car with the same profile; `exact_new_rtt` = same
 services, new RTT (frontiers rebuilt); `exact_new_budget` = same services and link, new budget
 (the replay's per-frame case). cvxpy timings are re-solves of a program compiled once per shape
-with new parameter values.
+with new parameter values. The exact solver runs its compiled kernels (optimizer/kernels.py,
+numba; compiled or loaded from the on-disk cache during the warm-up, outside the timings);
+`AVCLOUD_PURE_NUMPY=1` times the numpy reference path instead. The JSON says which ran
+(`exact_solver_path`).
 
 Joint cell (`cell_*`, optimizer/cell.py): 10, 100 and 1000 cars x 5 cameras x 10 options (1
 fallback + 9 TURBO rows), each car its own RTT, one SLO, an uplink of 2-20 Mbps per car.
@@ -147,9 +150,10 @@ def run_shape(name: str, count: int, options: int, instances: int, rng, base_siz
     differences: dict[str, list[float]] = {method: [] for method in COMPARED_METHODS}
     relaxation_gaps, fractional = [], 0
     started = time.perf_counter()
-    # Warm-up: compile the cvxpy programs for this shape outside the timings.
+    # Warm-up: compile the cvxpy programs for this shape, and load the exact solver's kernels,
+    # outside the timings.
     warm_services = random_services(rng, count, options, base_sizes, base_runtimes)
-    for allocator in (allocators["lp"], boolean):
+    for allocator in (allocators["lp"], boolean, allocators["exact"]):
         allocator.solve(AllocationProblem(warm_services, 1.0, 20.0, 150.0))
     for _ in range(instances):
         services = random_services(rng, count, options, base_sizes, base_runtimes)
@@ -254,6 +258,14 @@ def run_cell(vehicles: int, instances: int, references: int, variants: int, rng,
     }
 
 
+def _numba_version() -> str | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
@@ -286,18 +298,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cell {vehicles}: done in {cells[f'cell_{vehicles}x5x10']['seconds']} s", file=sys.stderr)
     import cvxpy
 
+    from optimizer import exact
+
     report = {
         "benchmark": "optimizer",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
         "seed": args.seed,
         "size_runtime_source": source,
+        "exact_solver_path": "numpy (reference)" if exact.KERNELS is None else "compiled kernels (numba)",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cvxpy": cvxpy.__version__,
+            "numba": _numba_version(),
             "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             # One small numpy call (adding a scalar to 245 floats), best of many: the machine's
             # speed at the time (about 0.4 us on an idle core of this class of machine).

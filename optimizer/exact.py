@@ -23,14 +23,21 @@ Method (all exact, no approximation):
    anything within 1e-9 relative of LB).
 Ties: the returned utility is always the optimum; which of several equally useful choices is
 returned depends on the path taken (the cached whole frontier returns the cheapest of them).
+
+Steps 1 and 2 run as compiled kernels (optimizer/kernels.py, numba) when numba imports; they
+make the same floating-point operations in the same order, so both paths return the same
+choices. `AVCLOUD_PURE_NUMPY=1` in the environment selects the numpy code, the reference.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Sequence
+from functools import cached_property
 from itertools import chain, islice
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import numpy as np
 
@@ -51,6 +58,22 @@ _UTILITY = attrgetter("utility")
 _NAME = attrgetter("name")
 _OPTIONS = attrgetter("options")
 _WEIGHT = attrgetter("weight")
+
+
+def _load_kernels():
+    """The compiled kernels, or None for the numpy path: asked for by AVCLOUD_PURE_NUMPY, or
+    numba is missing or cannot load (the numpy path is the same solver, only slower)."""
+    if os.environ.get("AVCLOUD_PURE_NUMPY", "0") not in ("", "0"):
+        return None
+    try:
+        from optimizer import kernels
+    except Exception:  # noqa: BLE001 - numba fails in many ways (missing, version check, LLVM load)
+        return None
+    return kernels
+
+
+# Module-level so tests can switch paths; read when a PreparedServices is made.
+KERNELS = _load_kernels()
 
 
 # Options tuples already read and found valid, by identity (they are immutable; the entry holds
@@ -103,6 +126,53 @@ def forget_oldest(cache: dict, kept: int) -> None:
             del cache[key]
 
 
+# The padded option tables of a list of options tuples, by the tuples' identities: another car
+# with the same profile is a new services tuple (own names and weights) of the same options
+# tuples. The entry holds the tuples, so their ids cannot be reused while cached.
+_OPTION_TABLES: dict[tuple[int, ...], tuple[list[tuple], tuple[np.ndarray | None, ...]]] = {}
+_OPTION_TABLES_KEPT = 256
+
+
+def _option_tables(option_tuples: list[tuple], services: tuple[Service, ...]) -> tuple[np.ndarray | None, ...]:
+    """(sizes_mbit, runtimes_ms, slack_runtimes_ms, utilities, padding, is_fallback) of these
+    options tuples, padded to the widest (padding None when all are as wide); read-only, as
+    every problem with these options shares them. DataError if an option is invalid."""
+    counts = list(map(len, option_tuples))
+    cached = list(map(_cached_numbers, option_tuples))
+    if 0 in counts or any(numbers is None for numbers in cached):
+        numbers = read_option_numbers(option_tuples, counts)
+        if numbers is None:
+            check_services(services)  # names the offending service or option
+            raise AssertionError("check_services accepted options read_option_numbers refused")
+    else:
+        numbers = np.concatenate(cached, axis=1)
+    width = max(counts)
+    shape = (len(counts), width)
+    if min(counts) == width:
+        padding = None
+        sizes_mbit, runtimes_ms, utilities = numbers.reshape(3, *shape)
+    else:
+        padding = np.arange(width) >= np.array(counts)[:, None]
+        present = ~padding
+        sizes_mbit = np.ones(shape)
+        sizes_mbit[present] = numbers[0]
+        runtimes_ms = np.zeros(shape)
+        runtimes_ms[present] = numbers[1]
+        utilities = np.zeros(shape)
+        utilities[present] = numbers[2]
+    is_fallback = sizes_mbit == 0
+    # Runtimes as the critical bandwidth sees them: a fallback's slack is infinite (so its size 0
+    # needs 0 Mbps whatever the SLO), padding's is never positive.
+    slack_runtimes_ms = np.where(is_fallback, -math.inf, runtimes_ms)
+    if padding is not None:
+        slack_runtimes_ms[padding] = math.inf
+    tables = (sizes_mbit, runtimes_ms, slack_runtimes_ms, utilities, padding, is_fallback)
+    for table in tables:
+        if table is not None:
+            table.setflags(write=False)
+    return tables
+
+
 class ProblemArrays:
     """All options of a services tuple as (service x option) tables, padded to the widest
     service (the part that depends on nothing else). Padding cells can never meet an SLO.
@@ -114,51 +184,38 @@ class ProblemArrays:
     def __init__(self, services: Sequence[Service]) -> None:
         self.services = services = tuple(services)
         option_tuples = list(map(_OPTIONS, services))
-        counts = list(map(len, option_tuples))
         weights = list(map(_WEIGHT, services))
-        if (not services or 0 in counts or len(set(map(_NAME, services))) != len(services)
-                or not all(0 <= weight < math.inf for weight in weights)):
+        # All finite and >= 0: a NaN or inf makes the sum NaN or inf (as does an overflow, which
+        # check_services then accepts).
+        if (not services or len(set(map(_NAME, services))) != len(services)
+                or not (min(weights) >= 0 and sum(weights) < math.inf)):
             check_services(services)  # names the offending service
-        width = max(counts)
-        equal_widths = min(counts) == width
-        cached = list(map(_cached_numbers, option_tuples))
-        if any(numbers is None for numbers in cached):
-            numbers = self._read_options(option_tuples, counts)
-        elif equal_widths:
-            numbers = np.stack(cached, axis=1).reshape(3, -1)
-        else:
-            numbers = np.concatenate(cached, axis=1)
+        key = tuple(map(id, option_tuples))
+        entry = _OPTION_TABLES.get(key)
+        if entry is None or not all(map(is_, entry[0], option_tuples)):
+            entry = (option_tuples, _option_tables(option_tuples, services))
+            _OPTION_TABLES[key] = entry
+            forget_oldest(_OPTION_TABLES, _OPTION_TABLES_KEPT)
+        (self.sizes_mbit, self.runtimes_ms, self.slack_runtimes_ms, self.utilities, self.padding,
+         self.is_fallback) = entry[1]
         self.weights = np.array(weights, dtype=float)
-        shape = (len(counts), width)
-        if equal_widths:
-            self.padding = None
-            self.sizes_mbit, self.runtimes_ms, utilities = numbers.reshape(3, *shape)
-        else:
-            self.padding = np.arange(width) >= np.array(counts)[:, None]
-            present = ~self.padding
-            self.sizes_mbit = np.ones(shape)
-            self.sizes_mbit[present] = numbers[0]
-            self.runtimes_ms = np.zeros(shape)
-            self.runtimes_ms[present] = numbers[1]
-            utilities = np.zeros(shape)
-            utilities[present] = numbers[2]
-        self.is_fallback = self.sizes_mbit == 0
-        # Runtimes as the critical bandwidth sees them: a fallback's slack is infinite (so its
-        # size 0 needs 0 Mbps whatever the SLO), padding's is never positive.
-        self.slack_runtimes_ms = np.where(self.is_fallback, -math.inf, self.runtimes_ms)
-        if self.padding is not None:
-            self.slack_runtimes_ms[self.padding] = math.inf
-        self.values = utilities * self.weights[:, None]
-        self.negated_values = -self.values
-        self.imaginary_values = self.values * 1j  # (cost, value) pairs as complex numbers: one array
-        self.row_numbers = np.arange(len(counts))[:, None]
 
-    def _read_options(self, option_tuples: list[tuple], counts: list[int]) -> np.ndarray:
-        numbers = read_option_numbers(option_tuples, counts)
-        if numbers is None:
-            check_services(self.services)  # names the offending service or option
-            raise AssertionError("check_services accepted options read_option_numbers refused")
-        return numbers
+    # Only the numpy frontier build needs these (the kernels weigh the utilities themselves).
+    @cached_property
+    def values(self) -> np.ndarray:
+        return self.utilities * self.weights[:, None]
+
+    @cached_property
+    def negated_values(self) -> np.ndarray:
+        return -self.values
+
+    @cached_property
+    def imaginary_values(self) -> np.ndarray:
+        return self.values * 1j  # (cost, value) pairs as complex numbers: one array
+
+    @cached_property
+    def row_numbers(self) -> np.ndarray:
+        return np.arange(self.values.shape[0])[:, None]
 
     def critical_bandwidths_mbps(self, rtt_ms: float, slo_ms: float) -> np.ndarray:
         """Critical bandwidth of every cell (inf where the SLO is out of reach, and on padding);
@@ -238,6 +295,12 @@ def _strict_records(values: np.ndarray) -> np.ndarray:
     return keep
 
 
+def search_limit_mbps(limit_mbps: float) -> float:
+    """Searching a hair below the limit keeps every accepted pair's sum, added in any order,
+    within it, and still finds every pair whose sum is within the budget itself."""
+    return limit_mbps - 1e-13 * (1.0 + limit_mbps)
+
+
 def meet_in_the_middle(table: FrontierTable, limit_mbps: float) -> list[int] | None:
     """The optimal frontier point per service for one budget, by pairing every combination of
     the first half of the services with the best fitting combination of the second half; None
@@ -264,10 +327,7 @@ def meet_in_the_middle(table: FrontierTable, limit_mbps: float) -> list[int] | N
     best_second = np.empty(order.shape[0] + 1)
     best_second[0] = -math.inf  # no partner fits
     np.maximum.accumulate(second_values, out=best_second[1:])
-    # Searching a hair below the limit keeps every accepted pair's sum, added in any order,
-    # within it, and still finds every pair whose sum is within the budget itself.
-    search_limit = limit_mbps - 1e-13 * (1.0 + limit_mbps)
-    partners = second_costs.searchsorted(search_limit - first.real, side="right")
+    partners = second_costs.searchsorted(search_limit_mbps(limit_mbps) - first.real, side="right")
     chosen = int((first.imag + best_second[partners]).argmax())
     second_choice = int(order[int(second_values[: int(partners[chosen])].argmax())])
     points = []
@@ -343,6 +403,21 @@ def _best_combination(first: _FrontierDP, second: _FrontierDP, limit_mbps: float
     return best, int(partners[best])
 
 
+# Per thread: the kernel writes a solve's result there, read once it has returned.
+_SCRATCH = threading.local()
+
+
+def _kernel_scratch(kernels, service_count: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float and integer scratch arrays of `kernels.solve_fresh`, kept and grown as needed
+    (allocating a dozen small arrays per call would cost about as much as the solve)."""
+    floats_needed, integers_needed = kernels.scratch_sizes(service_count, width, MEET_IN_THE_MIDDLE_MAX_COMBINATIONS)
+    scratch = getattr(_SCRATCH, "arrays", None)
+    if scratch is None or scratch[0].shape[0] < floats_needed or scratch[1].shape[0] < integers_needed:
+        scratch = (np.empty(floats_needed), np.empty(integers_needed, dtype=np.int64))
+        _SCRATCH.arrays = scratch
+    return scratch
+
+
 class PreparedServices:
     """Everything about (services, RTT, SLO) that does not depend on the budget.
 
@@ -362,13 +437,31 @@ class PreparedServices:
         self.services = self.arrays.services
         self.rtt_ms = rtt_ms
         self.slo_ms = slo_ms
-        self.table = build_frontier_table(self.arrays, rtt_ms, slo_ms)
+        self._table: FrontierTable | None = None
+        self._kernels = KERNELS  # None: the numpy path throughout
         self._frontiers: list[Frontier] | None = None
         self._solve_count = 0
         self._whole: _FrontierDP | None = None
         self._whole_too_large = len(self.services) > 3 * PLAIN_DP_MAX_SERVICES
         self._segments: HullSegments | None = None
         self._flat: tuple[np.ndarray, ...] | None = None
+
+    @property
+    def table(self) -> FrontierTable:
+        """Every service's frontier, built on first use (by the kernel when numba is there)."""
+        if self._table is None:
+            if self._kernels is not None:
+                arrays = self.arrays
+                costs, values, option_indices, starts = self._kernels.frontier_table(
+                    arrays.sizes_mbit, arrays.slack_runtimes_ms, arrays.utilities, arrays.weights,
+                    float(self.rtt_ms), float(self.slo_ms))
+                points = np.empty(costs.shape[0], dtype=complex)
+                points.real = costs
+                points.imag = values
+                self._table = FrontierTable(points, option_indices, starts.tolist())
+            else:
+                self._table = build_frontier_table(self.arrays, self.rtt_ms, self.slo_ms)
+        return self._table
 
     @property
     def frontiers(self) -> list[Frontier]:
@@ -382,10 +475,23 @@ class PreparedServices:
         self._solve_count += 1
         if self._whole is None and len(self.services) <= PLAIN_DP_MAX_SERVICES and (
                 self._solve_count == 1 or self._whole_too_large):
-            points = meet_in_the_middle(self.table, limit_mbps)
-            if points is not None:
-                flat = [start + point for start, point in zip(self.table.starts, points, strict=False)]
-                return self.table.option_indices[flat].tolist(), self.table.points[flat].real.tolist()
+            kernels = self._kernels
+            if kernels is not None and self._table is None:
+                # One compiled call, frontiers and all, in scratch arrays (a later solve that needs
+                # the frontiers builds them again).
+                arrays = self.arrays
+                service_count, width = arrays.sizes_mbit.shape
+                float_scratch, integer_scratch = _kernel_scratch(kernels, service_count, width)
+                if kernels.solve_fresh(arrays.sizes_mbit, arrays.slack_runtimes_ms, arrays.utilities, arrays.weights,
+                                       float(self.rtt_ms), float(self.slo_ms), limit_mbps,
+                                       search_limit_mbps(limit_mbps), MEET_IN_THE_MIDDLE_MAX_COMBINATIONS,
+                                       float_scratch, integer_scratch):
+                    return integer_scratch[:service_count].tolist(), float_scratch[:service_count].tolist()
+            else:
+                points = meet_in_the_middle(self.table, limit_mbps)
+                if points is not None:
+                    flat = [start + point for start, point in zip(self.table.starts, points, strict=False)]
+                    return self.table.option_indices[flat].tolist(), self.table.points[flat].real.tolist()
         if self._whole is None and self._solve_count >= 2 and not self._whole_too_large:
             self._whole = self._merge(range(len(self.frontiers)), math.inf, CACHED_FRONTIER_MAX_STATES)
             self._whole_too_large = self._whole is None
