@@ -21,7 +21,8 @@ that every vehicle can have U_v >= t, then maximises the weighted total subject 
 
 Method (exact; the cvxpy boolean programs in `optimizer.convex` are the reference):
 1. Per camera, its Pareto frontier and the upper concave hull of that frontier, for all cameras
-   at once on a (camera x option) table.
+   at once on a (camera x option) table (compiled, optimizer/kernels.py, when numba imports;
+   the numpy code, the reference, otherwise or with AVCLOUD_PURE_NUMPY=1).
 2. The LP relaxation: the hull segments of every camera sorted by slope (utility per Mbps) and
    taken greedily until the capacity is spent. The slope of the segment the capacity cuts is the
    dual price lambda; the LP optimum equals the Lagrangian bound
@@ -69,6 +70,7 @@ import numpy as np
 
 from avcloud.errors import DataError
 from avcloud.types import Allocation, Service
+from optimizer import exact
 from optimizer.exact import _FrontierDP, forget_oldest, read_option_numbers
 from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link
 
@@ -197,6 +199,12 @@ class RowFrontiers:
     value -inf. `order` is each point's original column."""
 
     def __init__(self, costs: np.ndarray, values: np.ndarray) -> None:
+        if exact.KERNELS is not None:
+            self.order, self.present, self.costs, self.values, every_row_has_fallback = (
+                exact.KERNELS.row_frontiers(np.ascontiguousarray(costs), np.ascontiguousarray(values)))
+            if not every_row_has_fallback:
+                raise ValueError("every row needs a column of cost 0 (the fallback)")
+            return
         rows = np.arange(costs.shape[0])[:, None]
         order = np.lexsort((-values, costs), axis=1)
         sorted_costs = costs[rows, order]
@@ -221,6 +229,8 @@ def _upper_hulls(frontier: RowFrontiers) -> tuple[np.ndarray, np.ndarray]:
     per row, left-aligned, and how many). A point is popped when it lies on or below the chord
     from the point under it to the new point, so the hull's slopes strictly decrease."""
     costs, values = frontier.costs, frontier.values
+    if exact.KERNELS is not None:
+        return exact.KERNELS.upper_hulls(frontier.present, costs, values)
     row_count, width = costs.shape
     hull = np.zeros((row_count, width), dtype=np.intp)
     sizes = np.ones(row_count, dtype=np.intp)

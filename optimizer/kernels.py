@@ -3,6 +3,7 @@ as loops, so that the first solve of a fresh table (a new services tuple or a ne
 call instead of a few dozen small numpy ones. Every floating-point operation is the numpy
 path's, in the same order, so critical bandwidths, sums and choices come out bit for bit the
 same (tests/test_exact_kernels.py checks both paths against each other and against brute force).
+The cell solver (optimizer/cell.py) uses the same style for its per-row frontiers and hulls.
 
 `solve_fresh` works in two scratch arrays the caller keeps, addressed by offsets rather than
 slices: a solve runs between other work (the car's perception, other cars' solves), so its
@@ -316,3 +317,79 @@ def _count_at_most(floats, sorted_at, count, limit):
         else:
             high = middle
     return low
+
+
+# ---------------------------------------------------------------- the cell solver (optimizer/cell.py)
+
+
+@njit(cache=True)
+def row_frontiers(costs, values):
+    """`cell.RowFrontiers` of a (row x column) table: (order, present, sorted costs, sorted
+    values), each row sorted by `_precedes` (column order on full ties, as numpy's lexsort),
+    points off the frontier marked with cost inf and value -inf; and whether every row's
+    cheapest point costs 0."""
+    row_count, width = costs.shape
+    order = np.empty((row_count, width), dtype=np.intp)
+    present = np.empty((row_count, width), dtype=np.bool_)
+    sorted_costs = np.empty((row_count, width))
+    sorted_values = np.empty((row_count, width))
+    every_row_has_fallback = True
+    for row in range(row_count):
+        for position in range(width):
+            moving = position
+            slot = position
+            while slot > 0:
+                before = order[row, slot - 1]
+                if not _precedes(costs[row, moving], values[row, moving], costs[row, before], values[row, before]):
+                    break
+                order[row, slot] = before
+                slot -= 1
+            order[row, slot] = moving
+        if costs[row, order[row, 0]] != 0:
+            every_row_has_fallback = False
+        best_value = -math.inf
+        for position in range(width):
+            column = order[row, position]
+            cost = costs[row, column]
+            value = values[row, column]
+            keep = (position == 0 or value > best_value) and cost < math.inf
+            if position == 0 or value > best_value:
+                best_value = value
+            present[row, position] = keep
+            sorted_costs[row, position] = cost if keep else math.inf
+            sorted_values[row, position] = value if keep else -math.inf
+    return order, present, sorted_costs, sorted_values, every_row_has_fallback
+
+
+@njit(cache=True)
+def upper_hulls(present, costs, values):
+    """`cell._upper_hulls` on `row_frontiers`' output: each row's upper concave hull by the
+    monotone chain, (hull points per row, left-aligned; how many). Stops, as the numpy version
+    does, at the first column where no row has a frontier point."""
+    row_count, width = costs.shape
+    hull = np.zeros((row_count, width), dtype=np.intp)
+    sizes = np.ones(row_count, dtype=np.intp)
+    end_column = width
+    for column in range(1, width):
+        if not present[:, column].any():
+            end_column = column
+            break
+    for row in range(row_count):
+        size = 1
+        for column in range(1, end_column):
+            if not present[row, column]:
+                continue
+            new_cost, new_value = costs[row, column], values[row, column]
+            while size >= 2:
+                top, under = hull[row, size - 1], hull[row, size - 2]
+                top_cost, top_value = costs[row, top], values[row, top]
+                # The numpy version's pop test, operation for operation.
+                if (top_value - values[row, under]) * (new_cost - top_cost) <= (
+                        new_value - top_value) * (top_cost - costs[row, under]):
+                    size -= 1
+                else:
+                    break
+            hull[row, size] = column
+            size += 1
+        sizes[row] = size
+    return hull, sizes

@@ -247,3 +247,61 @@ def test_build_frontier_table_stays_the_reference(monkeypatch):
     arrays = ProblemArrays(services)
     table = build_frontier_table(arrays, 20.0, 150.0)
     assert table.starts == PreparedServices(services, 20.0, 150.0, arrays).table.starts
+
+
+# ---------------------------------------------------------------- the cell solver's kernels
+
+
+def random_cell_table(rng: np.random.Generator, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (row x column) knapsack table on a coarse grid (ties), a cost-0 fallback per row,
+    unreachable columns (inf), and sometimes a column no row has on its frontier."""
+    costs = rng.integers(0, 6, (rows, width)).astype(float)
+    costs[rng.random((rows, width)) < 0.2] = math.inf
+    costs[np.arange(rows), rng.integers(0, width, rows)] = 0.0
+    values = rng.integers(-2, 6, (rows, width)) / 4.0
+    if rng.random() < 0.3:  # every row's second-cheapest point is dominated
+        values = np.where(costs == 0.0, 10.0, values)
+    return costs, values
+
+
+def test_cell_row_frontiers_and_hulls_equal_the_numpy_ones(monkeypatch):
+    from optimizer.cell import RowFrontiers, _upper_hulls
+
+    rng = np.random.default_rng(21)
+    for _ in range(300):
+        costs, values = random_cell_table(rng, int(rng.integers(1, 12)), int(rng.integers(1, 9)))
+        kernel = RowFrontiers(costs, values)
+        kernel_hull, kernel_sizes = _upper_hulls(kernel)
+        with monkeypatch.context() as patch:
+            patch.setattr(exact, "KERNELS", None)
+            reference = RowFrontiers(costs, values)
+            reference_hull, reference_sizes = _upper_hulls(reference)
+        for name in ("order", "present", "costs", "values"):
+            np.testing.assert_array_equal(getattr(kernel, name), getattr(reference, name), err_msg=name)
+            assert getattr(kernel, name).dtype == getattr(reference, name).dtype
+        np.testing.assert_array_equal(kernel_sizes, reference_sizes)
+        for row, size in enumerate(reference_sizes.tolist()):
+            np.testing.assert_array_equal(kernel_hull[row, :size], reference_hull[row, :size])
+
+
+def test_cell_kernels_refuse_a_row_without_fallback():
+    from optimizer.cell import RowFrontiers
+
+    with pytest.raises(ValueError, match="fallback"):
+        RowFrontiers(np.array([[1.0, 2.0]]), np.array([[0.1, 0.2]]))
+
+
+def test_cell_solutions_equal_on_both_paths(monkeypatch):
+    from optimizer.cell import solve_multiple_choice
+
+    rng = np.random.default_rng(22)
+    for _ in range(60):
+        costs, values = random_cell_table(rng, int(rng.integers(1, 40)), int(rng.integers(2, 8)))
+        limit = float(rng.uniform(0.0, 3.0 * costs.shape[0]))
+        kernel = solve_multiple_choice(costs, values, limit)
+        with monkeypatch.context() as patch:
+            patch.setattr(exact, "KERNELS", None)
+            reference = solve_multiple_choice(costs, values, limit)
+        np.testing.assert_array_equal(kernel.choices, reference.choices)
+        assert (kernel.value, kernel.upper_bound, kernel.lower_bound, kernel.price) == (
+            reference.value, reference.upper_bound, reference.lower_bound, reference.price)
