@@ -390,10 +390,13 @@ class OnboardAgent:
         one each: for a caller that hands over a burst of events at one instant (the replay)."""
         self._steps_deferred += 1
 
-    def resume_steps(self) -> None:
+    def resume_steps(self) -> bool:
+        """Ends a `defer_steps()`; True if it took the step that was asked for meanwhile."""
         self._steps_deferred -= 1
         if not self._steps_deferred and self._step_requested:
             self.step()
+            return True
+        return False
 
     @contextlib.contextmanager
     def one_step(self):
@@ -411,7 +414,7 @@ class OnboardAgent:
             return
         self._step_requested = False
         now_ms = self.clock.now_ms()
-        for request_id, request in list(self._in_flight.items()):
+        for request_id, request in list(self._in_flight.items()) if self._in_flight else ():
             if now_ms >= request.task.cutoff_ms:
                 del self._in_flight[request_id]
                 self._cameras[request.task.camera].in_flight = None
@@ -450,9 +453,14 @@ class OnboardAgent:
 
     def next_wakeup_ms(self) -> float:
         """When `step()` must run next (fallback completions call `wake` instead)."""
-        times = [task.cutoff_ms for task in self._pending]  # encodings and fallbacks call `wake`
-        times += [request.task.cutoff_ms for request in self._in_flight.values()]
-        return min(times) if times else math.inf
+        earliest_ms = math.inf  # encodings and fallbacks call `wake`
+        for task in self._pending:
+            if task.cutoff_ms < earliest_ms:
+                earliest_ms = task.cutoff_ms
+        for request in self._in_flight.values():
+            if request.task.cutoff_ms < earliest_ms:
+                earliest_ms = request.task.cutoff_ms
+        return earliest_ms
 
     @property
     def pending_frames(self) -> int:

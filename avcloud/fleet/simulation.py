@@ -175,7 +175,6 @@ def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | N
                 owner.agent.defer_steps()
             run_next()
         for car in touched:
-            car.agent.resume_steps()
             car.end_of_instant()
         if advance is not None:
             advance(next_time_ms)

@@ -185,7 +185,8 @@ class EventLoop:
         self._sequence = itertools.count()
 
     def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None) -> None:
-        heapq.heappush(self._events, (max(time_ms, self.clock.now_ms()), next(self._sequence), callback, owner))
+        now_ms = self.clock.now_ms()
+        heapq.heappush(self._events, (time_ms if time_ms > now_ms else now_ms, next(self._sequence), callback, owner))
 
     def next_time_ms(self) -> float:
         return self._events[0][0] if self._events else math.inf
@@ -713,14 +714,21 @@ class ReplayedCar:
         capture_ms = self.start_ms + float(scenario.capture_ms[f])
         for c, camera in enumerate(scenario.cameras):
             size_wh = scenario.camera_size_wh.get(camera, DEFAULT_FRAME_SIZE_WH)
+            if scenario.camera_input_ms == 0:  # every camera arrives at this instant: no event needed
+                agent.on_camera_frame(frame_index, camera, CachedImage(f, c), capture_ms, size_wh)
+                continue
             self.loop.at(capture_ms + (c + 1) * scenario.camera_input_ms,
                          lambda camera=camera, image=CachedImage(f, c), size_wh=size_wh:
                          agent.on_camera_frame(frame_index, camera, image, capture_ms, size_wh), self)
 
     def end_of_instant(self) -> None:
-        """After the loop handled this car's events of one instant: one step if an executor woke
-        the agent, then a wake-up event at the agent's next deadline (the node's poll timeout)."""
-        if self.woken:
+        """After the loop handled this car's events of one instant: the agent's one step (if its
+        events asked for one, or an executor woke it), then a wake-up event at the agent's next
+        deadline (the node's poll timeout). A wake before the step is handled by it; one raised
+        during it asks for another, as the node's wake pipe would."""
+        woken_before, self.woken = self.woken, False
+        stepped = self.agent.resume_steps()
+        if self.woken or (woken_before and not stepped):
             self.woken = False
             self.agent.step()
         wakeup_ms = self.agent.next_wakeup_ms()
@@ -778,7 +786,6 @@ def run_cars(loop: EventLoop, cars) -> None:
                 owner.agent.defer_steps()
             loop.run_next()
         for car in touched.values():
-            car.agent.resume_steps()
             car.end_of_instant()
 
 
