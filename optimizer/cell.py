@@ -237,7 +237,7 @@ def _upper_hulls(frontier: RowFrontiers) -> tuple[np.ndarray, np.ndarray]:
     for column in range(1, width):
         rows = np.flatnonzero(frontier.present[:, column])
         if rows.shape[0] == 0:
-            break
+            continue  # dominated points stay in place: a later column may still hold hull points
         new_costs, new_values = costs[rows, column], values[rows, column]
         pending = np.arange(rows.shape[0])
         while pending.shape[0]:

@@ -364,19 +364,13 @@ def row_frontiers(costs, values):
 @njit(cache=True)
 def upper_hulls(present, costs, values):
     """`cell._upper_hulls` on `row_frontiers`' output: each row's upper concave hull by the
-    monotone chain, (hull points per row, left-aligned; how many). Stops, as the numpy version
-    does, at the first column where no row has a frontier point."""
+    monotone chain, (hull points per row, left-aligned; how many)."""
     row_count, width = costs.shape
     hull = np.zeros((row_count, width), dtype=np.intp)
     sizes = np.ones(row_count, dtype=np.intp)
-    end_column = width
-    for column in range(1, width):
-        if not present[:, column].any():
-            end_column = column
-            break
     for row in range(row_count):
         size = 1
-        for column in range(1, end_column):
+        for column in range(1, width):
             if not present[row, column]:
                 continue
             new_cost, new_value = costs[row, column], values[row, column]

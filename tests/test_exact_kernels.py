@@ -284,6 +284,24 @@ def test_cell_row_frontiers_and_hulls_equal_the_numpy_ones(monkeypatch):
             np.testing.assert_array_equal(kernel_hull[row, :size], reference_hull[row, :size])
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cell_hull_reaches_past_a_column_every_row_dominates(monkeypatch, compiled):
+    """Dominated points stay in place in `RowFrontiers`, so a column can be empty on every row
+    while a later one still holds each row's best point: the hull must reach it."""
+    from optimizer.cell import RowFrontiers, _upper_hulls
+
+    if not compiled:
+        monkeypatch.setattr(exact, "KERNELS", None)
+    # Sorted by cost: (0, 0.1) fallback, (1, 0.05) dominated in both rows, then (2, 0.5) / (3, 0.9).
+    costs = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]])
+    values = np.array([[0.1, 0.05, 0.5], [0.1, 0.05, 0.9]])
+    frontier = RowFrontiers(costs, values)
+    assert not frontier.present[:, 1].any()
+    hull, sizes = _upper_hulls(frontier)
+    assert sizes.tolist() == [2, 2]
+    assert hull[:, :2].tolist() == [[0, 2], [0, 2]]
+
+
 def test_cell_kernels_refuse_a_row_without_fallback():
     from optimizer.cell import RowFrontiers
 
