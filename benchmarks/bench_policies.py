@@ -8,7 +8,7 @@ policy, the fraction of oracle's gain over on-car, the deadline-miss rate, and w
 measuring policy sent nothing; then the acceptance checks over all settings.
 
     python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
-                                        [--quick] [--out FILE.json]
+                                        [--set FIELD=VALUE ...] [--quick] [--out FILE.json]
 
 Settings with RTT >= SLO cannot reach the cloud at all and are skipped.
 """
@@ -33,7 +33,7 @@ from rich.progress import (
 from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
 from avcloud.replay.job import DEFAULT_PRESET, default_scene_path, run_case
 from avcloud.replay.simulator import true_capacity_mbps
-from optimizer.policies import POLICY_NAMES, get_policy
+from optimizer.policies import POLICY_NAMES, get_policy, parse_overrides
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MEASURING = tuple(name for name in POLICY_NAMES if get_policy(name).measures)
@@ -97,8 +97,11 @@ def main() -> int:
     parser.add_argument("--slo-ms", type=float, nargs="+", default=[100.0, 200.0, 400.0])
     parser.add_argument("--quick", action="store_true", help="the first 50 frames, RTT 50 ms and SLO 200 ms only")
     parser.add_argument("--profile", type=Path, help="an existing profile folder instead of the cached demo preset")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="policy_settings",
+                        help="override a policy field for every policy, e.g. max_in_flight_per_camera=2")
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     args = parser.parse_args()
+    overrides = parse_overrides(args.policy_settings)
     if args.quick:
         args.frames, args.rtt_ms, args.slo_ms = 50, [50.0], [200.0]
     trace_paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
@@ -118,7 +121,7 @@ def main() -> int:
             trace = open_trace(path)
             for rtt_ms, slo_ms in grid:
                 case = make_case(scene, trace, rtt_ms, slo_ms, args.frames)
-                result = run_case(case, POLICY_NAMES)
+                result = run_case(case, POLICY_NAMES, overrides=overrides)
                 _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
                 settings.append({"trace": path.name, "direction": "uplink" if path.suffix == ".up" else "fast uplink",
                                  "trace_mean_mbps": round(float(capacity.mean()), 3), "rtt_ms": rtt_ms,
@@ -131,6 +134,7 @@ def main() -> int:
         "traces": [path.name for path in trace_paths],
         "grid_rtt_slo_ms": grid,
         "cloud_runtimes": case.cloud.name if case.cloud else None,
+        "policy_overrides": overrides,
         "wall_s": round(time.perf_counter() - started, 1),
         "settings": settings,
         "checks": checks(settings),

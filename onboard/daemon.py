@@ -8,7 +8,8 @@ asks for (or earlier).
 Per frame and camera: the fallback model runs on every image (in the executor, in parallel with
 the cloud round trip); the allocation is solved once per frame index from the current bandwidth
 and RTT estimates; a camera allocated to a cloud option has its image compressed and sent, at
-most one request in flight and one waiting per camera (a newer frame replaces the waiting one;
+most `max_in_flight_per_camera` requests in flight (the next one only once the previous one has
+left the uplink, by the car's estimate) and one waiting per camera (a newer frame replaces the waiting one;
 a frame whose remaining budget cannot cover transfer + runtime + RTT is dropped before sending);
 in-flight requests time out at their frame's cutoff (deadline less `publish_guard_ms`). The merge (onboard/merge.py) publishes
 one result per camera per frame.
@@ -92,7 +93,8 @@ class _Request:
 
 @dataclass
 class _CameraState:
-    in_flight: _Request | None = None
+    in_flight: int = 0  # this camera's requests sent and not yet answered or timed out
+    upload_end_ms: float = -math.inf  # when its last request should have left the uplink (virtual)
     waiting: _Request | None = None
     fallback_running: Future | None = None
     fallback_task: TaskFrame | None = None
@@ -149,6 +151,7 @@ class OnboardAgent:
         stale_after_ms: float = STALE_ESTIMATE_MS,
         ping_interval_ms: float = PING_INTERVAL_MS,
         plans_for_uplink: bool = True,
+        max_in_flight_per_camera: int = 1,
     ) -> None:
         self.services = tuple(services)
         self.cameras = [service.name for service in self.services]
@@ -168,6 +171,9 @@ class OnboardAgent:
         self.reconnect_after_timeouts = reconnect_after_timeouts
         self.min_reconnect_interval_ms = min_reconnect_interval_ms
         self.wake = wake or (lambda: None)
+        if max_in_flight_per_camera < 1:
+            raise ValueError("max_in_flight_per_camera must be at least 1")
+        self.max_in_flight_per_camera = max_in_flight_per_camera
         self.publish_guard_ms = publish_guard_ms
         self.encode_executor = encode_executor  # None: compress inline in on_camera_frame
         self.log_event = log_event or (lambda event, **fields: None)
@@ -211,7 +217,8 @@ class OnboardAgent:
                    planner=planner or build_planner(services, policy),
                    measurement=build_measurement(policy, initial_rtt_ms, estimator),
                    stale_after_ms=policy.stale_after_ms, plans_for_uplink=policy.measures,
-                   ping_interval_ms=policy.ping_interval_ms, **io_and_settings)
+                   ping_interval_ms=policy.ping_interval_ms,
+                   max_in_flight_per_camera=policy.max_in_flight_per_camera, **io_and_settings)
 
     # ------------------------------------------------------------ events
 
@@ -368,7 +375,7 @@ class OnboardAgent:
             self.counters.replies_discarded += 1  # timed out already: its frame has been published
             return
         camera = request.task.camera
-        self._cameras[camera].in_flight = None
+        self._cameras[camera].in_flight -= 1
         task = request.task
         task.cloud_pending = False
         in_time = header.ok and not task.published and now_ms <= task.cutoff_ms
@@ -417,7 +424,7 @@ class OnboardAgent:
         for request_id, request in list(self._in_flight.items()) if self._in_flight else ():
             if now_ms >= request.task.cutoff_ms:
                 del self._in_flight[request_id]
-                self._cameras[request.task.camera].in_flight = None
+                self._cameras[request.task.camera].in_flight -= 1
                 request.task.cloud_pending = False
                 self.counters.timeouts += 1
                 self._consecutive_timeouts += 1
@@ -447,7 +454,7 @@ class OnboardAgent:
                 self._collect_fallback(camera)
             if state.encoding and state.encoding[0][3].done():
                 self._collect_encodings(camera)
-            if state.waiting is not None and state.in_flight is None:
+            if state.waiting is not None and self._may_send(state, now_ms):
                 self._send_waiting(camera, now_ms)
         self._publish_ready(now_ms)
 
@@ -460,7 +467,17 @@ class OnboardAgent:
         for request in self._in_flight.values():
             if request.task.cutoff_ms < earliest_ms:
                 earliest_ms = request.task.cutoff_ms
+        for _, state in self._camera_states:  # a waiting frame goes when its camera's upload ends
+            if state.waiting is not None and state.in_flight and state.upload_end_ms < earliest_ms \
+                    and state.in_flight < self.max_in_flight_per_camera:
+                earliest_ms = state.upload_end_ms
         return earliest_ms
+
+    def _may_send(self, state: _CameraState, now_ms: float) -> bool:
+        """A camera's next request goes once its previous one has left the uplink (by the car's
+        estimate), not only once it is answered: its cloud run overlaps the next upload."""
+        return state.in_flight == 0 or (state.in_flight < self.max_in_flight_per_camera
+                                        and now_ms >= state.upload_end_ms)
 
     @property
     def pending_frames(self) -> int:
@@ -525,7 +542,7 @@ class OnboardAgent:
     def _send_waiting(self, camera: str, now_ms: float) -> None:
         state = self._cameras[camera]
         request = state.waiting
-        if request is None or state.in_flight is not None:
+        if request is None or not self._may_send(state, now_ms):
             return
         state.waiting = None
         task = request.task
@@ -552,10 +569,10 @@ class OnboardAgent:
             return
         request.request_id = request_id
         request.send_ms = now_ms
-        state.in_flight = request
+        state.in_flight += 1
         self._in_flight[request_id] = request
         self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms, task.arrival_ms)
-        self.measurement.on_send(self._recent[request_id])
+        state.upload_end_ms = self.measurement.on_send(self._recent[request_id])
         self._discovery_outstanding += request.discovery
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)

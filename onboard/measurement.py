@@ -112,13 +112,15 @@ class LinkMeasurement:
             return tuple(float(value) for value in forecast())
         return tuple(self.samples_mbps)
 
-    def on_send(self, request: RequestTiming) -> None:
-        """A request went onto the uplink: it queues behind what the car sent before."""
+    def on_send(self, request: RequestTiming) -> float:
+        """A request went onto the uplink: it queues behind what the car sent before. Returns
+        when its last byte should have left (virtual)."""
         self._queue_end_ms = max(self._queue_end_ms, request.send_ms) + \
             request.size_bytes * 8 / 1000.0 / max(self.bandwidth_mbps(), MIN_SAMPLE_MBPS)
         self._virtual_ends_ms[request.request_id] = self._queue_end_ms
         while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
             self._virtual_ends_ms.popitem(last=False)
+        return self._queue_end_ms
 
     def backlog_ms(self, now_ms: float) -> float:
         """How long the bytes the car has already queued will still occupy the uplink."""

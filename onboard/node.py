@@ -116,7 +116,7 @@ class OnboardNode:
         params = self.params
         services = self._services or self._load_services()
         policy = params.policy_spec()
-        planner = self._planner or build_planner(services, policy)
+        planner = self._planner or build_planner(services, policy, 1000.0 / params.camera_rate_hz)
         warm_started = time.perf_counter()
         planner.plan(policy.initial_estimate_mbps, params.rtt_ms, params.slo_ms, ())  # warm up the solver
         solver_warmup_ms = (time.perf_counter() - warm_started) * 1000.0

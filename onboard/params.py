@@ -72,6 +72,8 @@ class OnboardParams(pydantic.BaseModel):
     estimator: Literal["ewma", "harmonic"] | None = None
     quantile_window: int | None = pydantic.Field(None, ge=2)  # forecast errors the quantile planner sees
     stale_after_ms: float | None = pydantic.Field(None, gt=0)  # no sample this long: re-discover
+    max_in_flight_per_camera: int | None = pydantic.Field(None, ge=1, le=8)  # 2: uploads overlap cloud runs
+    stream_rate_cap: bool | None = None  # plan at size / min(slack, frame interval)
 
     # On-car fallback detector (avcloud.models.Detector).
     onboard_model: str = "avd-onboard"
@@ -118,7 +120,9 @@ class OnboardParams(pydantic.BaseModel):
             overrides["planner"] = "point" if self.method == "exact" else "quantile"
         for field, spec_field in (("allocator", "allocator"), ("estimator", "estimator"),
                                   ("initial_bandwidth_mbps", "initial_estimate_mbps"),
-                                  ("quantile_window", "quantile_window"), ("stale_after_ms", "stale_after_ms")):
+                                  ("quantile_window", "quantile_window"), ("stale_after_ms", "stale_after_ms"),
+                                  ("max_in_flight_per_camera", "max_in_flight_per_camera"),
+                                  ("stream_rate_cap", "stream_rate_cap")):
             if getattr(self, field) is not None:
                 overrides[spec_field] = getattr(self, field)
         return get_policy(self.policy, overrides)

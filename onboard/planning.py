@@ -10,7 +10,7 @@ has `quantile_min_samples` values.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from avcloud.errors import UserError
@@ -41,33 +41,51 @@ class AllocationPlanner(Protocol):
              bandwidth_samples_mbps: Sequence[float]) -> Allocation: ...
 
 
+def services_for_deadline(services: Sequence[Service], policy: PolicySpec | None,
+                          frame_interval_ms: float | None) -> Callable[[float, float], tuple[Service, ...]]:
+    """What the planners plan with at (RTT, SLO): the services themselves, or, for a policy with
+    `stream_rate_cap` and a known frame interval, the stream's view of them
+    (`optimizer.problem.StreamRateServices`)."""
+    services = tuple(services)
+    if policy is not None and policy.stream_rate_cap and frame_interval_ms is not None:
+        from optimizer.problem import StreamRateServices
+
+        return StreamRateServices(services, frame_interval_ms).at
+    return lambda rtt_ms, slo_ms: services
+
+
 class PointEstimatePlanner:
     """Solves the allocation at the estimated bandwidth with an `optimizer.allocators` allocator."""
 
-    def __init__(self, services: Sequence[Service], allocator: Any) -> None:
+    def __init__(self, services: Sequence[Service], allocator: Any,
+                 services_at: Callable[[float, float], tuple[Service, ...]] | None = None) -> None:
         self.services = tuple(services)
         self.allocator = allocator
+        self.services_at = services_at or services_for_deadline(self.services, None, None)
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
-        return self.allocator.solve(AllocationProblem(self.services, bandwidth_mbps, planning_rtt_ms(rtt_ms), slo_ms))
+        rtt_ms = planning_rtt_ms(rtt_ms)
+        return self.allocator.solve(AllocationProblem(self.services_at(rtt_ms, slo_ms), bandwidth_mbps, rtt_ms, slo_ms))
 
 
 class QuantileModePlanner:
     """Plans at a quantile of the bandwidth forecast (`optimizer.quantile.QuantilePlanner`)."""
 
     def __init__(self, services: Sequence[Service], quantile_planner: Any, fallback: AllocationPlanner,
-                 min_samples: int = 2) -> None:
+                 min_samples: int = 2, services_at: Callable[[float, float], tuple[Service, ...]] | None = None) -> None:
         self.services = tuple(services)
         self.quantile_planner = quantile_planner
         self.fallback = fallback  # used until there are samples to forecast from
         self.min_samples = min_samples
+        self.services_at = services_at or services_for_deadline(self.services, None, None)
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
         if len(bandwidth_samples_mbps) < self.min_samples:
             return self.fallback.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
-        return self.quantile_planner.plan(self.services, planning_rtt_ms(rtt_ms), slo_ms, list(bandwidth_samples_mbps))
+        rtt_ms = planning_rtt_ms(rtt_ms)
+        return self.quantile_planner.plan(self.services_at(rtt_ms, slo_ms), rtt_ms, slo_ms, list(bandwidth_samples_mbps))
 
 
 def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[Service, ...]:
@@ -76,8 +94,10 @@ def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[S
     return tuple(Service(name=camera, options=(fallback,)) for camera in cameras)
 
 
-def build_planner(services: Sequence[Service], policy: PolicySpec) -> AllocationPlanner:
-    """The planner a policy spec asks for, wired to the optimizer package.
+def build_planner(services: Sequence[Service], policy: PolicySpec,
+                  frame_interval_ms: float | None = None) -> AllocationPlanner:
+    """The planner a policy spec asks for, wired to the optimizer package. `frame_interval_ms`:
+    the cameras' frame interval, for a policy with `stream_rate_cap`.
 
     The `oracle` planner needs the future of the uplink, which only a replay has: the replay
     builds it (avcloud/replay/simulator.py) and passes it in place of this one."""
@@ -85,10 +105,11 @@ def build_planner(services: Sequence[Service], policy: PolicySpec) -> Allocation
 
     if policy.planner == "oracle":
         raise UserError(f"policy '{policy.name}' plans from the trace's future: it runs only in a replay")
-    point = PointEstimatePlanner(services, get_allocator(policy.allocator))
+    services_at = services_for_deadline(services, policy, frame_interval_ms)
+    point = PointEstimatePlanner(services, get_allocator(policy.allocator), services_at)
     if policy.planner == "point":
         return point
     from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
     quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, miss_cost=policy.miss_cost)
-    return QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples)
+    return QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples, services_at)

@@ -61,6 +61,13 @@ class PolicySpec:
     # Oracle only: plan for this fraction of the true capacity; the replay tries each and keeps the
     # best in hindsight (planning at exactly the capacity is not the best one can do).
     oracle_capacity_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # Requests in flight per camera: with 2, a camera's next upload starts once the previous one
+    # has left the uplink (by the car's estimate) and overlaps its cloud run and reply, which
+    # pays when RTT + cloud runtime exceed the frame interval. 1 waits for the reply.
+    max_in_flight_per_camera: int = 1
+    # Plan every option at size / min(slack, frame interval), the rate of a camera that sends every
+    # frame (optimizer.problem.StreamRateServices), instead of TURBO's size / slack.
+    stream_rate_cap: bool = False
 
     def __post_init__(self) -> None:
         checks = (
@@ -81,6 +88,9 @@ class PolicySpec:
             (math.isfinite(self.miss_cost) and self.miss_cost >= 0, "miss_cost must be a finite number >= 0"),
             (len(self.oracle_capacity_fractions) > 0 and all(f > 0 for f in self.oracle_capacity_fractions),
              "oracle_capacity_fractions must be numbers > 0"),
+            (isinstance(self.max_in_flight_per_camera, int) and not isinstance(self.max_in_flight_per_camera, bool)
+             and 1 <= self.max_in_flight_per_camera <= 8, "max_in_flight_per_camera must be an integer in 1..8"),
+            (isinstance(self.stream_rate_cap, bool), "stream_rate_cap must be true or false"),
         )
         for ok, message in checks:
             if not ok:
@@ -135,6 +145,25 @@ def get_policy(name: str, overrides: Mapping[str, Any] | None = None) -> PolicyS
     if spec is None:
         raise UserError(f"unknown policy '{name}' (choose from {', '.join(POLICY_NAMES)})")
     return spec.with_overrides(overrides) if overrides else spec
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings (as typed on a command line) as policy overrides; the values are read
+    as YAML scalars or lists (2, 0.5, true, [0.1, 0.2]). UserError naming a malformed one; the
+    fields and values are checked when applied (`PolicySpec.with_overrides`)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        field, separator, text = assignment.partition("=")
+        if not separator or not field.strip() or not text.strip():
+            raise UserError(f"policy setting '{assignment}': expected FIELD=VALUE, e.g. max_in_flight_per_camera=2")
+        try:
+            overrides[field.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"policy setting '{assignment}': cannot read the value") from None
+    get_policy(DEFAULT_POLICY, overrides)  # unknown field or bad value: one line now, before any work
+    return overrides
 
 
 def check_policy_names(names: Sequence[str]) -> tuple[str, ...]:

@@ -138,3 +138,40 @@ def allocation_from_indices(
         solve_us=solve_us,
         extra=dict(extra or {}),
     )
+
+
+class StreamRateServices:
+    """The services as a camera that sends every frame sees them (`PolicySpec.stream_rate_cap`).
+
+    TURBO's critical bandwidth, size / (SLO - RTT - runtime), lets an upload take its whole slack.
+    When that slack is longer than the frame interval, the camera's next frame is ready before the
+    upload ends and queues behind it: a stream that sends every frame needs size / interval. Here
+    each option's size is scaled so that its critical bandwidth is size / min(slack, interval), so
+    every allocator plans with the stream's rate unchanged. One services tuple per (RTT, SLO) is
+    kept, so the solver's caches keyed by the tuple stay warm.
+    """
+
+    def __init__(self, services: Sequence[Service], frame_interval_ms: float) -> None:
+        if not (math.isfinite(frame_interval_ms) and frame_interval_ms > 0):
+            raise DataError(f"frame_interval_ms must be a finite number > 0 (got {frame_interval_ms!r})")
+        self.services = tuple(services)
+        self.frame_interval_ms = frame_interval_ms
+        self._by_deadline: dict[tuple[float, float], tuple[Service, ...]] = {}
+
+    def at(self, rtt_ms: float, slo_ms: float) -> tuple[Service, ...]:
+        key = (rtt_ms, slo_ms)
+        capped = self._by_deadline.get(key)
+        if capped is None:
+            capped = tuple(Service(service.name, tuple(self._capped(option, rtt_ms, slo_ms) for option in service.options),
+                                   service.weight) for service in self.services)
+            if len(self._by_deadline) >= 64:  # RTT and SLO are planned in coarse steps: a handful in use
+                self._by_deadline.clear()
+            self._by_deadline[key] = capped
+        return capped
+
+    def _capped(self, option, rtt_ms: float, slo_ms: float):
+        slack_ms = slo_ms - rtt_ms - option.runtime_ms
+        if option.is_fallback or slack_ms <= self.frame_interval_ms:
+            return option
+        return type(option)(option.name, option.size_mbit * slack_ms / self.frame_interval_ms, option.runtime_ms,
+                            option.utility)

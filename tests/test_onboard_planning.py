@@ -1,5 +1,7 @@
 """The daemon's planners: RTT quantisation keeps the solver's preparation cached and stays conservative."""
 
+import pytest
+
 from avcloud.types import Option, Service
 from onboard.planning import build_planner, planning_rtt_ms
 from optimizer.policies import get_policy
@@ -21,3 +23,40 @@ def test_an_rtt_just_above_a_step_plans_like_the_next_step():
     just_above = planner.plan(10.2, 50.2, 200.0, [])
     assert at_step.choices == {"FRONT": "cloud"}
     assert just_above.choices == {"FRONT": "car"}  # planned at 55 ms, where 10.2 Mbps is not enough
+
+
+def test_a_stream_rate_cap_charges_a_long_slack_option_one_frame_interval():
+    from avcloud.types import critical_bandwidth_mbps
+    from optimizer.problem import StreamRateServices
+
+    services = (Service("FRONT", OPTIONS),)
+    stream = StreamRateServices(services, frame_interval_ms=100.0)
+    capped = stream.at(50.0, 400.0)  # slack 300 ms > 100 ms
+    (car, cloud) = capped[0].options
+    assert car == OPTIONS[0]
+    assert critical_bandwidth_mbps(cloud.size_mbit, cloud.runtime_ms, 50.0, 400.0) == pytest.approx(1.0 / 0.1)
+    assert (cloud.name, cloud.runtime_ms, cloud.utility) == ("cloud", 50.0, 0.5)
+    assert stream.at(50.0, 400.0) is capped  # one tuple per (RTT, SLO): the solver's caches stay warm
+    assert stream.at(50.0, 180.0)[0].options == OPTIONS  # slack 80 ms: TURBO's own rate
+
+
+def test_stream_rate_cap_policy_plans_with_the_stream_rate():
+    services = (Service("FRONT", OPTIONS),)
+    plain = build_planner(services, get_policy("turbo"), frame_interval_ms=100.0)
+    capped = build_planner(services, get_policy("turbo", {"stream_rate_cap": True}), frame_interval_ms=100.0)
+    # At SLO 400, RTT 50: TURBO's rate is 1 Mb / 300 ms = 3.3 Mbps, the stream's 10 Mbps.
+    assert plain.plan(5.0, 50.0, 400.0, []).choices == {"FRONT": "cloud"}
+    assert capped.plan(5.0, 50.0, 400.0, []).choices == {"FRONT": "car"}
+    assert capped.plan(10.5, 50.0, 400.0, []).bandwidth_mbps["FRONT"] == pytest.approx(10.0)
+
+
+def test_policy_settings_from_the_command_line():
+    from avcloud.errors import UserError
+    from optimizer.policies import parse_overrides
+
+    assert parse_overrides(["max_in_flight_per_camera=2", "stream_rate_cap=true", "quantiles=[0.2, 0.5]"]) == {
+        "max_in_flight_per_camera": 2, "stream_rate_cap": True, "quantiles": [0.2, 0.5]}
+    for bad, message in (("max_in_flight_per_camera", "FIELD=VALUE"), ("nonsense=1", "unknown field"),
+                         ("max_in_flight_per_camera=0", "1..8"), ("stream_rate_cap=maybe", "true or false")):
+        with pytest.raises(UserError, match=message):
+            parse_overrides([bad])

@@ -188,3 +188,32 @@ def test_a_single_cloud_worker_queues_requests_earliest_deadline_first():
     assert list(two.outcome[0]) == [RequestOutcome.ON_TIME] * 3
     with pytest.raises(ValueError, match="cloud workers"):
         simulate(scenario, cloud_workers=0)
+
+
+def test_two_in_flight_overlap_the_next_upload_with_the_cloud_run():
+    # 30 packets (~30 ms on the uplink) + RTT 80 + runtime 60: a reply comes ~170 ms after the send,
+    # longer than the 100 ms frame interval. Waiting for the reply, every other frame misses its
+    # turn; with two in flight the next frame goes as soon as the previous one has left the uplink.
+    scenario = make_scenario([[45000]] * 10, rtt_ms=80.0, runtime_ms=60.0, slo_ms=200.0)
+    knows_the_link = TURBO_WITHOUT_PINGS.with_overrides({"initial_estimate_mbps": 12.0})
+    one = simulate(scenario, ScriptedPlanner(share_mbps=12.0), policy=knows_the_link)
+    two = simulate(scenario, ScriptedPlanner(share_mbps=12.0),
+                   policy=knows_the_link.with_overrides({"max_in_flight_per_camera": 2}))
+    on_time_one = int((one.outcome[:, 0] == RequestOutcome.ON_TIME).sum())
+    on_time_two = int((two.outcome[:, 0] == RequestOutcome.ON_TIME).sum())
+    assert on_time_one <= 5 and on_time_two == 10
+    # The second request of a camera waits for the first one's upload, never shares the uplink with it.
+    transfers = sorted(two.transfers)
+    for (_, previous_delivered_ms, _), (next_enqueue_ms, _, _) in zip(transfers, transfers[1:], strict=False):
+        assert next_enqueue_ms >= previous_delivered_ms - 1.0
+
+
+def test_a_second_request_waits_for_the_first_ones_upload():
+    # 150 packets (~150 ms on the uplink, as the car's 12 Mbps estimate says) per frame: the next
+    # frame is ready at 100 ms but goes only when the first one's upload has ended.
+    scenario = make_scenario([[225000]] * 3, rtt_ms=40.0, runtime_ms=20.0, slo_ms=2000.0)
+    run = simulate(scenario, ScriptedPlanner(share_mbps=12.0), policy=TURBO_WITHOUT_PINGS.with_overrides(
+        {"max_in_flight_per_camera": 2, "initial_estimate_mbps": 12.0}))
+    first, second = sorted(run.transfers)[:2]
+    assert second[0] >= first[1] - 1.0  # enqueued once the first had (nearly) left
+    assert second[0] < first[1] + 40.0 + 20.0  # and before the first one's reply came back

@@ -9,7 +9,7 @@ from pathlib import Path
 from avcloud.errors import UserError
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD
 from avcloud.replay.job import DEFAULT_PRESET, DEFAULT_RTT_MS, DEFAULT_SLO_MS
-from optimizer.policies import POLICY_NAMES
+from optimizer.policies import POLICY_NAMES, parse_overrides
 
 DESCRIPTION = """\
 Replay scenes over uplink traces and compare allocation policies by mAP: onboard (never offload),
@@ -73,6 +73,10 @@ def register(subparsers) -> None:
                         help="also write these policies' runs as MCAP recordings in the report folder (camera "
                              "images, each result with its source, the allocation and bandwidth estimate per frame; "
                              "opens in Foxglove)")
+    parser.add_argument("--set", nargs="+", default=None, metavar="FIELD=VALUE", dest="policy_settings",
+                        help="override a policy field for every replayed policy, e.g. max_in_flight_per_camera=2 "
+                             "stream_rate_cap=true (fields: optimizer/policies.py PolicySpec); results.json records "
+                             "each run's full spec")
     parser.add_argument("--json", action="store_true", help="print the results JSON to stdout instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
@@ -90,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
         progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
         cloud=args.cloud, models=tuple(args.models or ()),
+        policy_overrides=parse_overrides(args.policy_settings or ()),
     )
+    if args.policy_settings and args.live:
+        raise UserError("--set: a live replay's agent takes its policy fields from the onboard params")
     replayed = check_options(options)
     for name in args.mcap or ():
         if name not in replayed:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -50,6 +51,9 @@ class ReplayOptions:
     cloud: str = DEFAULT_CLOUD
     # Models to profile and replay (default: the family for each scene, see open_profiled_scene).
     models: Sequence[str] = ()
+    # Field overrides applied to every replayed policy (optimizer.policies.PolicySpec), e.g.
+    # {"max_in_flight_per_camera": 2}.
+    policy_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,16 +118,17 @@ def default_trace_path() -> Path:
 
 
 def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress | None = None,
-             map_function: MapFunction = datasets_map, cloud_workers: int | None = None) -> CaseResult:
-    """Each policy on its own copy of the link, then the figures of all of them."""
+             map_function: MapFunction = datasets_map, cloud_workers: int | None = None,
+             overrides: Mapping[str, Any] | None = None) -> CaseResult:
+    """Each policy (with `overrides` applied) on its own copy of the link, then the figures of all of them."""
     runs: dict[str, PolicyRun] = {}
     task = None
     if progress is not None:
         task = progress.add_task(f"replay {case.scene_name} x {case.trace_name}", total=len(policy_names))
     for name in policy_names:
-        spec = get_policy(name)
+        spec = get_policy(name, overrides)
         if spec.planner == "oracle":
-            runs[name] = best_oracle_run(case, cloud_workers, name)
+            runs[name] = best_oracle_run(case, cloud_workers, name, overrides)
         else:
             runs[name] = simulate_policy(spec, case.scenario, case.schedule, case.detections_at,
                                          cloud_workers=cloud_workers)
@@ -133,11 +138,12 @@ def run_case(case: ReplayCase, policy_names: Sequence[str], progress: Progress |
     return CaseResult(case=case, runs=runs, summaries=summaries)
 
 
-def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None, name: str = "oracle") -> PolicyRun:
+def best_oracle_run(case: ReplayCase, cloud_workers: int | None = None, name: str = "oracle",
+                    overrides: Mapping[str, Any] | None = None) -> PolicyRun:
     """The oracle at each of its capacity fractions; the run whose published results have the most
     profiled utility wins (chosen in hindsight, without looking at the ground truth)."""
     scenario = case.scenario
-    spec = get_policy(name)
+    spec = get_policy(name, overrides)
     utility = np.zeros((len(scenario.cameras), len(scenario.config_names)))
     fallback_utility = np.zeros(len(scenario.cameras))
     for c, service in enumerate(scenario.services):
@@ -179,7 +185,8 @@ def run_replay(options: ReplayOptions, console: Console | None = None) -> list[C
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, disable=not options.progress,
                           transient=True) as progress:
-                results.append(run_case(case, policy_names, progress, cloud_workers=options.cloud_workers))
+                results.append(run_case(case, policy_names, progress, cloud_workers=options.cloud_workers,
+                                        overrides=options.policy_overrides))
     return results
 
 

@@ -558,11 +558,13 @@ class OraclePlanner:
     upper bound, and the only planner given the trace."""
 
     def __init__(self, services: tuple[Service, ...], schedule: DeliverySchedule, clock: SimulatedClock,
-                 frame_interval_ms: float, capacity_fraction: float, allocator_name: str = "exact") -> None:
-        from onboard.planning import planning_rtt_ms
+                 frame_interval_ms: float, capacity_fraction: float, allocator_name: str = "exact",
+                 policy: PolicySpec | None = None) -> None:
+        from onboard.planning import planning_rtt_ms, services_for_deadline
         from optimizer.allocators import get_allocator
 
         self.services = services
+        self.services_at = services_for_deadline(services, policy, frame_interval_ms)
         self.schedule = schedule
         self.clock = clock
         self.frame_interval_ms = frame_interval_ms
@@ -574,8 +576,8 @@ class OraclePlanner:
         now_ms = self.clock.now_ms()
         capacity_mbps = self.schedule.capacity_mbps(now_ms, now_ms + self.frame_interval_ms)
         budget_mbps = capacity_mbps * self.capacity_fraction
-        allocation = self.allocator.solve(AllocationProblem(self.services, budget_mbps,
-                                                            self._planning_rtt_ms(rtt_ms), slo_ms))
+        rtt_ms = self._planning_rtt_ms(rtt_ms)
+        allocation = self.allocator.solve(AllocationProblem(self.services_at(rtt_ms, slo_ms), budget_mbps, rtt_ms, slo_ms))
         allocation.extra["planning_budget_mbps"] = budget_mbps
         return allocation
 
@@ -653,9 +655,9 @@ class ReplayedCar:
             if schedule is None:
                 raise ValueError("the oracle plans from the trace: give the car its schedule")
             inner_planner = OraclePlanner(scenario.services, schedule, loop.clock, scenario.frame_interval_ms,
-                                          oracle_capacity_fraction, policy.allocator)
+                                          oracle_capacity_fraction, policy.allocator, policy)
         else:
-            inner_planner = build_planner(scenario.services, policy)
+            inner_planner = build_planner(scenario.services, policy, scenario.frame_interval_ms)
         self.planner = _RecordingPlanner(inner_planner)
         cache_car = CacheBackedCar(scenario, detections)
         self.published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
