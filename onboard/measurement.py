@@ -12,8 +12,12 @@
 - Application-limited samples (as BBR marks them): a transfer shorter than
   `APP_LIMITED_TRANSFER_MS` says more about where it fell among the link's bursts than about
   its capacity, and a car that sends little only learns that the link carried at least that
-  much. Such a sample never lowers the estimate, and raises it at most `APP_LIMITED_GROWTH`
-  times (slow start: a lucky burst cannot make the car trust a fast link at once).
+  much. Such a sample does not lower an estimate that a sample confirmed within the last
+  `APP_LIMITED_TRUST_MS`, and raises it at most `APP_LIMITED_GROWTH` times (slow start: a lucky
+  burst cannot make the car trust a fast link at once). Past that window an estimate that only
+  app-limited samples still see is taken back to them (as BBR's max filter expires): on a fast
+  link every transfer is short, and an estimate one lucky burst inflated would otherwise stay,
+  and the forecast errors behind it would never be renewed.
 - Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
   estimate, re-anchored when a reply tells where its upload really ended), so planning can
   count the bytes still queued (`backlog_ms`).
@@ -39,6 +43,7 @@ MAX_SAMPLE_MBPS = 10_000.0
 # spans several LTE scheduling bursts.
 APP_LIMITED_TRANSFER_MS = 20.0
 APP_LIMITED_GROWTH = 2.0
+APP_LIMITED_TRUST_MS = 1000.0
 VIRTUAL_ENDS_KEPT = 256
 RTT_WINDOW = 16  # pings: the last 16 s at the default interval
 
@@ -95,6 +100,7 @@ class LinkMeasurement:
         self.replies = 0
         self.timeouts = 0
         self.app_limited_samples = 0
+        self._last_taken_ms = -math.inf  # when the estimator last took a sample
 
     @property
     def rtt_ms(self) -> float:
@@ -159,9 +165,10 @@ class LinkMeasurement:
         if app_limited:
             self.app_limited_samples += 1
             estimate_mbps = self.bandwidth_mbps()
-            if sample_mbps <= estimate_mbps:
-                return None  # "at least this much": nothing the estimate does not already say
+            if sample_mbps <= estimate_mbps and now_ms - self._last_taken_ms < APP_LIMITED_TRUST_MS:
+                return None  # "at least this much": nothing a recently confirmed estimate does not say
             sample_mbps = min(sample_mbps, APP_LIMITED_GROWTH * estimate_mbps)
+        self._last_taken_ms = now_ms
         self.estimator.observe(now_ms, sample_mbps)
         self.samples_mbps.append(sample_mbps)
         return sample_mbps

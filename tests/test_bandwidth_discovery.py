@@ -60,3 +60,39 @@ def test_the_forecast_is_calibrated_on_a_stationary_process(recalibrate):
         forecaster.observe(float(step), float(value))
     coverage = np.mean(below, axis=0)
     assert coverage == pytest.approx([0.1, 0.5, 0.9], abs=0.04)
+
+
+class _LastSample:
+    """An estimator that believes the last sample it took."""
+
+    def __init__(self, mbps: float) -> None:
+        self.mbps = mbps
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        self.mbps = throughput_mbps
+
+    def estimate_mbps(self) -> float:
+        return self.mbps
+
+
+def _reply_after(measurement, request_id: int, size_bytes: int, send_ms: float, transfer_ms: float):
+    from onboard.measurement import RequestTiming
+
+    timing = RequestTiming(request_id, size_bytes, send_ms)
+    measurement.on_send(timing)
+    arrival_ms = send_ms + transfer_ms + measurement.rtt_ms  # no server time
+    return measurement.on_reply(timing, arrival_ms, 0.0)
+
+
+def test_an_estimate_only_app_limited_samples_see_is_taken_back_to_them_after_a_while():
+    from onboard.measurement import APP_LIMITED_TRUST_MS, LinkMeasurement
+
+    measurement = LinkMeasurement(_LastSample(1.0), initial_rtt_ms=20.0, sample_window=50)
+    # A full transfer (250 kB in 20 ms) shows 100 Mbps; then short ones (15 kB in 10 ms, 12 Mbps).
+    assert _reply_after(measurement, 1, 250_000, 0.0, 20.0) == pytest.approx(100.0)
+    for step in range(1, 9):  # within the trust window: "at least 12 Mbps" says nothing new
+        assert _reply_after(measurement, 1 + step, 15_000, 100.0 * step, 10.0) is None
+    assert measurement.bandwidth_mbps() == pytest.approx(100.0)
+    late_ms = 40.0 + APP_LIMITED_TRUST_MS  # the 100 Mbps sample is older than the window now
+    assert _reply_after(measurement, 20, 15_000, late_ms, 10.0) == pytest.approx(12.0)
+    assert measurement.bandwidth_mbps() == pytest.approx(12.0)
