@@ -141,7 +141,9 @@ def test_the_cell_coordinator_solves_once_per_frame_and_keeps_within_the_cell():
 def test_max_min_fairness_lifts_the_worst_vehicle():
     from avcloud.fleet.job import FleetPoint, FleetSettings, run_point
 
-    inputs = FakeFleetInputs(frames=40, cell_mbps=(12.0,))
+    # 20 Mbps: enough for each of the 4 vehicles to send a camera at the stream rate, not for all of them
+    # to send as much as the total-utility optimum gives the best placed ones.
+    inputs = FakeFleetInputs(frames=40, cell_mbps=(20.0,))
     total = run_point(inputs, FleetSettings("pf"), FleetPoint(4, None, "cell"))
     fair = run_point(inputs, FleetSettings("pf", cell=CellPolicySettings(fairness="max-min")),
                      FleetPoint(4, None, "cell"))

@@ -31,8 +31,10 @@ from avcloud.types import Allocation
 from optimizer.policies import PolicySpec
 
 CELL_POLICY = "cell"
-# The agent side of the policy: planning is the coordinator's; no discovery requests.
-CELL_POLICY_SPEC = PolicySpec(CELL_POLICY, planner="point", allocator="exact", stale_after_ms=math.inf)
+# The agent side of the policy: planning is the coordinator's; no discovery requests. The agent
+# pipelines uploads and the coordinator plans at the stream rate, as turbo-q does.
+CELL_POLICY_SPEC = PolicySpec(CELL_POLICY, planner="point", allocator="exact", stale_after_ms=math.inf,
+                              max_in_flight_per_camera=2, stream_rate_cap=True)
 
 
 def cell_allocator_available() -> bool:
@@ -86,9 +88,13 @@ class CellCoordinator:
     def __init__(self, services_by_vehicle: Sequence[tuple], schedule: DeliverySchedule, clock: SimulatedClock,
                  settings: CellPolicySettings, rtt_ms: float, slo_ms: float, frame_interval_ms: float,
                  gpu_workers: int | None = None) -> None:
+        from onboard.planning import planning_rtt_ms, services_for_deadline
         from optimizer.cell import CellVehicle
 
-        self.vehicles = tuple(CellVehicle(f"car-{vehicle}", tuple(services))
+        def planned(services):  # the RTT and SLO are the scenario's: one view per vehicle
+            return services_for_deadline(services, CELL_POLICY_SPEC, frame_interval_ms)(planning_rtt_ms(rtt_ms), slo_ms)
+
+        self.vehicles = tuple(CellVehicle(f"car-{vehicle}", planned(services))
                               for vehicle, services in enumerate(services_by_vehicle))
         self.schedule = schedule
         self.clock = clock
