@@ -48,9 +48,9 @@ def services_for_deadline(services: Sequence[Service], policy: PolicySpec | None
     (`optimizer.problem.StreamRateServices`)."""
     services = tuple(services)
     if policy is not None and policy.stream_rate_cap and frame_interval_ms is not None:
-        from optimizer.problem import StreamRateServices
+        from optimizer.problem import shared_stream_rate_services
 
-        return StreamRateServices(services, frame_interval_ms).at
+        return shared_stream_rate_services(services, frame_interval_ms).at
     return lambda rtt_ms, slo_ms: services
 
 

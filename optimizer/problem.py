@@ -175,3 +175,21 @@ class StreamRateServices:
             return option
         return type(option)(option.name, option.size_mbit * slack_ms / self.frame_interval_ms, option.runtime_ms,
                             option.utility)
+
+
+# Cars with the same profile (a replay's policies, a fleet's vehicles) share one stream view, so
+# they plan with the same services tuples and the solver's per-options caches serve them all.
+_STREAM_VIEWS: dict[tuple[int, float], StreamRateServices] = {}
+_STREAM_VIEWS_KEPT = 64
+
+
+def shared_stream_rate_services(services: tuple[Service, ...], frame_interval_ms: float) -> StreamRateServices:
+    """The `StreamRateServices` of these services (by identity) and frame interval, made once."""
+    key = (id(services), frame_interval_ms)
+    view = _STREAM_VIEWS.get(key)
+    if view is None or view.services is not services:
+        view = StreamRateServices(services, frame_interval_ms)
+        if len(_STREAM_VIEWS) >= _STREAM_VIEWS_KEPT:
+            _STREAM_VIEWS.clear()
+        _STREAM_VIEWS[key] = view  # holds the tuple, so its id cannot be reused while kept
+    return view
