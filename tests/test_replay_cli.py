@@ -82,3 +82,14 @@ def test_bad_cloud_runtime_model(capsys, choice, message):
 def test_mcap_of_a_policy_not_replayed(capsys):
     code, err = run_cli(capsys, "--policy", "turbo", "--mcap", "oracle")
     assert code == 2 and err.count("\n") == 1 and "--mcap oracle: not among the replayed policies" in err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("max_in_flight_per_camera", "expected FIELD=VALUE"),
+    ("no_such_field=1", "unknown field 'no_such_field'"),
+    ("max_in_flight_per_camera=0", "max_in_flight_per_camera must be an integer in 1..8"),
+    ("stream_rate_cap=[", "cannot read the value"),
+])
+def test_bad_policy_setting(capsys, setting, message):
+    code, err = run_cli(capsys, "--set", setting)
+    assert code == 2 and err.count("\n") == 1 and message in err
