@@ -68,28 +68,21 @@ def test_cloud_workers_must_be_positive(capsys):
     assert code == 2 and err.count("\n") == 1 and "--cloud-workers" in err
 
 
-@pytest.mark.parametrize("choice, message", [
-    ("fast", "choose 'reference', 'measured'"),
-    ("scale:0", "a factor must be a finite number > 0"),
-    ("scale:avd-cloud-l=x", "'x' is not a number"),
-    ("nowhere.csv", "no such file"),
+@pytest.mark.parametrize("option, value, message", [
+    ("--cloud", "fast", "choose 'reference', 'measured'"),
+    ("--cloud", "scale:0", "a factor must be a finite number > 0"),
+    ("--cloud", "scale:avd-cloud-l=x", "'x' is not a number"),
+    ("--cloud", "nowhere.csv", "no such file"),
+    ("--set", "max_in_flight_per_camera", "expected FIELD=VALUE"),
+    ("--set", "no_such_field=1", "unknown field 'no_such_field'"),
+    ("--set", "max_in_flight_per_camera=0", "max_in_flight_per_camera must be an integer in 1..8"),
+    ("--set", "stream_rate_cap=[", "cannot read the value"),
 ])
-def test_bad_cloud_runtime_model(capsys, choice, message):
-    code, err = run_cli(capsys, "--cloud", choice)
+def test_bad_cloud_runtime_model_or_policy_setting(capsys, option, value, message):
+    code, err = run_cli(capsys, option, value)
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_mcap_of_a_policy_not_replayed(capsys):
     code, err = run_cli(capsys, "--policy", "turbo", "--mcap", "oracle")
     assert code == 2 and err.count("\n") == 1 and "--mcap oracle: not among the replayed policies" in err
-
-
-@pytest.mark.parametrize("setting, message", [
-    ("max_in_flight_per_camera", "expected FIELD=VALUE"),
-    ("no_such_field=1", "unknown field 'no_such_field'"),
-    ("max_in_flight_per_camera=0", "max_in_flight_per_camera must be an integer in 1..8"),
-    ("stream_rate_cap=[", "cannot read the value"),
-])
-def test_bad_policy_setting(capsys, setting, message):
-    code, err = run_cli(capsys, "--set", setting)
-    assert code == 2 and err.count("\n") == 1 and message in err
