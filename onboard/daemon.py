@@ -206,15 +206,17 @@ class OnboardAgent:
 
     @classmethod
     def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
-                   planner: AllocationPlanner | None = None, estimator=None, **io_and_settings: Any) -> OnboardAgent:
-        """The agent a policy spec (optimizer.policies.PolicySpec) asks for: its planner, its
-        measurement and its discovery and ping settings. The live node and the replay both build
-        their agent here, so they make the same decisions from the same events."""
+                   planner: AllocationPlanner | None = None, estimator=None, frame_interval_ms: float | None = None,
+                   **io_and_settings: Any) -> OnboardAgent:
+        """The agent a policy spec (optimizer.policies.PolicySpec) asks for: its planner (for the
+        cameras' `frame_interval_ms`), its measurement and its discovery, ping and in-flight
+        settings. The live node and the replay both build their agent here, so they make the same
+        decisions from the same events."""
         from onboard.measurement import build_measurement
         from onboard.planning import build_planner
 
         return cls(services=services, slo_ms=slo_ms, clock=clock,
-                   planner=planner or build_planner(services, policy),
+                   planner=planner or build_planner(services, policy, frame_interval_ms),
                    measurement=build_measurement(policy, initial_rtt_ms, estimator),
                    stale_after_ms=policy.stale_after_ms, plans_for_uplink=policy.measures,
                    ping_interval_ms=policy.ping_interval_ms,
