@@ -13,7 +13,14 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from avcloud.replay.report import POLICY_COLOURS, html_images, html_table, pyplot, write_html_page
+from avcloud.replay.report import (
+    POLICY_COLOURS,
+    html_images,
+    html_table,
+    pyplot,
+    save_figure,
+    write_html_page,
+)
 
 EXTRA_COLOURS = {"cell": "#8c564b"}
 
@@ -153,10 +160,7 @@ def plot_map_vs_fleet_size(document: dict, path: Path) -> Path:
         axis.legend(fontsize=8)
     figure.suptitle("mAP against fleet size (line: mean; band: 10th-90th percentile; dotted: worst vehicle)",
                     fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_map_per_vehicle(document: dict, path: Path) -> Path:
@@ -182,10 +186,7 @@ def plot_map_per_vehicle(document: dict, path: Path) -> Path:
             axis.set_ylabel("mAP x100")
             axis.grid(axis="y", alpha=0.3)
         axes[row, 0].set_xlabel("vehicles in the cell")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_shared_resources(document: dict, path: Path) -> Path:
@@ -214,10 +215,7 @@ def plot_shared_resources(document: dict, path: Path) -> Path:
         axis.set_ylim(0, 105)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -120,6 +120,14 @@ def pyplot():
     return plt
 
 
+def save_figure(figure, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out, write (110 dpi) and close a report figure; returns its path."""
+    figure.tight_layout(rect=rect)
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
 def _per_bin(times_ms: np.ndarray, values: np.ndarray, duration_ms: float, bin_ms: float) -> np.ndarray:
     bins = np.arange(0.0, duration_ms + bin_ms, bin_ms)
     totals, _ = np.histogram(times_ms, bins=bins, weights=values)
@@ -156,10 +164,7 @@ def plot_bandwidth(result: CaseResult, path: Path) -> Path:
     for axis in (top, bottom):
         axis.legend(loc="upper right", fontsize=8, ncol=4)
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_map(case: dict, path: Path) -> Path:
@@ -178,10 +183,7 @@ def plot_map(case: dict, path: Path) -> Path:
     axis.set_title(f"mAP per policy: {case['scene']} x {case['trace']}")
     axis.set_ylim(0, max(values + [1.0]) * 1.25)
     axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_configuration_timeline(result: CaseResult, path: Path) -> Path:
@@ -214,10 +216,7 @@ def plot_configuration_timeline(result: CaseResult, path: Path) -> Path:
     axes[-1, 0].set_xlabel("scene time [s]")
     figure.legend(handles=[Patch(color=palette[i], label=label) for i, label in enumerate(labels)],
                   loc="lower center", ncol=3, fontsize=7, frameon=False)
-    figure.tight_layout(rect=(0, 0.04 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, rect=(0, 0.04 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
