@@ -243,7 +243,7 @@ class OnboardAgent:
             # requests keep coming back in time, one per frame, each the next size up (slow start).
             growing = self._discovery_succeeded and not self._discovery_outstanding
             due = stale and now_ms - self._last_discovery_ms > self.stale_after_ms
-            if self.plans_for_uplink and self._sends_nothing(allocation) and (growing or due):
+            if self.plans_for_uplink and (growing or due) and self._sends_nothing(allocation):
                 self._add_discovery_request(allocation, rtt_ms)
                 self._last_discovery_ms = now_ms
                 self._discovery_succeeded = False

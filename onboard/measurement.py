@@ -101,6 +101,8 @@ class LinkMeasurement:
         self.timeouts = 0
         self.app_limited_samples = 0
         self._last_taken_ms = -math.inf  # when the estimator last took a sample
+        self._forecast_source: object = None  # the forecaster's last distribution, and it as a tuple
+        self._forecast_tuple: tuple[float, ...] = ()
 
     @property
     def rtt_ms(self) -> float:
@@ -114,9 +116,15 @@ class LinkMeasurement:
         the estimator is one (`samples_mbps()`), else the recent samples themselves."""
         inner = getattr(self.estimator, "inner", self.estimator)
         forecast = getattr(inner, "samples_mbps", None)
-        if callable(forecast):
-            return tuple(float(value) for value in forecast())
-        return tuple(self.samples_mbps)
+        if not callable(forecast):
+            return tuple(self.samples_mbps)
+        values = forecast()
+        # QuantileForecaster hands out one read-only array until its next sample: convert it once.
+        frozen = not getattr(getattr(values, "flags", None), "writeable", True)
+        if values is not self._forecast_source or not frozen:
+            self._forecast_source = values
+            self._forecast_tuple = tuple(float(value) for value in values)
+        return self._forecast_tuple
 
     def on_send(self, request: RequestTiming) -> float:
         """A request went onto the uplink: it queues behind what the car sent before. Returns

@@ -10,6 +10,7 @@ has `quantile_min_samples` values.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -88,6 +89,37 @@ class QuantileModePlanner:
         return self.quantile_planner.plan(self.services_at(rtt_ms, slo_ms), rtt_ms, slo_ms, list(bandwidth_samples_mbps))
 
 
+class RepeatedPlanReuse:
+    """A planner that returns a copy of its last allocation when a frame's inputs are the ones
+    the last frame planned with (the same estimate, planning RTT and SLO, and forecast). A car
+    that has not measured anything new since the last frame (most frames, when it sends little)
+    then pays a comparison instead of a solve; the allocation is the one the solver gave, so the
+    decisions are unchanged. The copy's `solve_us` is the time this frame's planning took."""
+
+    def __init__(self, inner: AllocationPlanner) -> None:
+        self.inner = inner
+        self._last_key: tuple | None = None
+        self._last_allocation: Allocation | None = None
+        self.reused = 0
+
+    def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
+             bandwidth_samples_mbps: Sequence[float]) -> Allocation:
+        started_ns = time.perf_counter_ns()
+        key = (bandwidth_mbps, planning_rtt_ms(rtt_ms), slo_ms, tuple(bandwidth_samples_mbps))
+        last = self._last_allocation
+        if last is not None and key == self._last_key:
+            self.reused += 1
+            return Allocation(dict(last.choices), last.utility, dict(last.bandwidth_mbps),
+                              solve_us=(time.perf_counter_ns() - started_ns) / 1000.0, extra=dict(last.extra))
+        allocation = self.inner.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
+        # Kept as solved: the agent adds to the allocation it is handed (discovery, backlog).
+        self._last_key = key
+        self._last_allocation = Allocation(dict(allocation.choices), allocation.utility,
+                                           dict(allocation.bandwidth_mbps), allocation.solve_us,
+                                           dict(allocation.extra))
+        return allocation
+
+
 def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[Service, ...]:
     """Services with only the on-car fallback (no profile table: nothing is ever sent)."""
     fallback = Option(name=fallback_name, size_mbit=0.0, runtime_ms=0.0, utility=0.0)
@@ -108,8 +140,9 @@ def build_planner(services: Sequence[Service], policy: PolicySpec,
     services_at = services_for_deadline(services, policy, frame_interval_ms)
     point = PointEstimatePlanner(services, get_allocator(policy.allocator), services_at)
     if policy.planner == "point":
-        return point
+        return RepeatedPlanReuse(point)
     from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
     quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, miss_cost=policy.miss_cost)
-    return QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples, services_at)
+    return RepeatedPlanReuse(QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples,
+                                                 services_at))

@@ -60,3 +60,49 @@ def test_policy_settings_from_the_command_line():
                          ("max_in_flight_per_camera=0", "1..8"), ("stream_rate_cap=maybe", "true or false")):
         with pytest.raises(UserError, match=message):
             parse_overrides([bad])
+
+
+class CountingPlanner:
+    """Plans cloud above 5 Mbps; counts the solves it was asked for."""
+
+    def __init__(self) -> None:
+        self.solves = 0
+
+    def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps):
+        from avcloud.types import Allocation
+
+        self.solves += 1
+        choice = "cloud" if bandwidth_mbps > 5.0 else "car"
+        return Allocation({"FRONT": choice}, 0.5, {"FRONT": 1.0}, solve_us=123.0, extra={"budget": bandwidth_mbps})
+
+
+def test_a_frame_with_the_last_frames_inputs_reuses_its_plan_as_a_copy():
+    from onboard.planning import RepeatedPlanReuse
+
+    inner = CountingPlanner()
+    planner = RepeatedPlanReuse(inner)
+    first = planner.plan(6.0, 41.0, 200.0, (5.0, 7.0))
+    first.choices["FRONT"] = "car"  # the agent edits the allocation it is handed (discovery)
+    first.extra["discovery"] = "FRONT"
+    again = planner.plan(6.0, 44.0, 200.0, (5.0, 7.0))  # the same planning RTT step (45 ms)
+    assert inner.solves == 1 and planner.reused == 1
+    assert again.choices == {"FRONT": "cloud"} and again.extra == {"budget": 6.0}  # as solved
+    assert again.solve_us < 123.0  # the time this frame's planning took, not the solve's
+    for changed in ((6.0, 46.0, 200.0, (5.0, 7.0)), (6.0, 46.0, 150.0, (5.0, 7.0)),
+                    (6.0, 46.0, 150.0, (5.0, 8.0)), (4.0, 46.0, 150.0, (5.0, 8.0))):
+        allocation = planner.plan(*changed)
+    assert inner.solves == 5
+    assert allocation.choices == {"FRONT": "car"}
+
+
+def test_shipped_planners_reuse_only_identical_inputs():
+    services = (Service("FRONT", OPTIONS),)
+    for name in ("turbo", "turbo-q", "equal"):
+        planner = build_planner(services, get_policy(name), frame_interval_ms=100.0)
+        solved = planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.0])
+        reused = planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.0])
+        assert planner.reused == 1
+        assert (reused.choices, reused.bandwidth_mbps, reused.utility) == (solved.choices, solved.bandwidth_mbps,
+                                                                           solved.utility)
+        planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.5])
+        assert planner.reused == 1

@@ -217,3 +217,24 @@ def test_a_second_request_waits_for_the_first_ones_upload():
     first, second = sorted(run.transfers)[:2]
     assert second[0] >= first[1] - 1.0  # enqueued once the first had (nearly) left
     assert second[0] < first[1] + 40.0 + 20.0  # and before the first one's reply came back
+
+
+def test_simulated_executor_runs_first_come_first_served_and_jobs_ending_together_share_an_event():
+    from avcloud.clock import SimulatedClock
+    from avcloud.replay.simulator import EventLoop, SimulatedExecutor
+
+    loop = EventLoop(SimulatedClock(0.0))
+    executor = SimulatedExecutor(loop, lambda job: 10.0, workers=2)
+    finished: list[tuple[str, float]] = []
+
+    def work(job: str) -> str:
+        finished.append((job, loop.clock.now_ms()))
+        return job
+
+    futures = [executor.submit(work, name) for name in "abcde"]
+    assert len(loop._events) == 1  # a and b end at 10 ms together: one event  # noqa: SLF001
+    assert futures[3].cancel()  # d never started: cancelled, it never runs
+    while math.isfinite(loop.next_time_ms()):
+        loop.run_next()
+    assert finished == [("a", 10.0), ("b", 10.0), ("c", 20.0), ("e", 20.0)]
+    assert [future.result() for future in futures if not future.cancelled()] == ["a", "b", "c", "e"]

@@ -273,6 +273,9 @@ class SimulatedExecutor(Executor):
         self.owner = owner
         self._busy = 0
         self._queue: collections.deque[tuple[SimulatedFuture, Callable, tuple]] = collections.deque()
+        # Jobs that end at the same instant (workers started together on equal work) share one
+        # event: finish time -> jobs, in the order they started.
+        self._ending: dict[float, list[tuple[SimulatedFuture, Callable, tuple]]] = {}
 
     def submit(self, fn, /, *args, **kwargs) -> SimulatedFuture:  # type: ignore[override]
         future = SimulatedFuture()
@@ -287,14 +290,20 @@ class SimulatedExecutor(Executor):
                 continue
             self._busy += 1
             finish_ms = self.loop.clock.now_ms() + max(0.0, float(self.duration_ms(*args)))
-            self.loop.at(finish_ms, lambda future=future, fn=fn, args=args: self._finish(future, fn, args), self.owner)
+            ending = self._ending.get(finish_ms)
+            if ending is None:
+                self._ending[finish_ms] = [(future, fn, args)]
+                self.loop.at(finish_ms, lambda finish_ms=finish_ms: self._finish(finish_ms), self.owner)
+            else:
+                ending.append((future, fn, args))
 
-    def _finish(self, future: SimulatedFuture, fn: Callable, args: tuple) -> None:
-        self._busy -= 1
-        try:
-            future.set_result(fn(*args))
-        except Exception as error:  # reported through the future, as a real executor does
-            future.set_exception(error)
+    def _finish(self, finish_ms: float) -> None:
+        for future, fn, args in self._ending.pop(finish_ms):
+            self._busy -= 1
+            try:
+                future.set_result(fn(*args))
+            except Exception as error:  # reported through the future, as a real executor does
+                future.set_exception(error)
         self._start_queued()
 
 
