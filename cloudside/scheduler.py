@@ -289,22 +289,37 @@ class RequestQueue:
             return None
         return heap[0]
 
-    def _eligible_vehicles(self) -> list[str]:
-        backlogged = list(self._queued_per_vehicle)
-        if not backlogged:
-            return []
-        least = min(self._served_ms.get(name, 0.0) for name in backlogged)
-        return [name for name in backlogged
-                if self._served_ms.get(name, 0.0) == least
-                or self._served_ms.get(name, 0.0) - least < self.fair_share_slack_ms]
+    def _least_served_ms(self) -> float:
+        """The least service among backlogged vehicles (call only while some are)."""
+        served_ms = self._served_ms
+        return min(served_ms.get(name, 0.0) for name in self._queued_per_vehicle)
 
-    def _is_eligible(self, vehicle: str) -> bool:
-        return vehicle in self._eligible_vehicles()
+    def _is_eligible(self, vehicle: str, least_ms: float | None = None) -> bool:
+        """Within the slack of the least served backlogged vehicle."""
+        if vehicle not in self._queued_per_vehicle:
+            return False
+        least_ms = self._least_served_ms() if least_ms is None else least_ms
+        served_ms = self._served_ms.get(vehicle, 0.0)
+        return served_ms == least_ms or served_ms - least_ms < self.fair_share_slack_ms
 
     def _next_head(self) -> PendingRequest | None:
         """The most urgent head among the eligible vehicles."""
+        if not self._queued_per_vehicle:
+            return None
+        least_ms = self._least_served_ms()
+        # Usually the most urgent request of all belongs to an eligible vehicle: the models' heads
+        # find it without visiting every backlogged vehicle (hundreds in a fleet).
         best: _Entry | None = None
-        for vehicle in self._eligible_vehicles():
+        for model in list(self._by_model):
+            entry = self._head(self._by_model, model)
+            if entry is not None and (best is None or entry[:2] < best[:2]):
+                best = entry
+        if best is None or self._is_eligible(best[2].accounted_vehicle, least_ms):
+            return best[2] if best is not None else None
+        best = None
+        for vehicle in list(self._queued_per_vehicle):
+            if not self._is_eligible(vehicle, least_ms):
+                continue
             entry = self._head(self._by_vehicle, vehicle)
             if entry is not None and (best is None or entry[:2] < best[:2]):
                 best = entry
