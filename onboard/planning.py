@@ -74,19 +74,30 @@ class QuantileModePlanner:
     """Plans at a quantile of the bandwidth forecast (`optimizer.quantile.QuantilePlanner`)."""
 
     def __init__(self, services: Sequence[Service], quantile_planner: Any, fallback: AllocationPlanner,
-                 min_samples: int = 2, services_at: Callable[[float, float], tuple[Service, ...]] | None = None) -> None:
+                 min_samples: int = 2, services_at: Callable[[float, float], tuple[Service, ...]] | None = None,
+                 success_horizon_interval_ms: float | None = None) -> None:
         self.services = tuple(services)
         self.quantile_planner = quantile_planner
         self.fallback = fallback  # used until there are samples to forecast from
         self.min_samples = min_samples
         self.services_at = services_at or services_for_deadline(self.services, None, None)
+        # The cameras' frame interval, for a policy that judges success over the deadline's frames.
+        self.success_horizon_interval_ms = success_horizon_interval_ms
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float,
              bandwidth_samples_mbps: Sequence[float]) -> Allocation:
         if len(bandwidth_samples_mbps) < self.min_samples:
             return self.fallback.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
         rtt_ms = planning_rtt_ms(rtt_ms)
-        return self.quantile_planner.plan(self.services_at(rtt_ms, slo_ms), rtt_ms, slo_ms, list(bandwidth_samples_mbps))
+        return self.quantile_planner.plan(self.services_at(rtt_ms, slo_ms), rtt_ms, slo_ms, list(bandwidth_samples_mbps),
+                                          self.horizon_intervals(rtt_ms, slo_ms))
+
+    def horizon_intervals(self, rtt_ms: float, slo_ms: float) -> int:
+        """Frame intervals a request's deadline spans, (SLO - RTT) // interval: its upload may use
+        any of them. 1 without a success horizon."""
+        if self.success_horizon_interval_ms is None:
+            return 1
+        return max(1, int((slo_ms - rtt_ms) // self.success_horizon_interval_ms))
 
 
 class RepeatedPlanReuse:
@@ -145,4 +156,4 @@ def build_planner(services: Sequence[Service], policy: PolicySpec,
 
     quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, miss_cost=policy.miss_cost)
     return RepeatedPlanReuse(QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples,
-                                                 services_at))
+                                                 services_at, frame_interval_ms if policy.success_horizon else None))

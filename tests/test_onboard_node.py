@@ -41,6 +41,8 @@ def test_example_params_load_and_overrides_apply():
     assert params.cameras == ["FRONT", "FRONT_LEFT", "FRONT_RIGHT", "SIDE_LEFT", "SIDE_RIGHT"]
     # Key paths in a file are relative to the file.
     assert params.security.client_secret_key == EXAMPLE.parent / "keys" / "car-0.key_secret"
+    assert not params.policy_spec().success_horizon  # turbo-q's default
+    assert load_params(EXAMPLE, ["success_horizon:=true"]).policy_spec().success_horizon
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -48,6 +50,7 @@ def test_example_params_load_and_overrides_apply():
     ("method:=fastest", "method"),
     ("no_such_field:=1", "no_such_field"),
     ("cameras:=[FRONT, FRONT]", "cameras"),
+    ("success_horizon:=maybe", "success_horizon"),
 ])
 def test_bad_params_are_one_line_errors_naming_the_field(override, named):
     with pytest.raises(ConfigError) as error:

@@ -57,7 +57,8 @@ def test_policy_settings_from_the_command_line():
     assert parse_overrides(["max_in_flight_per_camera=2", "stream_rate_cap=true", "quantiles=[0.2, 0.5]"]) == {
         "max_in_flight_per_camera": 2, "stream_rate_cap": True, "quantiles": [0.2, 0.5]}
     for bad, message in (("max_in_flight_per_camera", "FIELD=VALUE"), ("nonsense=1", "unknown field"),
-                         ("max_in_flight_per_camera=0", "1..8"), ("stream_rate_cap=maybe", "true or false")):
+                         ("max_in_flight_per_camera=0", "1..8"), ("stream_rate_cap=maybe", "true or false"),
+                         ("success_horizon=2", "true or false")):
         with pytest.raises(UserError, match=message):
             parse_overrides([bad])
 

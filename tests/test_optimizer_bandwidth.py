@@ -151,3 +151,30 @@ def test_quantile_planner_from_the_cached_frontier_equals_one_solve_per_quantile
         assert one.choices == other.choices
         assert one.extra["expected_utility"] == pytest.approx(other.extra["expected_utility"], abs=1e-9)
         assert one.extra["planning_quantile"] == other.extra["planning_quantile"]
+
+
+def test_a_deadline_spanning_several_intervals_takes_a_risk_one_interval_would_not():
+    # One camera: the cloud option needs 0.45 Mb / 100 ms = 4.5 Mbps. The forecast is 1..10 Mbps,
+    # equally likely: one interval carries it 60% of the time, which a miss cost of 2 does not pay
+    # for; the mean of 4 independent intervals carries it about 3 times in 4, which does.
+    services = (Service("FRONT", (Option("car", 0.0, 0.0, 0.2), Option("cloud", 0.45, 0.0, 0.6))),)
+    samples = np.arange(1.0, 11.0)
+    planner = QuantilePlanner(miss_cost=2.0)
+    one_interval = planner.plan(services, 0.0, 100.0, samples)
+    four_intervals = planner.plan(services, 0.0, 100.0, samples, horizon_intervals=4)
+    assert one_interval.choices == {"FRONT": "car"}
+    assert four_intervals.choices == {"FRONT": "cloud"}
+    assert 0.65 < four_intervals.extra["success_probability"] < 0.9
+    again = QuantilePlanner(miss_cost=2.0).plan(services, 0.0, 100.0, samples, horizon_intervals=4)
+    assert again.extra["success_probability"] == four_intervals.extra["success_probability"]  # fixed draws
+
+
+def test_a_success_horizon_spans_the_frames_of_the_deadline():
+    from onboard.planning import build_planner
+    from optimizer.policies import get_policy
+
+    services = (Service("FRONT", (Option("car", 0.0, 0.0, 0.2), Option("cloud", 0.45, 0.0, 0.6))),)
+    spanning = build_planner(services, get_policy("turbo-q", {"success_horizon": True}), frame_interval_ms=100.0)
+    assert [spanning.inner.horizon_intervals(50.0, slo_ms) for slo_ms in (100.0, 200.0, 400.0)] == [1, 1, 3]
+    one_frame = build_planner(services, get_policy("turbo-q"), frame_interval_ms=100.0)
+    assert one_frame.inner.horizon_intervals(50.0, 400.0) == 1
