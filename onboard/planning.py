@@ -144,16 +144,18 @@ def build_planner(services: Sequence[Service], policy: PolicySpec,
 
     The `oracle` planner needs the future of the uplink, which only a replay has: the replay
     builds it (avcloud/replay/simulator.py) and passes it in place of this one."""
-    from optimizer.allocators import get_allocator
+    from optimizer.allocators import shared_allocator
 
     if policy.planner == "oracle":
         raise UserError(f"policy '{policy.name}' plans from the trace's future: it runs only in a replay")
+    services = tuple(services)
     services_at = services_for_deadline(services, policy, frame_interval_ms)
-    point = PointEstimatePlanner(services, get_allocator(policy.allocator), services_at)
+    point = PointEstimatePlanner(services, shared_allocator(policy.allocator, services), services_at)
     if policy.planner == "point":
         return RepeatedPlanReuse(point)
     from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
-    quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, miss_cost=policy.miss_cost)
+    quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, shared_allocator("exact", services),
+                                       miss_cost=policy.miss_cost)
     return RepeatedPlanReuse(QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples,
                                                  services_at, frame_interval_ms if policy.success_horizon else None))

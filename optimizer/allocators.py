@@ -232,3 +232,23 @@ def get_allocator(method: str) -> Allocator:
     if allocator_class is None:
         raise UserError(f"unknown method '{method}' (choose from {', '.join(ALLOCATORS)})")
     return allocator_class()
+
+
+# Planners of cars with the same profile (a fleet's vehicles, a replay's policies) plan with the
+# same services tuples; one allocator for them all prepares each (tuple, RTT, SLO) table once
+# instead of once per car. Planning is single-threaded (the daemon's loop, the replay's clock).
+_SHARED: dict[tuple[int, str], tuple[tuple, Allocator]] = {}
+_SHARED_KEPT = 64
+SHARED_EXACT_CACHE_SIZE = 128  # prepared tables: many cars plan at a few RTT and SLO steps each
+
+
+def shared_allocator(method: str, services: tuple[Service, ...]) -> Allocator:
+    """The allocator every planner of these services (by identity) shares for a method name."""
+    key = (id(services), method)
+    entry = _SHARED.get(key)
+    if entry is None or entry[0] is not services:
+        allocator = ExactAllocator(SHARED_EXACT_CACHE_SIZE) if method == "exact" else get_allocator(method)
+        if len(_SHARED) >= _SHARED_KEPT:
+            _SHARED.clear()
+        entry = _SHARED[key] = (services, allocator)  # holds the tuple, so its id cannot be reused
+    return entry[1]

@@ -107,3 +107,19 @@ def test_shipped_planners_reuse_only_identical_inputs():
                                                                            solved.utility)
         planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.5])
         assert planner.reused == 1
+
+
+def test_cars_with_one_profile_share_one_exact_allocator():
+    from optimizer.allocators import ExactAllocator, shared_allocator
+
+    services = (Service("FRONT", OPTIONS),)
+    other = (Service("FRONT", OPTIONS),)
+    assert shared_allocator("exact", services) is shared_allocator("exact", services)
+    assert shared_allocator("exact", other) is not shared_allocator("exact", services)
+    assert isinstance(shared_allocator("exact", services), ExactAllocator)
+    first, second = (build_planner(services, get_policy("turbo-q"), frame_interval_ms=100.0) for _ in range(2))
+    assert first.inner.quantile_planner.allocator is second.inner.quantile_planner.allocator
+    # A table prepared for one car serves the next: same plans, and the second finds it cached.
+    for planner in (first, second):
+        planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.0])
+    assert len(first.inner.quantile_planner.allocator._prepared) == 1  # noqa: SLF001
