@@ -239,7 +239,7 @@ def get_allocator(method: str) -> Allocator:
 # instead of once per car. Planning is single-threaded (the daemon's loop, the replay's clock).
 _SHARED: dict[tuple[int, str], tuple[tuple, Allocator]] = {}
 _SHARED_KEPT = 64
-SHARED_EXACT_CACHE_SIZE = 128  # prepared tables: many cars plan at a few RTT and SLO steps each
+SHARED_EXACT_CACHE_SIZE = 1024  # prepared tables: a fleet's cars plan at hundreds of (RTT, SLO) steps
 
 
 def shared_allocator(method: str, services: tuple[Service, ...]) -> Allocator:

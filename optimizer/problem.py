@@ -140,6 +140,9 @@ def allocation_from_indices(
     )
 
 
+STREAM_VIEW_DEADLINES_KEPT = 1024
+
+
 class StreamRateServices:
     """The services as a camera that sends every frame sees them (`PolicySpec.stream_rate_cap`).
 
@@ -164,7 +167,9 @@ class StreamRateServices:
         if capped is None:
             capped = tuple(Service(service.name, tuple(self._capped(option, rtt_ms, slo_ms) for option in service.options),
                                    service.weight) for service in self.services)
-            if len(self._by_deadline) >= 64:  # RTT and SLO are planned in coarse steps: a handful in use
+            # RTT and SLO are planned in 5 ms steps: a car uses a handful, a fleet in one cell
+            # hundreds (queueing behind the cell's other cars inflates the RTT it measures).
+            if len(self._by_deadline) >= STREAM_VIEW_DEADLINES_KEPT:
                 self._by_deadline.clear()
             self._by_deadline[key] = capped
         return capped

@@ -123,3 +123,14 @@ def test_cars_with_one_profile_share_one_exact_allocator():
     for planner in (first, second):
         planner.plan(10.2, 50.0, 200.0, [9.0, 11.0, 12.0])
     assert len(first.inner.quantile_planner.allocator._prepared) == 1  # noqa: SLF001
+
+
+def test_a_stream_view_keeps_the_hundreds_of_deadlines_a_fleet_plans_at():
+    from optimizer.problem import StreamRateServices
+
+    stream = StreamRateServices((Service("FRONT", OPTIONS),), frame_interval_ms=100.0)
+    first = stream.at(50.0, 400.0)
+    for rtt_ms in range(20, 360, 5):
+        for slo_ms in (200.0, 250.0, 300.0, 350.0, 400.0):
+            stream.at(float(rtt_ms), slo_ms)
+    assert stream.at(50.0, 400.0) is first  # the solver's caches keyed by this tuple stay warm
