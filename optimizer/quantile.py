@@ -22,10 +22,9 @@ next frame wants to send (the car plans around its backlog, so the next frame se
 
 Horizon. With a deadline that spans k frame intervals (`horizon_intervals`: k = (SLO - RTT) //
 interval under the policy field `success_horizon`, off by default), a frame's requests may use
-the uplink over those k intervals,
-and a shortfall in one can be made up in the next. P is then taken over the mean capacity of k
-intervals, each drawn independently from the forecast (`HORIZON_DRAWS` fixed draws, so a plan is
-deterministic). Independence understates how long a slow spell lasts on a real link; the miss
+the uplink over those k intervals, and a shortfall in one can be made up in the next. P is then
+taken over the mean capacity of k intervals, each drawn independently from the forecast
+(`HORIZON_DRAWS` fixed draws, so a plan is deterministic). Independence understates how long a slow spell lasts on a real link; the miss
 cost and the lower quantiles on the grid keep that risk priced.
 """
 
