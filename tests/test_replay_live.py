@@ -121,6 +121,7 @@ def decode_ms_per_camera_image(scene_path: Path, cameras: tuple[str, ...], confi
 
 
 @pytest.mark.slow
+@pytest.mark.realtime  # the live side runs on the wall clock: other jobs on the machine move its figures
 def test_simulated_and_live_runs_agree(tmp_path):
     """Same short scene, trace and policy: deadline-hit rate within 5 points, mAP within 2 points."""
     from avcloud.profiler import ensure_profile
