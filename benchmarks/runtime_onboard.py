@@ -235,13 +235,13 @@ def measure_onboard_overhead(frames: int, compression: str = "input", encode_wor
             total_ms = (time.perf_counter() - started) * 1000.0 + solve_before_ms
             solve_ms, compress_ms, send_ms = planner.timed.take() + solve_before_ms, encoder.take(), sent.take()
             # Handle the replies (not part of the frame's critical path), timed on their own.
+            # Until every request of the frame is answered: the agent's RTT pings are answered
+            # too, and a reply left behind would hold its camera's next request back.
             reply_started = time.perf_counter()
-            received = 0
             deadline = time.monotonic() + 2.0
-            while received < len(cameras) and time.monotonic() < deadline:
+            while agent.status()["in_flight"] and time.monotonic() < deadline:
                 if transport.socket.poll(100):
                     agent.on_reply(transport.receive())
-                    received += 1
             reply_ms = (time.perf_counter() - reply_started) * 1000.0
             if frame_index >= warmup:
                 totals.append(total_ms)
