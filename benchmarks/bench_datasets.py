@@ -73,7 +73,7 @@ def read_pass(path: Path, verify_crc: bool, decode_jpeg: bool, max_frames: int |
 def _child_read(path: Path) -> dict:
     """Stream the whole segment in a fresh process and report its peak RSS."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[2]);"
+        "import json, sys; sys.path[:0] = [sys.argv[2], sys.argv[2] + '/benchmarks'];"  # the repo and benchjson
         "from benchmarks.bench_datasets import read_pass, _peak_rss_mb; from pathlib import Path;"
         "result = read_pass(Path(sys.argv[1]), True, False); result['peak_rss_mb'] = round(_peak_rss_mb(), 1);"
         "print(json.dumps(result))"
