@@ -1,0 +1,37 @@
+"""The benchmarks' own machinery: a benchmark that stalls or cannot start measures nothing."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # benchmarks import their shared JSON helper
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+def test_the_onboard_overhead_loop_sends_every_frames_five_requests(load_benchmark):
+    # An answered RTT ping once counted as a request's reply: a camera's next request then waited
+    # out the loop's 5 s limit every frame.
+    frames = 3
+    result = load_benchmark("runtime_onboard").measure_onboard_overhead(frames)
+    assert result["requests_sent"] == 5 * (frames + min(5, frames))
+
+
+def test_the_datasets_benchmark_reads_a_segment_in_a_fresh_process(load_benchmark, tmp_path):
+    from datasets.synthetic import write_synthetic_scene
+
+    path = write_synthetic_scene(tmp_path / "two.tfrecord", seed=0, frames=2, progress=False)
+    result = load_benchmark("bench_datasets")._child_read(path)  # noqa: SLF001
+    assert result["frames"] == 2 and result["peak_rss_mb"] > 0
