@@ -542,10 +542,9 @@ class OnboardAgent:
                 self._pings.popitem(last=False)
 
     def _send_waiting(self, camera: str, now_ms: float) -> None:
+        """Send the camera's waiting frame (`step` checks that it has one and `_may_send`)."""
         state = self._cameras[camera]
         request = state.waiting
-        if request is None or not self._may_send(state, now_ms):
-            return
         state.waiting = None
         task = request.task
         budget_ms = task.cutoff_ms - now_ms

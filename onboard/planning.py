@@ -120,15 +120,17 @@ class RepeatedPlanReuse:
         last = self._last_allocation
         if last is not None and key == self._last_key:
             self.reused += 1
-            return Allocation(dict(last.choices), last.utility, dict(last.bandwidth_mbps),
-                              solve_us=(time.perf_counter_ns() - started_ns) / 1000.0, extra=dict(last.extra))
+            return _copy(last, solve_us=(time.perf_counter_ns() - started_ns) / 1000.0)
         allocation = self.inner.plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
         # Kept as solved: the agent adds to the allocation it is handed (discovery, backlog).
         self._last_key = key
-        self._last_allocation = Allocation(dict(allocation.choices), allocation.utility,
-                                           dict(allocation.bandwidth_mbps), allocation.solve_us,
-                                           dict(allocation.extra))
+        self._last_allocation = _copy(allocation, allocation.solve_us)
         return allocation
+
+
+def _copy(allocation: Allocation, solve_us: float) -> Allocation:
+    return Allocation(dict(allocation.choices), allocation.utility, dict(allocation.bandwidth_mbps), solve_us,
+                      dict(allocation.extra))
 
 
 def onboard_only_services(cameras: Sequence[str], fallback_name: str) -> tuple[Service, ...]:
