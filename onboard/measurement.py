@@ -4,11 +4,16 @@
   cloud answers at once. RTT sample = pong arrival - ping send - server time; the estimate is
   the smallest of the recent ones (the one least inflated by queueing behind the car's own
   uploads). Until the first pong, the configured prior.
-- Uplink transfer time of a request = reply arrival - transfer start - server time
-  (`timings_ms.total`) - RTT estimate, where the transfer start is the later of the send time
-  and the estimated end of the upload of the request sent just before (the uplink is one FIFO
-  queue, so a request waits for earlier ones).
-- Throughput sample = request bits / transfer time, clamped to a plausible range.
+- Upload end of a request = reply arrival - server time (`timings_ms.total`) - RTT estimate.
+- The uplink is one FIFO queue: when a request's last byte has left, so have those of every
+  request sent before it. Replies come back out of order (cloud runtimes differ), so a reply
+  measures its request together with every earlier one not yet measured: throughput sample =
+  their bits / (upload end - transfer start), where the transfer start is the later of the
+  first one's send time and the upload end last measured. Measuring a request alone would
+  count the time it queued behind an earlier request still unanswered as its own transfer:
+  with pipelined uploads on a fast LTE uplink, that read 5 Mbps off a 20 Mbps link. A reply
+  whose request an earlier reply already measured gives no sample. Samples are clamped to a
+  plausible range.
 - Application-limited samples (as BBR marks them): a transfer shorter than
   `APP_LIMITED_TRANSFER_MS` says more about where it fell among the link's bursts than about
   its capacity, and a car that sends little only learns that the link carried at least that
@@ -97,6 +102,9 @@ class LinkMeasurement:
         self._upload_end_ms = -math.inf  # estimated end of the most recent upload we know of
         self._queue_end_ms = -math.inf  # when the car's queued uplink bytes will have left (virtual)
         self._virtual_ends_ms: collections.OrderedDict[int, float] = collections.OrderedDict()
+        # Requests sent and not yet measured, in send order: request id -> (send time, bytes).
+        self._unmeasured: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
+        self._measured_early: collections.OrderedDict[int, None] = collections.OrderedDict()  # with a later one
         self.replies = 0
         self.timeouts = 0
         self.app_limited_samples = 0
@@ -134,6 +142,9 @@ class LinkMeasurement:
         self._virtual_ends_ms[request.request_id] = self._queue_end_ms
         while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
             self._virtual_ends_ms.popitem(last=False)
+        self._unmeasured[request.request_id] = (request.send_ms, request.size_bytes)
+        while len(self._unmeasured) > VIRTUAL_ENDS_KEPT:
+            self._unmeasured.popitem(last=False)
         return self._queue_end_ms
 
     def backlog_ms(self, now_ms: float) -> float:
@@ -145,14 +156,33 @@ class LinkMeasurement:
         self.replies += 1
         upload_end_ms = arrival_ms - max(0.0, server_ms) - self.rtt_ms
         previous_end_ms = self._upload_end_ms
-        start_ms = max(request.send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else request.send_ms
-        transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
         virtual_end_ms = self._virtual_ends_ms.pop(request.request_id, None)
         if virtual_end_ms is not None:  # what was queued behind this request moves with it
             self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + upload_end_ms - virtual_end_ms)
-        return self._observe(arrival_ms, request.size_bytes, transfer_ms,
-                             app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS)
+        if self._measured_early.pop(request.request_id, False) is None:
+            return None  # its bytes were in the sample of a request sent after it
+        first_send_ms, size_bytes = self._take_unmeasured(request)
+        start_ms = max(first_send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else first_send_ms
+        transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
+        return self._observe(arrival_ms, size_bytes, transfer_ms, app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS)
+
+    def _take_unmeasured(self, request: RequestTiming) -> tuple[float, int]:
+        """The send time of the first unmeasured request up to this one (in send order) and all
+        their bytes, now measured; this request alone if it was never registered (`on_send`)."""
+        if request.request_id not in self._unmeasured:
+            return request.send_ms, request.size_bytes
+        first_send_ms, size_bytes = request.send_ms, 0
+        while True:
+            request_id, (send_ms, request_bytes) = self._unmeasured.popitem(last=False)
+            if size_bytes == 0:
+                first_send_ms = send_ms
+            size_bytes += request_bytes
+            if request_id == request.request_id:
+                return first_send_ms, size_bytes
+            self._measured_early[request_id] = None
+            while len(self._measured_early) > VIRTUAL_ENDS_KEPT:
+                self._measured_early.popitem(last=False)
 
     def on_pong(self, send_ms: float, arrival_ms: float, server_ms: float) -> None:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""

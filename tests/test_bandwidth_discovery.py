@@ -96,3 +96,23 @@ def test_an_estimate_only_app_limited_samples_see_is_taken_back_to_them_after_a_
     late_ms = 40.0 + APP_LIMITED_TRUST_MS  # the 100 Mbps sample is older than the window now
     assert _reply_after(measurement, 20, 15_000, late_ms, 10.0) == pytest.approx(12.0)
     assert measurement.bandwidth_mbps() == pytest.approx(12.0)
+
+
+def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
+    from onboard.measurement import LinkMeasurement, RequestTiming
+
+    measurement = LinkMeasurement(_LastSample(1.0), initial_rtt_ms=20.0, sample_window=50)
+    # An 8 Mbps uplink: A (25 kB) leaves 0-25 ms, B (25 kB, sent at 5 ms) queues behind it, 25-50 ms.
+    first, second = RequestTiming(1, 25_000, 0.0), RequestTiming(2, 25_000, 5.0)
+    measurement.on_send(first)
+    measurement.on_send(second)
+    # B's cloud run was short, so its reply comes first: both requests left in 50 ms, 8 Mbps.
+    # Alone, B would read 25 kB in 45 ms, 4.4 Mbps: the time it queued behind A counted as its own.
+    assert measurement.on_reply(second, 50.0 + 20.0 + 5.0, 5.0) == pytest.approx(8.0)
+    assert measurement.on_reply(first, 25.0 + 20.0 + 60.0, 60.0) is None  # measured already
+    # The next request starts after B's measured end: it is measured alone.
+    third = RequestTiming(3, 25_000, 100.0)
+    measurement.on_send(third)
+    assert measurement.on_reply(third, 125.0 + 20.0, 0.0) == pytest.approx(8.0)
+    # A request the measurement never saw sent is measured alone, as before.
+    assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) == pytest.approx(4.0)
