@@ -38,6 +38,17 @@ class DeliverySchedule:
         self.period_ms = int(opportunities_ms[-1])
         self.count_per_period = int(opportunities_ms.size)
 
+    def rotated(self, start_ms: float) -> DeliverySchedule:
+        """The same loop seen from a later start, for replaying a scene over another stretch of
+        the trace: the start is `start_ms` (mod the period) moved back to the nearest time that
+        holds an opportunity, so that the new list still ends with one at the period."""
+        period_ms = self.period_ms
+        starts_ms = np.unique(self.opportunities_ms % period_ms)  # always holds 0 (the period itself)
+        origin_ms = int(starts_ms[np.searchsorted(starts_ms, int(start_ms) % period_ms, side="right") - 1])
+        first = self.first_index_at_or_after(origin_ms + 1)
+        last = self.first_index_at_or_after(origin_ms + period_ms + 1)
+        return DeliverySchedule(self.time_ms(np.arange(first, last)) - origin_ms)
+
     def time_ms(self, index: int | np.ndarray) -> int | np.ndarray:
         """Time of the opportunity with this global index."""
         cycle, within = np.divmod(index, self.count_per_period)

@@ -8,16 +8,24 @@ policy, the fraction of oracle's gain over on-car, the deadline-miss rate, and w
 measuring policy sent nothing; then the acceptance checks over all settings.
 
     python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
-                                        [--set FIELD=VALUE ...] [--quick] [--out FILE.json]
+                                        [--windows W] [--jobs J] [--set FIELD=VALUE ...] [--quick] [--out FILE.json]
 
-Settings with RTT >= SLO cannot reach the cloud at all and are skipped.
+Settings with RTT >= SLO cannot reach the cloud at all and are skipped. The scene is replayed
+over W stretches of each trace (`--windows`, default 6), starting at 0, 1/W, 2/W ... of its
+loop, and each setting reports the mean over them (each window's figures are kept in the JSON):
+one 20 s stretch is a few hundred requests, so a handful either way moves a policy by a point,
+and the first 20 s of a trace are not the trace. `--jobs J` runs the replays in J processes
+(default: the cores, at most 4); the figures do not depend on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from benchjson import write_report
@@ -37,9 +45,11 @@ from optimizer.policies import POLICY_NAMES, get_policy, parse_overrides
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MEASURING = tuple(name for name in POLICY_NAMES if get_policy(name).measures)
+DEFAULT_WINDOWS = 6
+DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
-def setting_figures(summaries: dict[str, dict]) -> dict:
+def window_figures(summaries: dict[str, dict]) -> dict:
     onboard = summaries["onboard"]["map"]
     oracle_gain = (summaries["oracle"]["map"] - onboard) * 100.0
     figures = {
@@ -52,6 +62,29 @@ def setting_figures(summaries: dict[str, dict]) -> dict:
         }
         for name, summary in summaries.items()
     }
+    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures}
+
+
+def setting_figures(windows: list[dict]) -> dict:
+    """One setting's figures over its trace windows: mean mAP and miss rate, total requests, and
+    the fraction of oracle's gain of the means; a policy 'sent nothing' if it did so in a window
+    where oracle gained more than a point."""
+    names = list(windows[0]["policies"])
+    means = {name: sum(window["policies"][name]["map"] for window in windows) / len(windows) for name in names}
+    oracle_gain = means["oracle"] - means["onboard"]
+    figures = {}
+    for name in names:
+        misses = [window["policies"][name]["deadline_miss_rate"] for window in windows]
+        misses = [rate for rate in misses if rate is not None]
+        gain = means[name] - means["onboard"]
+        figures[name] = {
+            "map": round(means[name], 3),
+            "fraction_of_oracle_gain": gain / oracle_gain if oracle_gain > 0 else None,
+            "deadline_miss_rate": sum(misses) / len(misses) if misses else None,
+            "requests_sent": sum(window["policies"][name]["requests_sent"] for window in windows),
+            "sent_nothing": any(window["policies"][name]["sent_nothing"] and window["oracle_gain_points"] > 1.0
+                                for window in windows),
+        }
     return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures}
 
 
@@ -89,6 +122,32 @@ def checks(settings: list[dict]) -> dict:
     }
 
 
+_SCENE = None  # per process: the profiled scene, opened once
+
+
+def _open_scene(profile: Path | None):
+    global _SCENE
+    if _SCENE is None:
+        _SCENE = open_profiled_scene(default_scene_path(), DEFAULT_PRESET, True, profile)
+    return _SCENE
+
+
+def replay_window(path: Path, window: int, windows: int, rtt_ms: float, slo_ms: float, frames: int | None,
+                  overrides: dict, profile: Path | None) -> dict:
+    """Every policy on one stretch of one trace at one RTT and SLO."""
+    scene = _open_scene(profile)
+    trace = open_trace(path)
+    start_ms = window * trace.schedule.period_ms / windows
+    if window:
+        trace = dataclasses.replace(trace, schedule=trace.schedule.rotated(start_ms))
+    case = make_case(scene, trace, rtt_ms, slo_ms, frames)
+    result = run_case(case, POLICY_NAMES, overrides=overrides)
+    _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
+    return {"start_s": round(start_ms / 1000.0, 3), "trace_mean_mbps": float(capacity.mean()),
+            "scene": case.scene_name, "frames": case.scenario.num_frames,
+            "cloud_runtimes": case.cloud.name if case.cloud else None, **window_figures(result.summaries)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="folder of Mahimahi .up / .down traces")
@@ -97,43 +156,55 @@ def main() -> int:
     parser.add_argument("--slo-ms", type=float, nargs="+", default=[100.0, 200.0, 400.0])
     parser.add_argument("--quick", action="store_true", help="the first 50 frames, RTT 50 ms and SLO 200 ms only")
     parser.add_argument("--profile", type=Path, help="an existing profile folder instead of the cached demo preset")
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                        help=f"stretches of each trace to replay (default {DEFAULT_WINDOWS}; --quick: 1)")
+    parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                        help=f"replays run in this many processes (default {DEFAULT_JOBS}, the cores)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="policy_settings",
                         help="override a policy field for every policy, e.g. max_in_flight_per_camera=2")
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     args = parser.parse_args()
     overrides = parse_overrides(args.policy_settings)
     if args.quick:
-        args.frames, args.rtt_ms, args.slo_ms = 50, [50.0], [200.0]
+        args.frames, args.rtt_ms, args.slo_ms, args.windows = 50, [50.0], [200.0], 1
     trace_paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
     if not trace_paths:
         print(f"bench_policies: no .up or .down traces in {args.traces}; skipped", file=sys.stderr)
         write_report({"benchmark": "policies", "skipped": f"no traces in {args.traces}"}, args.out)
         return 0
-    scene = open_profiled_scene(default_scene_path(), DEFAULT_PRESET, True, args.profile)
+    if args.windows < 1 or args.jobs < 1:
+        parser.error("--windows and --jobs must be at least 1")
+    _open_scene(args.profile)  # profile first (with its own progress), before any worker needs it
     grid = [(rtt, slo) for rtt in args.rtt_ms for slo in args.slo_ms if rtt < slo]
-    settings = []
+    keys = [(path, rtt_ms, slo_ms) for path in trace_paths for rtt_ms, slo_ms in grid]
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task("policy sweep", total=len(trace_paths) * len(grid))
-        for path in trace_paths:
-            trace = open_trace(path)
-            for rtt_ms, slo_ms in grid:
-                case = make_case(scene, trace, rtt_ms, slo_ms, args.frames)
-                result = run_case(case, POLICY_NAMES, overrides=overrides)
-                _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
-                settings.append({"trace": path.name, "direction": "uplink" if path.suffix == ".up" else "fast uplink",
-                                 "trace_mean_mbps": round(float(capacity.mean()), 3), "rtt_ms": rtt_ms,
-                                 "slo_ms": slo_ms, **setting_figures(result.summaries)})
+    with Progress(*columns, transient=True) as progress, \
+            ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _InProcess() as pool:
+        task = progress.add_task("policy sweep", total=len(keys) * args.windows)
+        futures = {key: [pool.submit(replay_window, key[0], window, args.windows, key[1], key[2], args.frames,
+                                     overrides, args.profile) for window in range(args.windows)] for key in keys}
+        settings = []
+        for (path, rtt_ms, slo_ms), pending in futures.items():
+            windows = []
+            for future in pending:
+                windows.append(future.result())
                 progress.advance(task)
+            settings.append({"trace": path.name, "direction": "uplink" if path.suffix == ".up" else "fast uplink",
+                             "trace_mean_mbps": round(sum(w["trace_mean_mbps"] for w in windows) / len(windows), 3),
+                             "rtt_ms": rtt_ms, "slo_ms": slo_ms, **setting_figures(windows),
+                             "windows": [{key: value for key, value in window.items()
+                                          if key not in ("scene", "frames", "cloud_runtimes")} for window in windows]})
+    first = futures[keys[0]][0].result()
     report = {
         "benchmark": "policies",
-        "scene": case.scene_name,
-        "frames": case.scenario.num_frames,
+        "scene": first["scene"],
+        "frames": first["frames"],
         "traces": [path.name for path in trace_paths],
+        "windows_per_trace": args.windows,
         "grid_rtt_slo_ms": grid,
-        "cloud_runtimes": case.cloud.name if case.cloud else None,
+        "cloud_runtimes": first["cloud_runtimes"],
         "policy_overrides": overrides,
         "wall_s": round(time.perf_counter() - started, 1),
         "settings": settings,
@@ -141,6 +212,31 @@ def main() -> int:
     }
     write_report(report, args.out)
     return 0
+
+
+class _Deferred:
+    """A replay run in this process when its result is asked for (so the progress bar moves)."""
+
+    def __init__(self, function, args) -> None:
+        self.function, self.args = function, args
+
+    def result(self):
+        if self.function is not None:
+            self.value, self.function = self.function(*self.args), None
+        return self.value
+
+
+class _InProcess:
+    """`--jobs 1`: the executor interface, without processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+    def submit(self, function, *args) -> _Deferred:
+        return _Deferred(function, args)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,22 @@ def test_the_datasets_benchmark_reads_a_segment_in_a_fresh_process(load_benchmar
     path = write_synthetic_scene(tmp_path / "two.tfrecord", seed=0, frames=2, progress=False)
     result = load_benchmark("bench_datasets")._child_read(path)  # noqa: SLF001
     assert result["frames"] == 2 and result["peak_rss_mb"] > 0
+
+
+def test_the_policy_sweep_averages_a_setting_over_its_trace_windows(load_benchmark):
+    def window(maps: dict, sent: dict) -> dict:
+        return {"oracle_gain_points": maps["oracle"] - maps["onboard"],
+                "policies": {name: {"map": value, "deadline_miss_rate": None if name == "onboard" else 0.1 * value,
+                                    "requests_sent": sent.get(name, 10), "sent_nothing": sent.get(name, 10) == 0}
+                             for name, value in maps.items()}}
+
+    figures = load_benchmark("bench_policies").setting_figures([
+        window({"onboard": 10.0, "turbo": 12.0, "oracle": 14.0}, {"onboard": 0, "turbo": 0}),
+        window({"onboard": 10.0, "turbo": 16.0, "oracle": 18.0}, {"onboard": 0}),
+    ])
+    turbo = figures["policies"]["turbo"]
+    assert figures["oracle_gain_points"] == 6.0
+    assert turbo["map"] == 14.0 and turbo["fraction_of_oracle_gain"] == pytest.approx(4.0 / 6.0)
+    assert turbo["deadline_miss_rate"] == pytest.approx(1.4) and turbo["requests_sent"] == 10
+    assert turbo["sent_nothing"]  # in the first window, where oracle gained 4 points
+    assert figures["policies"]["onboard"]["deadline_miss_rate"] is None

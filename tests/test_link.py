@@ -50,6 +50,18 @@ def test_drop_tail_queue_rejects_what_does_not_fit():
     assert link.send(3, 2 * PACKET_BYTES).accepted  # by then 3 of the 4 packets have left
 
 
+def test_a_rotated_schedule_is_the_same_loop_seen_from_a_later_start():
+    schedule = DeliverySchedule(np.array([1, 1, 3, 7, 7, 10]))
+    assert schedule.rotated(0).opportunities_ms.tolist() == [1, 1, 3, 7, 7, 10]
+    later = schedule.rotated(5)  # moved back to 3, the last time before 5 that holds an opportunity
+    assert later.opportunities_ms.tolist() == [4, 4, 7, 8, 8, 10]
+    assert (later.period_ms, later.count_per_period) == (10, 6)
+    # Every opportunity of the original after time 3 is one of the rotated loop 3 ms earlier.
+    original = schedule.time_ms(np.arange(schedule.first_index_at_or_after(4), 40))
+    np.testing.assert_array_equal(later.time_ms(np.arange(original.size)), original - 3)
+    assert schedule.rotated(13).opportunities_ms.tolist() == later.opportunities_ms.tolist()  # mod the period
+
+
 def test_bad_traces_are_refused():
     with pytest.raises(ValueError):
         DeliverySchedule(np.array([], dtype=np.int64))
