@@ -41,8 +41,8 @@ def test_example_params_load_and_overrides_apply():
     assert params.cameras == ["FRONT", "FRONT_LEFT", "FRONT_RIGHT", "SIDE_LEFT", "SIDE_RIGHT"]
     # Key paths in a file are relative to the file.
     assert params.security.client_secret_key == EXAMPLE.parent / "keys" / "car-0.key_secret"
-    assert not params.policy_spec().success_horizon  # turbo-q's default
-    assert load_params(EXAMPLE, ["success_horizon:=true"]).policy_spec().success_horizon
+    assert params.policy_spec().success_horizon  # turbo-q's default
+    assert not load_params(EXAMPLE, ["success_horizon:=false"]).policy_spec().success_horizon
 
 
 @pytest.mark.parametrize(("override", "named"), [

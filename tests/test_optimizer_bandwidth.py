@@ -174,7 +174,7 @@ def test_a_success_horizon_spans_the_frames_of_the_deadline():
     from optimizer.policies import get_policy
 
     services = (Service("FRONT", (Option("car", 0.0, 0.0, 0.2), Option("cloud", 0.45, 0.0, 0.6))),)
-    spanning = build_planner(services, get_policy("turbo-q", {"success_horizon": True}), frame_interval_ms=100.0)
+    spanning = build_planner(services, get_policy("turbo-q"), frame_interval_ms=100.0)  # turbo-q's default
     assert [spanning.inner.horizon_intervals(50.0, slo_ms) for slo_ms in (100.0, 200.0, 400.0)] == [1, 1, 3]
-    one_frame = build_planner(services, get_policy("turbo-q"), frame_interval_ms=100.0)
+    one_frame = build_planner(services, get_policy("turbo-q", {"success_horizon": False}), frame_interval_ms=100.0)
     assert one_frame.inner.horizon_intervals(50.0, 400.0) == 1
