@@ -19,7 +19,8 @@ real request measures the link again).
 camera, TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo-q` and `oracle` run the
 agent as avcloud ships it: a camera's next upload may start once its previous one has left the
 uplink (`max_in_flight_per_camera` 2), and options are planned at the rate of a camera that
-sends every frame, size / min(slack, frame interval) (`stream_rate_cap`).
+sends every frame, size / min(slack, frame interval) (`stream_rate_cap`). turbo-q also judges a
+plan's chance of arriving in time over the frame intervals its deadline spans (`success_horizon`).
 
 The onboard daemon takes a name (`-p policy:=turbo-q`) and optional field overrides; the replay
 and the live replay take the same names, and every run records the full spec it used.

@@ -21,7 +21,7 @@ next frame wants to send (the car plans around its backlog, so the next frame se
 `miss_cost` c is that loss as a fraction of the allocation's gain; 0 is the plain model.
 
 Horizon. With a deadline that spans k frame intervals (`horizon_intervals`: k = (SLO - RTT) //
-interval under the policy field `success_horizon`, off by default), a frame's requests may use
+interval under the policy field `success_horizon`, on for turbo-q), a frame's requests may use
 the uplink over those k intervals, and a shortfall in one can be made up in the next. P is then
 taken over the mean capacity of k intervals, each drawn independently from the forecast
 (`HORIZON_DRAWS` fixed draws, so a plan is deterministic). Independence understates how long a slow spell lasts on a real link; the miss
