@@ -180,8 +180,7 @@ def main() -> int:
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress, \
-            ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _InProcess() as pool:
+    with Progress(*columns, transient=True) as progress, ProcessPoolExecutor(args.jobs) as pool:
         task = progress.add_task("policy sweep", total=len(keys) * args.windows)
         futures = {key: [pool.submit(replay_window, key[0], window, args.windows, key[1], key[2], args.frames,
                                      overrides, args.profile) for window in range(args.windows)] for key in keys}
@@ -212,31 +211,6 @@ def main() -> int:
     }
     write_report(report, args.out)
     return 0
-
-
-class _Deferred:
-    """A replay run in this process when its result is asked for (so the progress bar moves)."""
-
-    def __init__(self, function, args) -> None:
-        self.function, self.args = function, args
-
-    def result(self):
-        if self.function is not None:
-            self.value, self.function = self.function(*self.args), None
-        return self.value
-
-
-class _InProcess:
-    """`--jobs 1`: the executor interface, without processes."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        return None
-
-    def submit(self, function, *args) -> _Deferred:
-        return _Deferred(function, args)
 
 
 if __name__ == "__main__":

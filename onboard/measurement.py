@@ -12,8 +12,8 @@
   first one's send time and the upload end last measured. Measuring a request alone would
   count the time it queued behind an earlier request still unanswered as its own transfer:
   with pipelined uploads on a fast LTE uplink, that read 5 Mbps off a 20 Mbps link. A reply
-  whose request an earlier reply already measured gives no sample. Samples are clamped to a
-  plausible range.
+  whose request an earlier reply already measured (or that `on_send` never saw) gives no
+  sample. Samples are clamped to a plausible range.
 - Application-limited samples (as BBR marks them): a transfer shorter than
   `APP_LIMITED_TRANSFER_MS` says more about where it fell among the link's bursts than about
   its capacity, and a car that sends little only learns that the link carried at least that
@@ -104,7 +104,6 @@ class LinkMeasurement:
         self._virtual_ends_ms: collections.OrderedDict[int, float] = collections.OrderedDict()
         # Requests sent and not yet measured, in send order: request id -> (send time, bytes).
         self._unmeasured: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
-        self._measured_early: collections.OrderedDict[int, None] = collections.OrderedDict()  # with a later one
         self.replies = 0
         self.timeouts = 0
         self.app_limited_samples = 0
@@ -160,29 +159,22 @@ class LinkMeasurement:
         virtual_end_ms = self._virtual_ends_ms.pop(request.request_id, None)
         if virtual_end_ms is not None:  # what was queued behind this request moves with it
             self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + upload_end_ms - virtual_end_ms)
-        if self._measured_early.pop(request.request_id, False) is None:
+        if request.request_id not in self._unmeasured:
             return None  # its bytes were in the sample of a request sent after it
-        first_send_ms, size_bytes = self._take_unmeasured(request)
+        first_send_ms, size_bytes = self._take_unmeasured(request.request_id)
         start_ms = max(first_send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else first_send_ms
         transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
         return self._observe(arrival_ms, size_bytes, transfer_ms, app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS)
 
-    def _take_unmeasured(self, request: RequestTiming) -> tuple[float, int]:
-        """The send time of the first unmeasured request up to this one (in send order) and all
-        their bytes, now measured; this request alone if it was never registered (`on_send`)."""
-        if request.request_id not in self._unmeasured:
-            return request.send_ms, request.size_bytes
-        first_send_ms, size_bytes = request.send_ms, 0
+    def _take_unmeasured(self, last_request_id: int) -> tuple[float, int]:
+        """The send time of the first unmeasured request and the bytes of all of them up to this
+        one (in send order), now measured."""
+        first_send_ms, size_bytes = self._unmeasured[next(iter(self._unmeasured))][0], 0
         while True:
-            request_id, (send_ms, request_bytes) = self._unmeasured.popitem(last=False)
-            if size_bytes == 0:
-                first_send_ms = send_ms
+            request_id, (_, request_bytes) = self._unmeasured.popitem(last=False)
             size_bytes += request_bytes
-            if request_id == request.request_id:
+            if request_id == last_request_id:
                 return first_send_ms, size_bytes
-            self._measured_early[request_id] = None
-            while len(self._measured_early) > VIRTUAL_ENDS_KEPT:
-                self._measured_early.popitem(last=False)
 
     def on_pong(self, send_ms: float, arrival_ms: float, server_ms: float) -> None:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""

@@ -114,5 +114,5 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     third = RequestTiming(3, 25_000, 100.0)
     measurement.on_send(third)
     assert measurement.on_reply(third, 125.0 + 20.0, 0.0) == pytest.approx(8.0)
-    # A request the measurement never saw sent is measured alone, as before.
-    assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) == pytest.approx(4.0)
+    # A request the measurement never saw sent cannot be placed in the queue: no sample.
+    assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) is None
