@@ -85,3 +85,12 @@ def test_the_cell_policy_needs_the_cell_allocator(capsys):
 def test_bad_cell_policy_settings(capsys, args, message):
     code, err = run_cli(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cell-capacity-fraction", "0"], "--cell-capacity-fraction must be in (0, 1]"),
+    (["--cell-gpu-fraction", "-1"], "--cell-gpu-fraction must be in [0, 1]"),
+])
+def test_cell_settings_out_of_range_are_refused_without_the_cell_policy(capsys, args, message):
+    code, err = run_cli(capsys, *args)  # the default policies: turbo and turbo-q
+    assert code == 2 and err.count("\n") == 1 and message in err, err

@@ -279,13 +279,15 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
     if not math.isfinite(options.break_even_points):
         raise UserError("--break-even-points must be a finite number")
     check_cloud_choice(options.cloud)
+    # The cell's settings are checked even when no point runs the cell policy: a value out of
+    # range is a mistake either way, and ignoring it would hide a typo in the policy list.
+    options.cell.check()
     policies = list(dict.fromkeys(options.policies))
     if not policies:
         raise UserError("no policy to simulate")
     for name in policies:
         if name == CELL_POLICY:
             check_cell_policy()
-            options.cell.check()
             if options.scheduler not in SHARED_SCHEDULERS:
                 raise UserError(f"policy '{CELL_POLICY}' coordinates the vehicles of one shared cell: use it with "
                                 f"--scheduler {' or '.join(SHARED_SCHEDULERS)}")
