@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from avcloud.errors import UserError
 
 
 def cache_dir() -> Path:
@@ -11,3 +14,15 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("AVCLOUD_CACHE", Path.home() / ".cache" / "avcloud"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def writable_report_dir(path: Path, flag: str = "--out") -> Path:
+    """Creates a report folder and checks that it takes a file, before the run whose report goes
+    there: a folder that cannot be written is found in a second, not after minutes of work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot write the report there ({error.strerror or error})") from None
+    return path

@@ -54,3 +54,12 @@ def test_the_policy_sweep_averages_a_setting_over_its_trace_windows(load_benchma
     assert turbo["deadline_miss_rate"] == pytest.approx(1.4) and turbo["requests_sent"] == 10
     assert turbo["sent_nothing"]  # in the first window, where oracle gained 4 points
     assert figures["policies"]["onboard"]["deadline_miss_rate"] is None
+
+
+def test_figures_that_cannot_be_written_to_their_file_go_to_standard_output(load_benchmark, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark("benchjson").write_report({"median_us": 42.0}, blocker / "figures.json")
+    assert "cannot write" in str(stopped.value) and "figures.json" in str(stopped.value)
+    assert '"median_us": 42.0' in capsys.readouterr().out

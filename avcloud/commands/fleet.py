@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         run_fleet_job,
     )
     from avcloud.fleet.report import print_tables, write_report
+    from avcloud.paths import writable_report_dir
     from avcloud.replay.report import show_report
 
     vehicles = _int_list(args.vehicles, "--vehicles")
@@ -154,13 +155,13 @@ def run(args: argparse.Namespace) -> int:
                                 gpu_fraction=args.cell_gpu_fraction),
     )
     check_options(options)
+    out_dir = writable_report_dir(args.out or default_out_dir())
     console = Console() if sys.stdout.isatty() else Console(width=170)
     with Progress(TextColumn("fleet sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), disable=args.no_progress, transient=True) as progress:
         task = progress.add_task("fleet", total=None)
         document = run_fleet_job(options, on_progress=lambda done, total: progress.update(task, completed=done,
                                                                                             total=total))
-    out_dir = args.out or default_out_dir()
     try:
         write_report(document, out_dir)
     except OSError as error:

@@ -85,6 +85,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from avcloud.paths import writable_report_dir
     from avcloud.replay.job import ReplayOptions, check_options, default_out_dir, results_document, run_replay
     from avcloud.replay.report import print_tables, show_report, write_report
 
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.policy_settings and args.live:
         raise UserError("--set: a live replay's agent takes its policy fields from the onboard params")
     replayed = check_options(options)
+    out_dir = writable_report_dir(args.out or default_out_dir())
     for name in args.mcap or ():
         if name not in replayed:
             raise UserError(f"--mcap {name}: not among the replayed policies ({', '.join(replayed)})")
@@ -115,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
         results = run_replay(options, console=Console(stderr=True))
         mode = "simulated"
     document = results_document(results, options, mode=mode)
-    out_dir = args.out or default_out_dir()
     try:
         write_report(document, results, out_dir)
     except OSError as error:
