@@ -16,13 +16,14 @@ def cache_dir() -> Path:
     return root
 
 
-def writable_report_dir(path: Path, flag: str = "--out") -> Path:
-    """Creates a report folder and checks that it takes a file, before the run whose report goes
-    there: a folder that cannot be written is found in a second, not after minutes of work."""
+def writable_output_dir(path: Path, flag: str = "--out", named: Path | None = None) -> Path:
+    """Creates an output folder and checks that it takes a file, before the run whose output goes
+    there: a folder that cannot be written is found in a second, not after minutes of work.
+    `named`: what the error names after the flag (the file the user gave; default the folder)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as error:
-        raise UserError(f"{flag} {path}: cannot write the report there ({error.strerror or error})") from None
+        raise UserError(f"{flag} {named or path}: cannot write there ({error.strerror or error})") from None
     return path

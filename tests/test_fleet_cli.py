@@ -106,4 +106,4 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_sweep(capsys
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
     code, err = run_cli(capsys, "--vehicles", "1", "--out", str(blocker / "report"))
-    assert code == 2 and err.count("\n") == 1 and "--out" in err and "cannot write the report there" in err, err
+    assert code == 2 and err.count("\n") == 1 and "--out" in err and "cannot write there" in err, err

@@ -155,5 +155,10 @@ def test_cli_profile_bad_arguments_exit_2_with_one_line(tiny_scene, tmp_path, ca
 
     assert main(["profile", "--scene", str(tiny_scene), "--out", str(tmp_path / "x.csv")]) == 2
     assert main(["profile", "--scene", str(tiny_scene), "--codecs", "inpcomp12", "--out", str(tmp_path / "x.parquet")]) == 2
+    blocker = tmp_path / "a-file"  # a folder that cannot be made: refused before any profiling
+    blocker.write_text("not a folder\n")
+    assert main(["profile", "--scene", str(tiny_scene), "--out", str(blocker / "x.parquet")]) == 2
+    assert main(["profile", "--scene", str(tiny_scene), "--cloud-table", str(blocker / "t.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("avcloud profile: error:") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("avcloud profile: error:") for line in errors)
+    assert all("cannot write there" in line for line in errors[2:])

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         run_fleet_job,
     )
     from avcloud.fleet.report import print_tables, write_report
-    from avcloud.paths import writable_report_dir
+    from avcloud.paths import writable_output_dir
     from avcloud.replay.report import show_report
 
     vehicles = _int_list(args.vehicles, "--vehicles")
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                 gpu_fraction=args.cell_gpu_fraction),
     )
     check_options(options)
-    out_dir = writable_report_dir(args.out or default_out_dir())
+    out_dir = writable_output_dir(args.out or default_out_dir())
     console = Console() if sys.stdout.isatty() else Console(width=170)
     with Progress(TextColumn("fleet sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), disable=args.no_progress, transient=True) as progress:

@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from avcloud.paths import writable_output_dir
     from avcloud.profiler import PROFILE_PRESETS, run_profile
 
     logging.basicConfig(level=logging.WARNING)
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.cloud_table.suffix.lower() != ".csv":
             raise UserError(f"--cloud-table {args.cloud_table}: the runtime table is a .csv file")
+        writable_output_dir(args.cloud_table.parent, "--cloud-table", named=args.cloud_table)
         try:
             path = measure_cloud_runtimes(scene, args.models or preset.models, args.codecs or preset.codecs,
                                           args.cloud_table, args.backend, args.timing_frames or TIMING_FRAMES)
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--cloud-table {args.cloud_table}: cannot write ({error.strerror or error})") from None
         print(f"wrote {path}")
         return 0
+    writable_output_dir(out.parent, named=out)
     result = run_profile(
         scene,
         models=args.models or preset.models,

@@ -85,7 +85,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from avcloud.paths import writable_report_dir
+    from avcloud.paths import writable_output_dir
     from avcloud.replay.job import ReplayOptions, check_options, default_out_dir, results_document, run_replay
     from avcloud.replay.report import print_tables, show_report, write_report
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.policy_settings and args.live:
         raise UserError("--set: a live replay's agent takes its policy fields from the onboard params")
     replayed = check_options(options)
-    out_dir = writable_report_dir(args.out or default_out_dir())
+    out_dir = writable_output_dir(args.out or default_out_dir())
     for name in args.mcap or ():
         if name not in replayed:
             raise UserError(f"--mcap {name}: not among the replayed policies ({', '.join(replayed)})")
