@@ -71,9 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as error:
+        # A file or folder the command could not read or write (a path under a file, a full
+        # disk): one line naming it. Commands with long work check their outputs first.
+        print(f"avcloud {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def describe_os_error(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename else reason
 
 
 if __name__ == "__main__":

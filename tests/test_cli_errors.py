@@ -82,6 +82,15 @@ CASES = {
                                          "{dir}/allow"], "must not hold secret keys"),
     "keys show junk": (["keys", "show", "{junk.key}"], "junk.key: not a CurveZMQ certificate"),
     "keys show binary": (["keys", "show", "{binary.yaml}"], "binary.yaml: not a CurveZMQ certificate"),
+    # Outputs under a file (a folder that cannot be made): long work checks first, the rest fail
+    # at the write with the path and the system's reason.
+    "trace synth under a file": (["trace", "synth", "--out", "{junk.key}/x.up"], "junk.key/x.up: Not a directory"),
+    "trace convert under a file": (["trace", "convert", str(REPO / "datasets/data/synthetic-lte-uplink.up"),
+                                    "--out", "{junk.key}/y.up"], "junk.key/y.up: Not a directory"),
+    "dataset synth under a file": (["dataset", "synth", "--out", "{junk.key}/s.tfrecord", "--frames", "2"],
+                                   "--out {junk.key}/s.tfrecord: cannot write there"),
+    "models train under a file": (["models", "train", "--out", "{junk.key}/m", "--steps", "1"],
+                                  "--out {junk.key}/m: cannot write there"),
 }
 
 
@@ -102,7 +111,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, files, capsys):
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err
     assert len(lines) == 1 and lines[0].startswith(f"avcloud {argv[0]}: error: "), captured.err
-    assert fragment in lines[0]
+    assert expand([fragment], files)[0] in lines[0]
     assert "Traceback" not in captured.err + captured.out
 
 

@@ -186,11 +186,13 @@ def _parse_cameras(text: str) -> tuple[str, ...]:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from avcloud.paths import writable_output_dir
     from datasets.synthetic import write_synthetic_scene
 
     cameras = _parse_cameras(args.cameras)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    writable_output_dir(args.out.parent, named=args.out)  # before the rendering, not after it
     path = write_synthetic_scene(args.out, seed=args.seed, frames=args.frames, cameras=cameras,
                                  jpeg_quality=args.jpeg_quality, progress=not args.no_progress, workers=args.workers)
     print(f"wrote {path} ({args.frames} frames, {len(cameras)} cameras, {path.stat().st_size / 1e6:.1f} MB)")

@@ -134,6 +134,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    if args.out is not None:
+        from pathlib import Path
+
+        from avcloud.paths import writable_output_dir
+
+        writable_output_dir(Path(args.out))  # before the training, not after it
     cards = train_family(args.preset, steps=args.steps, out_dir=args.out, models=args.models,
                          workers=args.workers, progress=True, initial_dir=args.initial_dir)
     for card in cards:
