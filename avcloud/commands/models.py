@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from avcloud.errors import UserError
 
@@ -135,8 +136,6 @@ def run_train(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {args.steps})")
     if args.out is not None:
-        from pathlib import Path
-
         from avcloud.paths import writable_output_dir
 
         writable_output_dir(Path(args.out))  # before the training, not after it

@@ -100,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if args.policy_settings and args.live:
         raise UserError("--set: a live replay's agent takes its policy fields from the onboard params")
     replayed = check_options(options)
-    out_dir = writable_output_dir(args.out or default_out_dir())
     for name in args.mcap or ():
         if name not in replayed:
             raise UserError(f"--mcap {name}: not among the replayed policies ({', '.join(replayed)})")
         if args.live:
             raise UserError("--mcap: a live replay is recorded by `avcloud record --format mcap`")
+    out_dir = writable_output_dir(args.out or default_out_dir())
     # Wide enough for the table when the output is not a terminal (a file, a pipe, `make demo` logs).
     console = Console() if sys.stdout.isatty() else Console(width=150)
     if args.live:
