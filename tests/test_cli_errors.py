@@ -115,6 +115,21 @@ def test_bad_input_is_one_line_and_exit_code_2(case, files, capsys):
     assert "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.parametrize("argv, long_work", [
+    (["replay", "--no-progress"], "avcloud.replay.job.run_replay"),
+    (["fleet", "--no-progress", "--executor", "local", "--vehicles", "1"], "avcloud.fleet.job.run_fleet_job"),
+])
+def test_a_report_folder_that_cannot_be_made_is_refused_before_the_work(argv, long_work, files, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError(f"{long_work} ran before its report folder was checked")
+
+    monkeypatch.setattr(long_work, no_work)
+    code = main([*argv, "--out", str(files["junk.key"] / "report")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--out {files['junk.key'] / 'report'}: cannot write there" in lines[0]
+
+
 def test_record_to_a_full_disk_stops_with_one_line_saying_how_many(capsys):
     """JSONL to /dev/full: results arrive, the first write fails, one line says what the file holds."""
     from onboard.topics import DetectionResult, encode_detection_result

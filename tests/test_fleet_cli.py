@@ -94,16 +94,3 @@ def test_bad_cell_policy_settings(capsys, args, message):
 def test_cell_settings_out_of_range_are_refused_without_the_cell_policy(capsys, args, message):
     code, err = run_cli(capsys, *args)  # the default policies: turbo and turbo-q
     assert code == 2 and err.count("\n") == 1 and message in err, err
-
-
-def test_an_out_folder_that_cannot_be_written_is_refused_before_the_sweep(capsys, tmp_path, monkeypatch):
-    import avcloud.fleet.job
-
-    def no_sweep(*args, **kwargs):
-        raise AssertionError("the sweep ran before its report folder was checked")
-
-    monkeypatch.setattr(avcloud.fleet.job, "run_fleet_job", no_sweep)
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder\n")
-    code, err = run_cli(capsys, "--vehicles", "1", "--out", str(blocker / "report"))
-    assert code == 2 and err.count("\n") == 1 and "--out" in err and "cannot write there" in err, err

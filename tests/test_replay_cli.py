@@ -86,16 +86,3 @@ def test_bad_cloud_runtime_model_or_policy_setting(capsys, option, value, messag
 def test_mcap_of_a_policy_not_replayed(capsys):
     code, err = run_cli(capsys, "--policy", "turbo", "--mcap", "oracle")
     assert code == 2 and err.count("\n") == 1 and "--mcap oracle: not among the replayed policies" in err
-
-
-def test_an_out_folder_that_cannot_be_written_is_refused_before_the_replay(capsys, tmp_path, monkeypatch):
-    import avcloud.replay.job
-
-    def no_replay(*args, **kwargs):
-        raise AssertionError("the replay ran before its report folder was checked")
-
-    monkeypatch.setattr(avcloud.replay.job, "run_replay", no_replay)
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder\n")
-    code, err = run_cli(capsys, "--out", str(blocker / "report"))
-    assert code == 2 and err.count("\n") == 1 and "--out" in err and "cannot write there" in err, err
