@@ -117,7 +117,10 @@ def in_child(vehicles: int, mode: str, frames: int, breakdown: bool = False) -> 
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"bench_fleet: the run with {vehicles} vehicles ({mode}) failed:\n{completed.stderr[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    print(f"bench_fleet: {vehicles} vehicle{'s' if vehicles != 1 else ''} ({mode}), {frames} frames{' profiled' if breakdown else ''}: "
+          f"{result['simulated_seconds_per_wall_second']:.2f}x real time", file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> int:
