@@ -235,7 +235,9 @@ class OnboardAgent:
             # Bytes the car has already queued delay this frame's requests: they have that much
             # less time to reach the cloud (TURBO's critical bandwidth assumes an empty uplink).
             backlog_ms = self.measurement.backlog_ms(now_ms) if self.plans_for_uplink else 0.0
-            planning_slo_ms = max(planning_slo(self.slo_ms, backlog_ms), MIN_PLANNING_SLO_MS)
+            # A cloud result counts only until the frame's cutoff (the deadline less the publish
+            # guard): plan for that, not for the deadline itself.
+            planning_slo_ms = max(planning_slo(self.slo_ms - self.publish_guard_ms, backlog_ms), MIN_PLANNING_SLO_MS)
             allocation = self.planner.plan(bandwidth_mbps, rtt_ms, planning_slo_ms,
                                            self.measurement.forecast_samples_mbps())
             allocation.extra["backlog_ms"] = backlog_ms

@@ -38,9 +38,11 @@ class FixedPlanner:
     def __init__(self, cloud_cameras: tuple[str, ...]) -> None:
         self.cloud_cameras = cloud_cameras
         self.calls: list[float] = []
+        self.slos_ms: list[float] = []
 
     def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps):
         self.calls.append(bandwidth_mbps)
+        self.slos_ms.append(slo_ms)
         choices = {camera: CLOUD.name if camera in self.cloud_cameras else FALLBACK.name for camera in CAMERAS}
         bandwidth = {camera: (10.0 if camera in self.cloud_cameras else 0.0) for camera in CAMERAS}
         return Allocation(choices, 0.0, bandwidth)
@@ -273,6 +275,8 @@ def test_a_stale_plan_that_sends_nothing_gets_one_discovery_request_per_stale_in
 def test_publish_guard_gets_the_fallback_out_before_the_deadline():
     agent, clock, link, _, published = make_agent(guard_ms=5.0)
     agent.on_camera_frame(0, "FRONT", IMAGE)
+    # A cloud result counts until the cutoff, not the deadline: the frame is planned for that.
+    assert agent.planner.slos_ms == [pytest.approx(SLO_MS - 5.0)]
     assert agent.next_wakeup_ms() == pytest.approx(1095.0)
     clock.advance_to(1095.0)
     agent.step()
