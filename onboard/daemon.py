@@ -222,6 +222,12 @@ class OnboardAgent:
                    ping_interval_ms=policy.ping_interval_ms,
                    max_in_flight_per_camera=policy.max_in_flight_per_camera, **io_and_settings)
 
+    @property
+    def cutoff_after_arrival_ms(self) -> float:
+        """How long after a frame's arrival a cloud result still counts: the deadline less the
+        publish guard, so that the publish itself lands in time."""
+        return self.slo_ms - self.publish_guard_ms
+
     # ------------------------------------------------------------ events
 
     def allocation_for(self, frame_index: int) -> Allocation:
@@ -235,9 +241,8 @@ class OnboardAgent:
             # Bytes the car has already queued delay this frame's requests: they have that much
             # less time to reach the cloud (TURBO's critical bandwidth assumes an empty uplink).
             backlog_ms = self.measurement.backlog_ms(now_ms) if self.plans_for_uplink else 0.0
-            # A cloud result counts only until the frame's cutoff (the deadline less the publish
-            # guard): plan for that, not for the deadline itself.
-            planning_slo_ms = max(planning_slo(self.slo_ms - self.publish_guard_ms, backlog_ms), MIN_PLANNING_SLO_MS)
+            # A cloud result counts only until the frame's cutoff, not the deadline: plan for that.
+            planning_slo_ms = max(planning_slo(self.cutoff_after_arrival_ms, backlog_ms), MIN_PLANNING_SLO_MS)
             allocation = self.planner.plan(bandwidth_mbps, rtt_ms, planning_slo_ms,
                                            self.measurement.forecast_samples_mbps())
             allocation.extra["backlog_ms"] = backlog_ms
@@ -288,7 +293,7 @@ class OnboardAgent:
         option = self.options[camera].get(choice)
         task = TaskFrame(frame_index=frame_index, camera=camera, arrival_ms=start_ms,
                          deadline_ms=start_ms + self.slo_ms,
-                         cutoff_ms=start_ms + self.slo_ms - self.publish_guard_ms, choice=choice)
+                         cutoff_ms=start_ms + self.cutoff_after_arrival_ms, choice=choice)
         self._pending.append(task)
         if now_ms >= task.cutoff_ms:
             self.counters.arrived_late += 1
