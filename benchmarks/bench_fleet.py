@@ -118,8 +118,9 @@ def in_child(vehicles: int, mode: str, frames: int, breakdown: bool = False) -> 
     if completed.returncode != 0:
         raise SystemExit(f"bench_fleet: the run with {vehicles} vehicles ({mode}) failed:\n{completed.stderr[-2000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    print(f"bench_fleet: {vehicles} vehicle{'s' if vehicles != 1 else ''} ({mode}), {frames} frames{' profiled' if breakdown else ''}: "
-          f"{result['simulated_seconds_per_wall_second']:.2f}x real time", file=sys.stderr, flush=True)
+    label = f"{vehicles} vehicle{'s' if vehicles != 1 else ''} ({mode}), {frames} frames{' profiled' if breakdown else ''}"
+    print(f"bench_fleet: {label}: {result['simulated_seconds_per_wall_second']:.2f}x real time",
+          file=sys.stderr, flush=True)
     return result
 
 

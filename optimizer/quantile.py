@@ -24,8 +24,9 @@ Horizon. With a deadline that spans k frame intervals (`horizon_intervals`: k = 
 interval under the policy field `success_horizon`, on for turbo-q), a frame's requests may use
 the uplink over those k intervals, and a shortfall in one can be made up in the next. P is then
 taken over the mean capacity of k intervals, each drawn independently from the forecast
-(`HORIZON_DRAWS` fixed draws, so a plan is deterministic). Independence understates how long a slow spell lasts on a real link; the miss
-cost and the lower quantiles on the grid keep that risk priced.
+(`HORIZON_DRAWS` fixed draws, so a plan is deterministic). Independence understates how long a
+slow spell lasts on a real link; the miss cost and the lower quantiles on the grid keep that risk
+priced.
 """
 
 from __future__ import annotations
