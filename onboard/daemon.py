@@ -193,6 +193,9 @@ class OnboardAgent:
         self._allocations: collections.OrderedDict[int, Allocation] = collections.OrderedDict()
         self._in_flight: dict[int, _Request] = {}
         self._recent: collections.OrderedDict[int, RequestTiming] = collections.OrderedDict()
+        # Timed-out requests whose reply may still come: request id -> (timing, when it timed out,
+        # when its upper-bound sample is due). See `_take_overdue_samples`.
+        self._overdue: dict[int, tuple[RequestTiming, float, float]] = {}
         self._next_request_id = 1
         self._consecutive_timeouts = 0
         self._last_reset_ms = -math.inf
@@ -235,6 +238,8 @@ class OnboardAgent:
         allocation = self._allocations.get(frame_index)
         if allocation is None:
             now_ms = self.clock.now_ms()
+            if self._overdue:
+                self._take_overdue_samples(now_ms)
             rtt_ms = self.measurement.rtt_ms
             bandwidth_mbps = self.measurement.bandwidth_mbps()
             stale = now_ms - self.measurement.last_sample_ms > self.stale_after_ms
@@ -368,6 +373,7 @@ class OnboardAgent:
                 self.measurement.on_pong(ping_sent_ms, now_ms, header.timings.total_ms)
             return
         self.counters.replies += 1
+        self._overdue.pop(header.request_id, None)  # late, but it measures the link itself
         timing = self._recent.pop(header.request_id, None)
         if timing is not None:
             self.measurement.on_reply(timing, now_ms, header.timings.total_ms)
@@ -430,6 +436,8 @@ class OnboardAgent:
             return
         self._step_requested = False
         now_ms = self.clock.now_ms()
+        if self._overdue:
+            self._take_overdue_samples(now_ms)
         for request_id, request in list(self._in_flight.items()) if self._in_flight else ():
             if now_ms >= request.task.cutoff_ms:
                 del self._in_flight[request_id]
@@ -441,7 +449,8 @@ class OnboardAgent:
                     self._discovery_done(succeeded=False)
                 timing = self._recent.get(request_id)
                 if timing is not None:
-                    self.measurement.on_timeout(timing, now_ms)
+                    due_ms = now_ms + request.option.runtime_ms + self.measurement.rtt_ms
+                    self._overdue[request_id] = (timing, now_ms, due_ms)
         if (self._consecutive_timeouts >= self.reconnect_after_timeouts
                 and now_ms - self._last_reply_ms >= self.min_reconnect_interval_ms
                 and now_ms - self._last_reset_ms >= self.min_reconnect_interval_ms):
@@ -538,6 +547,23 @@ class OnboardAgent:
         self._discovery_outstanding = max(0, self._discovery_outstanding - 1)
         self._discovery_succeeded = succeeded
         self._discovery_level = self._discovery_level + 1 if succeeded else 0
+
+    def _take_overdue_samples(self, now_ms: float) -> None:
+        """A request that timed out at its cutoff tells the link's rate only if its upload had
+        not ended by then. A reply still due (within the cloud's runtime and the RTT after the
+        cutoff) would show that it had, and measures the link itself; once that time has passed
+        without one, the upload had not ended at the cutoff, and its bytes over the time from
+        sending to the cutoff are an upper bound of what the link carried (`on_timeout`), taken
+        at the first step or plan after that (a car always has the next frame coming). Taking
+        that bound at once would count a request that missed only by its cloud run as a slow
+        link: on a steady 50 Mbps link, one such sample took TURBO's harmonic mean of five to a
+        sixth of the link."""
+        for request_id, (timing, timed_out_ms, due_ms) in list(self._overdue.items()):
+            if now_ms >= due_ms:
+                del self._overdue[request_id]
+                self.measurement.on_timeout(timing, now_ms, timed_out_ms)
+        while len(self._overdue) > RECENT_REQUESTS:
+            del self._overdue[next(iter(self._overdue))]
 
     def _send_ping(self, now_ms: float) -> None:
         self._next_ping_ms = now_ms + self.ping_interval_ms

@@ -26,9 +26,11 @@
 - Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
   estimate, re-anchored when a reply tells where its upload really ended), so planning can
   count the bytes still queued (`backlog_ms`).
-A request that times out gives an upper-bound sample (see `on_timeout`); if its reply still
-comes, late, it is measured then. When no sample has come for a while the agent plans a cheap
-real request, which measures the link again (onboard/daemon.py).
+A request that times out gives an upper-bound sample (see `on_timeout`), once no reply can show
+any more that its upload had ended by the cutoff (the cloud's runtime and an RTT later: until
+then a late reply is the cloud's lateness, not the link's, and measures the link itself).
+When no sample has come for a while the agent plans a cheap real request, which measures the
+link again (onboard/daemon.py).
 
 Samples go to an `optimizer.bandwidth` estimator (`observe(time_ms, throughput_mbps)`,
 `estimate_mbps()`), and are kept for the quantile planner.
@@ -180,13 +182,16 @@ class LinkMeasurement:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""
         self._rtts_ms.append(max(0.0, arrival_ms - send_ms - max(0.0, server_ms)))
 
-    def on_timeout(self, request: RequestTiming, now_ms: float) -> float:
-        """A request got no reply within its frame's budget: its size over the time since sending is
-        an upper bound of what the uplink carried, taken now so that an outage drives the estimate
+    def on_timeout(self, request: RequestTiming, now_ms: float, timed_out_ms: float | None = None) -> float:
+        """A request got no reply within its frame's budget, and its upload had not ended by
+        `timed_out_ms` (default now; the agent waits until a reply would have come, see
+        `OnboardAgent._take_overdue_samples`): its size over the time from sending to then is an
+        upper bound of what the uplink carried, taken now so that an outage drives the estimate
         down without waiting for a reply that may never come (the simulator learns the same). A
         reply that still comes back late is measured again then. Returns the sample taken."""
         self.timeouts += 1
-        return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, now_ms - request.send_ms))
+        timed_out_ms = now_ms if timed_out_ms is None else timed_out_ms
+        return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, timed_out_ms - request.send_ms))
 
     def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float, app_limited: bool = False) -> float | None:
         sample_mbps = size_bytes * 8 / 1000.0 / transfer_ms

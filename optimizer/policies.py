@@ -15,12 +15,15 @@ real request measures the link again).
 | `turbo-q` | quantile | exact | forecast distribution; the quantile that maximises expected utility |
 | `oracle` | oracle | exact | the trace's true capacity over the next frame interval (replay only) |
 
-`onboard`, `naive`, `equal` and `turbo` are the published baselines: one request in flight per
-camera, TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo-q` and `oracle` run the
-agent as avcloud ships it: a camera's next upload may start once its previous one has left the
-uplink (`max_in_flight_per_camera` 2), and options are planned at the rate of a camera that
-sends every frame, size / min(slack, frame interval) (`stream_rate_cap`). turbo-q also judges a
-plan's chance of arriving in time over the frame intervals its deadline spans (`success_horizon`).
+`onboard`, `naive` and `equal` are the published baselines: one request in flight per camera,
+TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo`, `turbo-q` and `oracle` run
+the agent as avcloud ships it: a camera's next upload may start once its previous one has left
+the uplink (`max_in_flight_per_camera` 2), and options are planned at the rate of a camera that
+sends every frame, size / min(slack, frame interval) (`stream_rate_cap`). `turbo` is TURBO's
+planner (the point estimate, the exact allocation) on that agent, so that turbo-q's lead over it
+is its forecast's alone; TURBO as published is `turbo` with `max_in_flight_per_camera=1
+stream_rate_cap=false`. turbo-q also judges a plan's chance of arriving in time over the frame
+intervals its deadline spans (`success_horizon`).
 
 The onboard daemon takes a name (`-p policy:=turbo-q`) and optional field overrides; the replay
 and the live replay take the same names, and every run records the full spec it used.
@@ -142,9 +145,10 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec("onboard", allocator="onboard", ping_interval_ms=math.inf),
         PolicySpec("naive", allocator="naive"),
         PolicySpec("equal", allocator="equal"),
-        PolicySpec("turbo", allocator="exact"),
-        # avcloud's own: the agent pipelines uploads and plans at the stream rate. The oracle gets
-        # the same agent, so that its gain stays the reference for turbo-q's.
+        # avcloud's agent: it pipelines uploads and plans at the stream rate. TURBO's planner, the
+        # forecast and the oracle all run on it, so that each one's gain over another is the
+        # planner's own.
+        PolicySpec("turbo", allocator="exact", max_in_flight_per_camera=2, stream_rate_cap=True),
         PolicySpec("turbo-q", planner="quantile", max_in_flight_per_camera=2, stream_rate_cap=True,
                    success_horizon=True),
         PolicySpec("oracle", planner="oracle", max_in_flight_per_camera=2, stream_rate_cap=True),

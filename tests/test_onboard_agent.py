@@ -160,17 +160,48 @@ def test_late_cloud_reply_falls_back_at_the_deadline_and_is_discarded():
     agent.step()
     assert [(r.source, r.deadline_met) for r in published] == [("onboard", True)]
     assert published[0].latency_ms == pytest.approx(SLO_MS)
-    # The timeout teaches an upper bound at once: 5000 bytes in (at most) the 100 ms since sending.
-    assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 100.0)]
+    assert list(agent.measurement.samples_mbps) == []  # its reply may still come: see below
     clock.advance_to(1150.0)
     agent.on_reply(reply_for(link.sent[0], server_ms=30.0))
     assert len(published) == 1
+    # The late reply measures the link: 5000 bytes left in 150 - 30 (server) - 10 (RTT) ms.
+    assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 110.0)]
     assert agent.counters.replies_discarded == 1
     assert agent.counters.timeouts == 1
     (event, fields), = events
     assert event == "reply" and fields["in_time"] is False and fields["task"] == "FRONT"
     assert fields["round_trip_ms"] == pytest.approx(150.0) and fields["server_ms"] == pytest.approx(30.0)
     assert fields["sent_after_capture_ms"] == pytest.approx(0.0) and fields["size_bytes"] == 5000
+
+
+def test_a_timeout_bounds_the_link_only_once_no_reply_can_show_the_upload_had_ended():
+    agent, clock, link, _, published = make_agent()
+    agent.on_camera_frame(0, "FRONT", IMAGE)  # sent at 1000 ms; cutoff 1100; runtime 30, RTT 10
+    clock.advance_to(1100.0)
+    agent.step()
+    assert agent.counters.timeouts == 1 and list(agent.measurement.samples_mbps) == []
+    clock.advance_to(1139.0)  # a reply now would still mean the upload ended by the cutoff
+    agent.step()
+    assert list(agent.measurement.samples_mbps) == []
+    clock.advance_to(1140.0)  # none came: the upload had not ended; 5000 bytes in over 100 ms
+    agent.step()
+    assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 100.0)]
+    assert agent.measurement.last_sample_ms == 1140.0
+
+
+def test_a_reply_just_after_the_timeout_measures_the_link_instead_of_the_timeout():
+    agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    clock.advance_to(1100.0)
+    agent.step()  # timed out: the frame falls back
+    clock.advance_to(1105.0)  # the cloud's run made it late, not the link: upload ended at 1065
+    agent.on_reply(reply_for(link.sent[0], server_ms=30.0))
+    clock.advance_to(1200.0)
+    agent.on_camera_frame(1, "FRONT", IMAGE)  # planning takes any upper bound that is due
+    agent.step()
+    assert agent.counters.replies_discarded == 1
+    assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 65.0)]
+    assert agent.planner.calls[-1] == pytest.approx(10.0)  # the constant estimator: planned as usual
 
 
 def test_slow_fallback_is_published_when_it_finishes_with_honest_latency():

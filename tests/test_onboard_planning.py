@@ -42,8 +42,8 @@ def test_a_stream_rate_cap_charges_a_long_slack_option_one_frame_interval():
 
 def test_stream_rate_cap_policy_plans_with_the_stream_rate():
     services = (Service("FRONT", OPTIONS),)
-    plain = build_planner(services, get_policy("turbo"), frame_interval_ms=100.0)
-    capped = build_planner(services, get_policy("turbo", {"stream_rate_cap": True}), frame_interval_ms=100.0)
+    plain = build_planner(services, get_policy("turbo", {"stream_rate_cap": False}), frame_interval_ms=100.0)
+    capped = build_planner(services, get_policy("turbo"), frame_interval_ms=100.0)
     # At SLO 400, RTT 50: TURBO's rate is 1 Mb / 300 ms = 3.3 Mbps, the stream's 10 Mbps.
     assert plain.plan(5.0, 50.0, 400.0, []).choices == {"FRONT": "cloud"}
     assert capped.plan(5.0, 50.0, 400.0, []).choices == {"FRONT": "car"}

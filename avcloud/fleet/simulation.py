@@ -240,11 +240,5 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
     )
 
 
-def max_requests_in_flight(cases: Sequence[VehicleCase]) -> int:
-    """The most requests a fleet can have at the cloud at once: one per camera per vehicle (the
-    agent keeps at most one request in flight per camera)."""
-    return sum(len(case.scenario.cameras) for case in cases)
-
-
 def trace_too_short(schedule: DeliverySchedule, horizon_ms: float) -> bool:
     return schedule.period_ms < horizon_ms or not math.isfinite(horizon_ms)
