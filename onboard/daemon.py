@@ -240,7 +240,8 @@ class OnboardAgent:
             now_ms = self.clock.now_ms()
             if self._overdue:
                 self._take_overdue_samples(now_ms)
-            rtt_ms = self.measurement.rtt_ms
+            # The cloud's recent queueing is part of the round trip a request must fit in.
+            rtt_ms = self._round_trip_ms(now_ms)
             bandwidth_mbps = self.measurement.bandwidth_mbps()
             stale = now_ms - self.measurement.last_sample_ms > self.stale_after_ms
             # Bytes the car has already queued delay this frame's requests: they have that much
@@ -449,7 +450,7 @@ class OnboardAgent:
                     self._discovery_done(succeeded=False)
                 timing = self._recent.get(request_id)
                 if timing is not None:
-                    due_ms = now_ms + request.option.runtime_ms + self.measurement.rtt_ms
+                    due_ms = now_ms + request.option.runtime_ms + self._round_trip_ms(now_ms)
                     self._overdue[request_id] = (timing, now_ms, due_ms)
         if (self._consecutive_timeouts >= self.reconnect_after_timeouts
                 and now_ms - self._last_reply_ms >= self.min_reconnect_interval_ms
@@ -548,6 +549,11 @@ class OnboardAgent:
         self._discovery_succeeded = succeeded
         self._discovery_level = self._discovery_level + 1 if succeeded else 0
 
+    def _round_trip_ms(self, now_ms: float) -> float:
+        """What a request spends beyond its upload and its runtime: the network RTT and the cloud's
+        recent queueing (onboard/measurement.py)."""
+        return self.measurement.rtt_ms + self.measurement.cloud_wait_ms(now_ms)
+
     def _take_overdue_samples(self, now_ms: float) -> None:
         """A request that timed out at its cutoff tells the link's rate only if its upload had
         not ended by then. A reply still due (within the cloud's runtime and the RTT after the
@@ -585,7 +591,7 @@ class OnboardAgent:
         # allocation's share is a floor (the critical bandwidth of the profiled size), not a cap.
         link_mbps = max(self.measurement.bandwidth_mbps(), request.share_mbps, 1e-6)
         transfer_ms = request.size_bytes * 8 / 1000.0 / link_mbps
-        expected_ms = transfer_ms + request.option.runtime_ms + self.measurement.rtt_ms
+        expected_ms = transfer_ms + request.option.runtime_ms + self._round_trip_ms(now_ms)
         if task.published or budget_ms < expected_ms:
             task.cloud_pending = False
             self.counters.dropped_stale += 1
@@ -605,7 +611,8 @@ class OnboardAgent:
         request.send_ms = now_ms
         state.in_flight += 1
         self._in_flight[request_id] = request
-        self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms, task.arrival_ms)
+        self._recent[request_id] = RequestTiming(request_id, request.size_bytes, now_ms, task.arrival_ms,
+                                                 request.option.runtime_ms)
         state.upload_end_ms = self.measurement.on_send(self._recent[request_id])
         self._discovery_outstanding += request.discovery
         while len(self._recent) > RECENT_REQUESTS:

@@ -23,6 +23,10 @@
   app-limited samples still see is taken back to them (as BBR's max filter expires): on a fast
   link every transfer is short, and an estimate one lucky burst inflated would otherwise stay,
   and the forecast errors behind it would never be renewed.
+- Cloud wait: a reply says how long the request spent at the cloud (`timings.total`); beyond
+  the runtime the plan expected, that is queueing behind other cars' work. The median of the
+  last 2 s of replies (`cloud_wait_ms`) is planned with as part of the round trip, so a car
+  backs off from a busy GPU pool instead of reading its late replies as a slow uplink.
 - Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
   estimate, re-anchored when a reply tells where its upload really ended), so planning can
   count the bytes still queued (`backlog_ms`).
@@ -53,6 +57,10 @@ APP_LIMITED_GROWTH = 2.0
 APP_LIMITED_TRUST_MS = 1000.0
 VIRTUAL_ENDS_KEPT = 256
 RTT_WINDOW = 16  # pings: the last 16 s at the default interval
+# Cloud wait: replies of the last 2 s (older ones are forgotten, so that a car that stopped sending
+# to a busy cloud tries again), at most 32 of them.
+CLOUD_WAIT_WINDOW_MS = 2000.0
+CLOUD_WAITS_KEPT = 32
 
 
 class BandwidthEstimator(Protocol):
@@ -69,6 +77,7 @@ class RequestTiming:
     size_bytes: int
     send_ms: float
     capture_ms: float = float("nan")  # when its frame's latency budget started (for logs)
+    runtime_ms: float = 0.0  # the cloud runtime the plan expected (its profile's)
 
 
 class SeededEstimator:
@@ -110,12 +119,22 @@ class LinkMeasurement:
         self.timeouts = 0
         self.app_limited_samples = 0
         self._last_taken_ms = -math.inf  # when the estimator last took a sample
+        self._cloud_waits_ms: collections.deque[tuple[float, float]] = collections.deque(maxlen=CLOUD_WAITS_KEPT)
         self._forecast_source: object = None  # the forecaster's last distribution, and it as a tuple
         self._forecast_tuple: tuple[float, ...] = ()
 
     @property
     def rtt_ms(self) -> float:
         return min(self._rtts_ms) if self._rtts_ms else self.initial_rtt_ms
+
+    def cloud_wait_ms(self, now_ms: float) -> float:
+        """How much longer than their expected runtime recent requests took at the cloud (the
+        median of the last `CLOUD_WAIT_WINDOW_MS` of replies, in whole ms: a timing's rounding
+        noise is no wait; 0 without any)."""
+        if not self._cloud_waits_ms:
+            return 0.0
+        recent = sorted(wait_ms for reply_ms, wait_ms in self._cloud_waits_ms if now_ms - reply_ms <= CLOUD_WAIT_WINDOW_MS)
+        return float(math.floor(recent[len(recent) // 2])) if recent else 0.0
 
     def bandwidth_mbps(self) -> float:
         return float(self.estimator.estimate_mbps())
@@ -155,6 +174,7 @@ class LinkMeasurement:
     def on_reply(self, request: RequestTiming, arrival_ms: float, server_ms: float) -> float | None:
         """Account a reply; returns the throughput sample taken, if any."""
         self.replies += 1
+        self._cloud_waits_ms.append((arrival_ms, max(0.0, server_ms - request.runtime_ms)))
         upload_end_ms = arrival_ms - max(0.0, server_ms) - self.rtt_ms
         previous_end_ms = self._upload_end_ms
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)

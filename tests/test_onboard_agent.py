@@ -39,10 +39,12 @@ class FixedPlanner:
         self.cloud_cameras = cloud_cameras
         self.calls: list[float] = []
         self.slos_ms: list[float] = []
+        self.rtts_ms: list[float] = []
 
     def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps):
         self.calls.append(bandwidth_mbps)
         self.slos_ms.append(slo_ms)
+        self.rtts_ms.append(rtt_ms)
         choices = {camera: CLOUD.name if camera in self.cloud_cameras else FALLBACK.name for camera in CAMERAS}
         bandwidth = {camera: (10.0 if camera in self.cloud_cameras else 0.0) for camera in CAMERAS}
         return Allocation(choices, 0.0, bandwidth)
@@ -202,6 +204,22 @@ def test_a_reply_just_after_the_timeout_measures_the_link_instead_of_the_timeout
     assert agent.counters.replies_discarded == 1
     assert list(agent.measurement.samples_mbps) == [pytest.approx(5000 * 8 / 1000.0 / 65.0)]
     assert agent.planner.calls[-1] == pytest.approx(10.0)  # the constant estimator: planned as usual
+
+
+def test_a_busy_cloud_is_planned_for_as_part_of_the_round_trip_until_its_replies_are_old():
+    agent, clock, link, _, published = make_agent()
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    assert agent.planner.rtts_ms == [10.0]  # the RTT prior; CLOUD's profiled runtime is 30 ms
+    clock.advance_to(1095.0)
+    agent.on_reply(reply_for(link.sent[0], server_ms=80.4))  # 50.4 ms queued behind other cars' work
+    assert published[-1].source == "cloud"
+    clock.advance_to(1100.0)
+    agent.on_camera_frame(1, "FRONT", IMAGE)
+    assert agent.planner.rtts_ms[-1] == pytest.approx(10.0 + 50.0)  # in whole ms
+    clock.advance_to(3200.0)  # no reply for over 2 s: the wait is forgotten, the car tries again
+    agent.step()
+    agent.on_camera_frame(21, "FRONT", IMAGE)
+    assert agent.planner.rtts_ms[-1] == pytest.approx(10.0)
 
 
 def test_slow_fallback_is_published_when_it_finishes_with_honest_latency():
