@@ -307,15 +307,20 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
 
 
 def check_fleet_against_scenes(options: FleetOptions, durations_ms: Sequence[float], cameras: Sequence[int]) -> None:
-    """More workers than the fleet could ever keep busy is a mistake: the agent keeps at most one
-    request in flight per camera, so K workers need at least K cameras in the fleet."""
+    """More workers than the fleet could ever keep busy is a mistake: the agent keeps at most
+    `max_in_flight_per_camera` requests in flight per camera (the most of the policies run), so K
+    workers need at least that many requests in the fleet."""
+    from optimizer.policies import get_policy
+
+    per_camera = max(CELL_POLICY_SPEC.max_in_flight_per_camera if name == CELL_POLICY
+                     else get_policy(name).max_in_flight_per_camera for name in options.policies)
     for vehicles in sorted(options.vehicles):
-        requests = sum(cameras[vehicle % len(cameras)] for vehicle in range(vehicles))
+        requests = per_camera * sum(cameras[vehicle % len(cameras)] for vehicle in range(vehicles))
         for workers in options.workers:
             if workers is not None and workers > requests:
                 raise UserError(f"--workers {workers} is more than the {requests} requests {vehicles} vehicle(s) can "
-                                f"have in flight at once (one per camera): use at most {requests} workers for that "
-                                "fleet, or 'unlimited' for a pool that never queues")
+                                f"have in flight at once ({per_camera} per camera): use at most {requests} workers "
+                                "for that fleet, or 'unlimited' for a pool that never queues")
 
 
 def _check_traces(options: FleetOptions, scene_duration_ms: float) -> None:
