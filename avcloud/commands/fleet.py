@@ -73,7 +73,8 @@ def register(subparsers) -> None:
                         help=f"fleet sizes to simulate (default {' '.join(map(str, DEFAULT_VEHICLES))})")
     parser.add_argument("--workers", action="append", nargs="+", metavar="K",
                         help=f"GPU pool sizes: workers, each running one batch at a time, or 'unlimited' "
-                             f"(default {DEFAULT_WORKERS}); at most one per camera of the fleet")
+                             f"(default {DEFAULT_WORKERS}); at most the requests the fleet can have in flight "
+                             "(max_in_flight_per_camera of its policies, per camera)")
     parser.add_argument("--policy", dest="policies", action="extend", nargs="+", type=_name_list, metavar="NAME",
                         help=f"policy every vehicle runs, one point each (default {', '.join(DEFAULT_POLICIES)}; "
                              "onboard, naive, equal, turbo, turbo-q; oracle with --scheduler per-vehicle; cell: "
