@@ -510,6 +510,7 @@ class OnboardAgent:
             "in_flight": len(self._in_flight),
             "bandwidth_mbps": round(self.measurement.bandwidth_mbps(), 3),
             "rtt_ms": round(self.measurement.rtt_ms, 3),
+            "cloud_wait_ms": self.measurement.cloud_wait_ms(now_ms),
             "estimate_age_ms": None if math.isinf(self.measurement.last_sample_ms)
             else round(now_ms - self.measurement.last_sample_ms, 1),
         }

@@ -216,6 +216,7 @@ def test_a_busy_cloud_is_planned_for_as_part_of_the_round_trip_until_its_replies
     clock.advance_to(1100.0)
     agent.on_camera_frame(1, "FRONT", IMAGE)
     assert agent.planner.rtts_ms[-1] == pytest.approx(10.0 + 50.0)  # in whole ms
+    assert agent.status()["cloud_wait_ms"] == 50.0  # on the node's heartbeat
     clock.advance_to(3200.0)  # no reply for over 2 s: the wait is forgotten, the car tries again
     agent.step()
     agent.on_camera_frame(21, "FRONT", IMAGE)
