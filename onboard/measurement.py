@@ -202,15 +202,14 @@ class LinkMeasurement:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""
         self._rtts_ms.append(max(0.0, arrival_ms - send_ms - max(0.0, server_ms)))
 
-    def on_timeout(self, request: RequestTiming, now_ms: float, timed_out_ms: float | None = None) -> float:
-        """A request got no reply within its frame's budget, and its upload had not ended by
-        `timed_out_ms` (default now; the agent waits until a reply would have come, see
+    def on_timeout(self, request: RequestTiming, now_ms: float, timed_out_ms: float) -> float:
+        """A request got no reply within its frame's budget, and its upload had not ended when it
+        timed out (`timed_out_ms`; the agent waits until a reply would have come, see
         `OnboardAgent._take_overdue_samples`): its size over the time from sending to then is an
         upper bound of what the uplink carried, taken now so that an outage drives the estimate
         down without waiting for a reply that may never come (the simulator learns the same). A
         reply that still comes back late is measured again then. Returns the sample taken."""
         self.timeouts += 1
-        timed_out_ms = now_ms if timed_out_ms is None else timed_out_ms
         return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, timed_out_ms - request.send_ms))
 
     def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float, app_limited: bool = False) -> float | None:
