@@ -15,6 +15,10 @@ real request measures the link again).
 | `turbo-q` | quantile | exact | forecast distribution; the quantile that maximises expected utility |
 | `oracle` | oracle | exact | the trace's true capacity over the next frame interval (replay only) |
 
+`oracle` with `oracle_lag_ms` set to one frame interval plans from the true capacity of the last
+interval instead: the best a car could do by measuring its link perfectly, a reference for what
+better measurement would be worth.
+
 `onboard`, `naive` and `equal` are the published baselines: one request in flight per camera,
 TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo`, `turbo-q` and `oracle` run
 the agent as avcloud ships it: a camera's next upload may start once its previous one has left
@@ -76,6 +80,10 @@ class PolicySpec:
     # Oracle only: plan for this fraction of the true capacity; the replay tries each and keeps the
     # best in hindsight (planning at exactly the capacity is not the best one can do).
     oracle_capacity_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # Oracle only: plan from the capacity of the frame interval that began this long ago instead of
+    # the coming one. 0 is the upper bound; one frame interval is a car that knew its last interval
+    # exactly, the most any measurement could tell a planner that cannot see the future.
+    oracle_lag_ms: float = 0.0
     # Requests in flight per camera: with 2, a camera's next upload starts once the previous one
     # has left the uplink (by the car's estimate) and overlaps its cloud run and reply, which
     # pays when RTT + cloud runtime exceed the frame interval. 1 waits for the reply.
@@ -103,6 +111,7 @@ class PolicySpec:
             (math.isfinite(self.miss_cost) and self.miss_cost >= 0, "miss_cost must be a finite number >= 0"),
             (len(self.oracle_capacity_fractions) > 0 and all(f > 0 for f in self.oracle_capacity_fractions),
              "oracle_capacity_fractions must be numbers > 0"),
+            (math.isfinite(self.oracle_lag_ms) and self.oracle_lag_ms >= 0, "oracle_lag_ms must be a finite number >= 0"),
             (isinstance(self.max_in_flight_per_camera, int) and not isinstance(self.max_in_flight_per_camera, bool)
              and 1 <= self.max_in_flight_per_camera <= 8, "max_in_flight_per_camera must be an integer in 1..8"),
             (isinstance(self.stream_rate_cap, bool), "stream_rate_cap must be true or false"),

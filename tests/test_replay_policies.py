@@ -94,6 +94,22 @@ def test_estimating_policy_does_not_see_an_outage_coming():
     assert np.count_nonzero(oracle.outcome[outage] == late) < np.count_nonzero(turbo.outcome[outage] == late)
 
 
+def test_a_lagged_oracle_plans_from_the_last_interval_and_so_meets_an_outage_one_frame_late():
+    steady = constant_opportunities(6.0, 5.0)  # 6 Mbps for 5 s, then nothing until the trace loops
+    case = make_case(np.concatenate([steady, [10000]]))
+    interval_ms = case.scenario.frame_interval_ms
+    first_dark = int(5000.0 // interval_ms)
+    ahead = run("oracle", case, oracle_capacity_fraction=1.0)
+    lagged = simulate_policy(get_policy("oracle", {"oracle_lag_ms": interval_ms}), case.scenario, case.schedule,
+                             case.detections_at, oracle_capacity_fraction=1.0)
+    assert ahead.budget_mbps[first_dark] < 0.5  # at most the steady stretch's last packet
+    assert lagged.budget_mbps[first_dark] == pytest.approx(6.0, rel=0.05)  # the last interval was light
+    assert lagged.budget_mbps[first_dark + 1] < 0.5
+    assert lagged.budget_mbps[first_dark - 1] == pytest.approx(ahead.budget_mbps[first_dark - 2])
+    with pytest.raises(UserError, match="oracle_lag_ms"):
+        get_policy("oracle", {"oracle_lag_ms": -1.0})
+
+
 def test_oracle_keeps_the_capacity_fraction_that_served_the_most_utility():
     case = make_case(constant_opportunities(6.0), frames=60)
     utilities = {option.name: option.utility for option in OPTIONS}

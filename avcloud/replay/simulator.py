@@ -564,7 +564,9 @@ class SimulatedUplink:
 
 class OraclePlanner:
     """Plans for the trace's true capacity over the coming frame interval, times a fraction: the
-    upper bound, and the only planner given the trace."""
+    upper bound, and the only planner given the trace. With the policy's `oracle_lag_ms`, the
+    interval that began that long ago (clamped to the trace's start): a perfect measurement of
+    the past instead of the future."""
 
     def __init__(self, services: tuple[Service, ...], schedule: DeliverySchedule, clock: SimulatedClock,
                  frame_interval_ms: float, capacity_fraction: float, allocator_name: str = "exact",
@@ -578,12 +580,13 @@ class OraclePlanner:
         self.clock = clock
         self.frame_interval_ms = frame_interval_ms
         self.capacity_fraction = capacity_fraction
+        self.lag_ms = policy.oracle_lag_ms if policy is not None else 0.0
         self.allocator = get_allocator(allocator_name)
         self._planning_rtt_ms = planning_rtt_ms
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float, bandwidth_samples_mbps) -> Allocation:
-        now_ms = self.clock.now_ms()
-        capacity_mbps = self.schedule.capacity_mbps(now_ms, now_ms + self.frame_interval_ms)
+        start_ms = max(0.0, self.clock.now_ms() - self.lag_ms)
+        capacity_mbps = self.schedule.capacity_mbps(start_ms, start_ms + self.frame_interval_ms)
         budget_mbps = capacity_mbps * self.capacity_fraction
         rtt_ms = self._planning_rtt_ms(rtt_ms)
         allocation = self.allocator.solve(AllocationProblem(self.services_at(rtt_ms, slo_ms), budget_mbps, rtt_ms, slo_ms))
