@@ -103,7 +103,7 @@ def test_a_lagged_oracle_plans_from_the_last_interval_and_so_meets_an_outage_one
     lagged = simulate_policy(get_policy("oracle", {"oracle_lag_ms": interval_ms}), case.scenario, case.schedule,
                              case.detections_at, oracle_capacity_fraction=1.0)
     assert ahead.budget_mbps[first_dark] < 0.5  # at most the steady stretch's last packet
-    assert lagged.budget_mbps[first_dark] == pytest.approx(6.0, rel=0.05)  # the last interval was light
+    assert lagged.budget_mbps[first_dark] == pytest.approx(6.0, rel=0.05)  # the last interval carried 6 Mbps
     assert lagged.budget_mbps[first_dark + 1] < 0.5
     assert lagged.budget_mbps[first_dark - 1] == pytest.approx(ahead.budget_mbps[first_dark - 2])
     with pytest.raises(UserError, match="oracle_lag_ms"):
