@@ -10,7 +10,7 @@ measuring policy sent nothing; then the acceptance checks over all settings.
 Beside the policies, a causal reference (`oracle-past`): the oracle planning from the trace's
 true capacity over the last frame interval (`oracle_lag_ms`), at a fixed 0.8 of it: a car that
 measured its link perfectly, without foresight. The checks list the settings where even it stays
-under 80% of oracle's gain, apart from turbo-q's shortfalls where it does not (a reference, not a
+under 80% of oracle's gain, and turbo-q's shortfalls where it reaches 80% (a reference, not a
 bound: a planner without foresight may still do better than it).
 
     python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
