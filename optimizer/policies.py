@@ -16,8 +16,8 @@ real request measures the link again).
 | `oracle` | oracle | exact | the trace's true capacity over the next frame interval (replay only) |
 
 `oracle` with `oracle_lag_ms` set to one frame interval plans from the true capacity of the last
-interval instead: the best a car could do by measuring its link perfectly, a reference for what
-better measurement would be worth.
+interval instead: a car that measured its link perfectly, a reference (not a bound: a planner
+without foresight can beat it) for what better measurement would be worth.
 
 `onboard`, `naive` and `equal` are the published baselines: one request in flight per camera,
 TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo`, `turbo-q` and `oracle` run
@@ -82,7 +82,7 @@ class PolicySpec:
     oracle_capacity_fractions: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     # Oracle only: plan from the capacity of the frame interval that began this long ago instead of
     # the coming one. 0 is the upper bound; one frame interval is a car that knew its last interval
-    # exactly, the most any measurement could tell a planner that cannot see the future.
+    # exactly (what a perfect measurement could tell it; a reference, not a bound).
     oracle_lag_ms: float = 0.0
     # Requests in flight per camera: with 2, a camera's next upload starts once the previous one
     # has left the uplink (by the car's estimate) and overlaps its cloud run and reply, which
