@@ -11,8 +11,7 @@ Beside the policies, a causal reference (`oracle-past`): the oracle planning fro
 true capacity over the last frame interval (`oracle_lag_ms`), at a fixed 0.8 of it: a car that
 measured its link perfectly, without foresight. The checks list the settings where even it stays
 under 80% of oracle's gain, and turbo-q's shortfalls where it reaches 80% (a reference, not a
-bound: a planner without foresight may still do better than it, and where little slack lets the
-agent's drop-before-send check stall an oracle it understates; README, Known limitations).
+bound: a planner without foresight may still do better than it).
 
     python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
                                         [--windows W] [--jobs J] [--set FIELD=VALUE ...] [--quick] [--out FILE.json]

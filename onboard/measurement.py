@@ -233,5 +233,9 @@ def build_measurement(policy, initial_rtt_ms: float, estimator: BandwidthEstimat
     seeded with its initial estimate. The daemon and the replay both build it here."""
     from optimizer.policies import make_estimator
 
-    seeded = SeededEstimator(estimator or make_estimator(policy), policy.initial_estimate_mbps)
+    estimator = estimator or make_estimator(policy)
+    # An estimator that knows the capacity without samples (the replay's oracle) takes no seed: its
+    # 0 in an outage is the truth, not a missing estimate.
+    seeded = SeededEstimator(estimator, policy.initial_estimate_mbps) if getattr(estimator, "needs_seed", True) \
+        else estimator
     return LinkMeasurement(seeded, initial_rtt_ms, max(policy.quantile_window, policy.estimator_window))

@@ -110,6 +110,17 @@ def test_a_lagged_oracle_plans_from_the_last_interval_and_so_meets_an_outage_one
         get_policy("oracle", {"oracle_lag_ms": -1.0})
 
 
+def test_the_oracle_judges_its_requests_by_the_capacity_it_plans_from_not_by_a_measurement():
+    # Dark for 3 s, then 30 Mbps: an oracle judged by a measured estimate (still its 1 Mbps seed,
+    # as it sent nothing in the dark) drops requests its plan sent before it measures again.
+    case = make_case(constant_opportunities(30.0) + 3000)
+    result = run("oracle", case, oracle_capacity_fraction=0.8)
+    first_lit = int(3000 // case.scenario.frame_interval_ms)
+    assert result.estimate_mbps[first_lit - 1] == 0.0  # the outage is the truth, not a missing sample
+    assert result.estimate_mbps[first_lit + 1] == pytest.approx(30.0, rel=0.02)
+    assert result.counters["requests_sent"] > 0 and result.counters["dropped_stale"] == 0
+
+
 def test_oracle_keeps_the_capacity_fraction_that_served_the_most_utility():
     case = make_case(constant_opportunities(6.0), frames=60)
     utilities = {option.name: option.utility for option in OPTIONS}

@@ -23,7 +23,8 @@ so what it measures (RTT, throughput from reply timings) is what the live daemon
 Cloud runtimes come from the scenario, i.e. from a declared runtime model
 (avcloud/replay/cloud_runtimes.py), never from the load of the moment.
 
-`oracle` is the same agent with a planner that reads the trace (`OraclePlanner`).
+`oracle` is the same agent with a planner and an estimator that read the trace (`OraclePlanner`,
+`TraceCapacityEstimate`).
 
 `ReplayedCar` is one car on a shared loop, link and cloud; `simulate_policy` runs one car alone
 (the replay); the fleet simulation (avcloud/fleet) puts many on one cell and one cloud.
@@ -562,32 +563,57 @@ class SimulatedUplink:
 # ----------------------------------------------------------------------------- planners
 
 
-class OraclePlanner:
-    """Plans for the trace's true capacity over the coming frame interval, times a fraction: the
-    upper bound, and the only planner given the trace. With the policy's `oracle_lag_ms`, the
-    interval that began that long ago (clamped to the trace's start): a perfect measurement of
-    the past instead of the future."""
+class TraceCapacityEstimate:
+    """What an oracle knows of its uplink: the trace's true capacity over the frame interval that
+    begins now or, with the policy's `oracle_lag_ms`, the one that began that long ago (clamped to
+    the trace's start): a perfect measurement of the past instead of the future.
 
-    def __init__(self, services: tuple[Service, ...], schedule: DeliverySchedule, clock: SimulatedClock,
-                 frame_interval_ms: float, capacity_fraction: float, allocator_name: str = "exact",
-                 policy: PolicySpec | None = None) -> None:
+    It is the oracle's bandwidth estimator, so that everything the agent judges by its estimate
+    reads that capacity: the plan, the drop-before-send check and the virtual uplink queue. An
+    oracle judged by a measured estimate instead would drop the requests its plan sends whenever
+    that estimate lagged the link, and, measuring only what it sends, never renew it. Its
+    throughput samples are recorded for the report, not used."""
+
+    needs_seed = False  # onboard.measurement.build_measurement: it knows the capacity from the start
+
+    def __init__(self, schedule: DeliverySchedule, clock: SimulatedClock, frame_interval_ms: float,
+                 lag_ms: float = 0.0) -> None:
+        self.schedule = schedule
+        self.clock = clock
+        self.frame_interval_ms = frame_interval_ms
+        self.lag_ms = lag_ms
+        self._known_at_ms = math.nan
+        self._known_mbps = 0.0
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        pass
+
+    def estimate_mbps(self) -> float:
+        now_ms = self.clock.now_ms()
+        if now_ms != self._known_at_ms:  # asked at every send and plan: once per instant
+            start_ms = max(0.0, now_ms - self.lag_ms)
+            self._known_mbps = self.schedule.capacity_mbps(start_ms, start_ms + self.frame_interval_ms)
+            self._known_at_ms = now_ms
+        return self._known_mbps
+
+
+class OraclePlanner:
+    """Plans for the capacity its estimator knows from the trace (`TraceCapacityEstimate`),
+    times a fraction: the only planner given the trace."""
+
+    def __init__(self, services: tuple[Service, ...], frame_interval_ms: float, capacity_fraction: float,
+                 allocator_name: str = "exact", policy: PolicySpec | None = None) -> None:
         from onboard.planning import planning_rtt_ms, services_for_deadline
         from optimizer.allocators import get_allocator
 
         self.services = services
         self.services_at = services_for_deadline(services, policy, frame_interval_ms)
-        self.schedule = schedule
-        self.clock = clock
-        self.frame_interval_ms = frame_interval_ms
         self.capacity_fraction = capacity_fraction
-        self.lag_ms = policy.oracle_lag_ms if policy is not None else 0.0
         self.allocator = get_allocator(allocator_name)
         self._planning_rtt_ms = planning_rtt_ms
 
     def plan(self, bandwidth_mbps: float, rtt_ms: float, slo_ms: float, bandwidth_samples_mbps) -> Allocation:
-        start_ms = max(0.0, self.clock.now_ms() - self.lag_ms)
-        capacity_mbps = self.schedule.capacity_mbps(start_ms, start_ms + self.frame_interval_ms)
-        budget_mbps = capacity_mbps * self.capacity_fraction
+        budget_mbps = bandwidth_mbps * self.capacity_fraction
         rtt_ms = self._planning_rtt_ms(rtt_ms)
         allocation = self.allocator.solve(AllocationProblem(self.services_at(rtt_ms, slo_ms), budget_mbps, rtt_ms, slo_ms))
         allocation.extra["planning_budget_mbps"] = budget_mbps
@@ -613,6 +639,7 @@ class _RecordingEstimator:
     def __init__(self, inner, samples: list[ThroughputSample]) -> None:
         self.inner = inner
         self.samples = samples
+        self.needs_seed = getattr(inner, "needs_seed", True)
 
     def observe(self, time_ms: float, throughput_mbps: float) -> None:
         self.samples.append(ThroughputSample(time_ms, throughput_mbps))
@@ -661,13 +688,15 @@ class ReplayedCar:
         self.start_ms = start_ms
         frames, cameras = scenario.num_frames, len(scenario.cameras)
         self.samples: list[ThroughputSample] = []
+        estimator = make_estimator(policy)
         if planner is not None:  # tests script the allocation
             inner_planner = planner
         elif policy.planner == "oracle":
             if schedule is None:
                 raise ValueError("the oracle plans from the trace: give the car its schedule")
-            inner_planner = OraclePlanner(scenario.services, schedule, loop.clock, scenario.frame_interval_ms,
-                                          oracle_capacity_fraction, policy.allocator, policy)
+            inner_planner = OraclePlanner(scenario.services, scenario.frame_interval_ms, oracle_capacity_fraction,
+                                          policy.allocator, policy)
+            estimator = TraceCapacityEstimate(schedule, loop.clock, scenario.frame_interval_ms, policy.oracle_lag_ms)
         else:
             inner_planner = build_planner(scenario.services, policy, scenario.frame_interval_ms)
         self.planner = _RecordingPlanner(inner_planner)
@@ -683,7 +712,7 @@ class ReplayedCar:
                                       lambda frames_: self.agent.on_reply(frames_), owner=self)
         self.agent = OnboardAgent.for_policy(
             policy, scenario.services, scenario.slo_ms, scenario.rtt_ms, loop.clock, planner=self.planner,
-            estimator=_RecordingEstimator(make_estimator(policy), self.samples),
+            estimator=_RecordingEstimator(estimator, self.samples),
             fallback=cache_car.fallback, fallback_name=scenario.fallback_config,
             executor=SimulatedExecutor(loop, cache_car.fallback_ms, car.fallback_workers, owner=self),
             encoder=cache_car.encode, link=self.uplink, publish=self._publish, publish_guard_ms=car.publish_guard_ms,
