@@ -82,6 +82,7 @@ class RayConfig(pydantic.BaseModel):
     dispatch_ahead_ms: float = pydantic.Field(50.0, ge=0)
     # A replica holding a request this long past its expected finish is treated as hung: its
     # requests are re-dispatched (or answered expired) and it gets no more work until it answers.
+    # One that answers after all was slow: it gets twice the time from then on (at most 16x).
     hang_timeout_ms: float = pydantic.Field(2000.0, gt=0)
     # Ray Serve's health check of each replica (a replica whose worker is stuck fails it and
     # is replaced).

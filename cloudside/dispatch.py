@@ -19,7 +19,10 @@ this module decides where its decisions go:
   and finishes what it holds; it leaves once it holds nothing.
 - **Failures.** A replica that died hands back every request it held; so does one that holds a
   request for `hang_timeout_ms` past its expected finish (hung), which then gets no more work
-  until it answers something. Each handed-back request is re-queued while its deadline allows.
+  until it answers something. A replica judged hung that answers after all was slow, not hung:
+  its allowance doubles (up to `MAX_HANG_BACKOFF` times `hang_timeout_ms`), so that a pool of one
+  slow replica (a large payload on a loaded host) converges instead of taking every request back
+  each time it nears the end. Each handed-back request is re-queued while its deadline allows.
   Every dispatch is an `Assignment` with a unique attempt number; `finished(attempt)` returns it
   once, and never for an attempt that was handed back, so every request is answered once.
 """
@@ -34,6 +37,10 @@ from cloudside.scheduler import PendingRequest
 
 # expected_ms(model, batch_size): decode + inference time of a batch of that model on one replica.
 ExpectedRuntime = Callable[[str, int], float]
+
+# How far a slow replica's hang allowance may grow (2 s becomes at most 32 s), so that a replica
+# that is stuck after all still hands its work back in bounded time.
+MAX_HANG_BACKOFF = 16.0
 
 
 @dataclass(eq=False)
@@ -70,6 +77,7 @@ class ReplicaLoad:
     hung: bool = False
     leaving: bool = False  # no longer listed by Serve: finishes what it holds, gets nothing new
     answered: int = 0
+    hang_allowance_ms: float = 0.0  # how long past an expected finish it is judged hung (`overdue`)
 
     @property
     def held(self) -> int:
@@ -110,7 +118,8 @@ class FleetDispatcher:
         for name in sorted(wanted):
             load = self._replicas.get(name)
             if load is None:
-                self._replicas[name] = ReplicaLoad(name, joined_ms=now_ms, last_progress_ms=now_ms)
+                self._replicas[name] = ReplicaLoad(name, joined_ms=now_ms, last_progress_ms=now_ms,
+                                                   hang_allowance_ms=self.hang_timeout_ms)
             else:
                 load.leaving = False
 
@@ -183,7 +192,9 @@ class FleetDispatcher:
         if load is None:
             return False
         load.last_progress_ms = now_ms
-        load.hung = False  # it answers: it is alive
+        if load.hung:  # it answers: it was slow, not hung; judge it more patiently from now on
+            load.hang_allowance_ms = min(2.0 * load.hang_allowance_ms, MAX_HANG_BACKOFF * self.hang_timeout_ms)
+        load.hung = False
         load.answered += 1
         found = load.assignments.pop(assignment.attempt, None) is not None
         load.backlog_ms = max(0.0, load.backlog_ms - assignment.cost_ms) if load.assignments else 0.0
@@ -192,14 +203,15 @@ class FleetDispatcher:
         return found
 
     def overdue(self, now_ms: float) -> list[str]:
-        """Live replicas holding a request `hang_timeout_ms` past its expected finish, with no
-        answer for that long either: hung."""
+        """Live replicas holding a request past its expected finish by more than their hang
+        allowance (`hang_timeout_ms`, doubled for each time it was judged hung and answered after
+        all), with no answer for that long either: hung."""
         hung = []
         for load in self._replicas.values():
             if load.hung or not load.assignments:
                 continue
             oldest_finish_ms = min(assignment.expected_finish_ms for assignment in load.assignments.values())
-            if now_ms - max(oldest_finish_ms, load.last_progress_ms) > self.hang_timeout_ms:
+            if now_ms - max(oldest_finish_ms, load.last_progress_ms) > load.hang_allowance_ms:
                 hung.append(load.name)
         return hung
 

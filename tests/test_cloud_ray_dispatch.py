@@ -229,3 +229,21 @@ def test_engine_ray_without_ray_installed_is_one_line_naming_the_extra(monkeypat
         CloudService(config, insecure=True)
     message = str(failure.value)
     assert "\n" not in message and "engine: ray needs Ray Serve" in message and "'.[ray]'" in message
+
+
+def test_a_replica_judged_hung_that_answers_after_all_is_judged_more_patiently_up_to_a_bound():
+    # One slow replica (a large payload on a loaded host): with a fixed allowance, every retry of
+    # the request would be taken back again just before it finished.
+    dispatcher = FleetDispatcher(linear_runtime(10.0), dispatch_ahead_ms=100.0, hang_timeout_ms=500.0)
+    dispatcher.update_replicas(["a"], now_ms=0.0)
+    now_ms, allowances = 0.0, []
+    for _ in range(8):
+        attempt = dispatcher.place([request(1, 1e9)], now_ms=now_ms).assignments[0]
+        late_ms = now_ms + 10.0 + dispatcher.replicas["a"].hang_allowance_ms
+        assert dispatcher.overdue(now_ms=late_ms) == []
+        assert dispatcher.overdue(now_ms=late_ms + 1.0) == ["a"]
+        assert dispatcher.mark_hung("a") == [attempt]
+        assert not dispatcher.finished(attempt, now_ms=late_ms + 2.0)  # slow, not hung
+        allowances.append(dispatcher.replicas["a"].hang_allowance_ms)
+        now_ms = late_ms + 2.0
+    assert allowances == [1000.0, 2000.0, 4000.0, 8000.0, 8000.0, 8000.0, 8000.0, 8000.0]
