@@ -15,7 +15,8 @@ Driver side (this process), `RayEngine`:
   back into the queue while its deadline allows and is answered `expired` otherwise. Every
   request is answered exactly once (the dispatcher's attempts); late answers of a hung replica
   are dropped. Serve replaces dead replicas; its health check (`ModelReplica.check_health`)
-  fails a replica whose worker is stuck.
+  fails a replica whose worker is stuck (no progress `hang_timeout_ms` past the expected end of
+  the batch it runs).
 - Metrics: the front end's metrics count every reply; `cloudside.health.ReplicaMetrics` adds the
   pool by replica.
 
@@ -170,6 +171,7 @@ class ModelReplica:
         self._waiting: dict[int, tuple[PendingRequest, asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._busy_ms_total = 0.0
         self._running_since_ms: float | None = None
+        self._running_expected_ms = 0.0  # the expected runtime of the batch in progress
         self._stats_at_ms = self.clock.now_ms()
         self._stats_busy_ms = 0.0
         self._last_progress_ms = self.clock.now_ms()
@@ -228,13 +230,16 @@ class ModelReplica:
         return list(self._received)
 
     def check_health(self) -> None:
-        """Ray Serve's health check: fails when the worker died, or holds work without progress."""
+        """Ray Serve's health check: fails when the worker died, or holds work without progress
+        for `hang_timeout_ms` past the expected end of the batch it runs (a batch of a slow
+        model on CPU may rightly take longer than the timeout itself)."""
         if not self._worker.is_alive():
             raise RuntimeError("replica worker thread died")
         with self._lock:
             holding = bool(self._waiting)
+            running_expected_ms = self._running_expected_ms if self._running_since_ms is not None else 0.0
         stalled_ms = self.clock.now_ms() - self._last_progress_ms
-        if holding and stalled_ms > self.config.ray.hang_timeout_ms:
+        if holding and stalled_ms > self.config.ray.hang_timeout_ms + running_expected_ms:
             raise RuntimeError(f"replica worker made no progress for {stalled_ms:.0f} ms while holding work")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -282,6 +287,7 @@ class ModelReplica:
                 continue
             with self._lock:
                 self._running_since_ms = now_ms
+                self._running_expected_ms = self.models.expected_ms(batch[0].model, len(batch))
             try:
                 results = self.models.run_batch(batch)
             except Exception as error:  # noqa: BLE001 - a bug costs this batch, not the replica

@@ -301,3 +301,29 @@ def test_a_hung_replica_has_its_requests_sent_elsewhere(local_ray):
         assert Counter(reply.status for reply in replies.values()) == {"ok": total}
         assert metric(service, "avcloud_cloud_replica_failures_total", reason="hung") >= 1
         assert metric(service, "avcloud_cloud_redispatched_total", reason="hung") >= 1
+
+
+def test_a_replica_running_a_batch_slower_than_the_hang_timeout_is_still_healthy():
+    # A slow model on CPU: one batch is expected to take longer than the hang timeout itself. The
+    # health check judges progress from the batch's expected end, so Serve does not replace a
+    # replica that is only working (run outside Serve: the class itself, on the wall clock).
+    import asyncio
+
+    from cloudside.ray_engine import ModelReplica
+
+    config = ray_config(warmup_iterations=0, ray={"hang_timeout_ms": 300.0},
+                        models=[{"name": "emulated", "simulated_runtime_ms": 1500.0, "simulated_decode": False}])
+    replica = ModelReplica(config.model_dump_json())
+    header = RequestHeader(vehicle="car-1", request_id=1, task="FRONT", model="emulated", codec="raw",
+                           shape=(2, 2, 3), budget_ms=BUDGET_MS)
+
+    async def one_request():
+        answer = asyncio.ensure_future(replica.infer(header, bytes(12), remaining_ms=BUDGET_MS))
+        await asyncio.sleep(0.6)
+        replica.check_health()  # 0.6 s into a batch expected to take 1.5 s: healthy
+        return await answer
+
+    try:
+        assert asyncio.run(one_request()).status == "ok"
+    finally:
+        replica.__del__()
