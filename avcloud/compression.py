@@ -13,6 +13,7 @@ integer >= 2) shrinks the image by F before encoding, beyond TURBO's space.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def configuration_name(model: str, config: CompressionConfig) -> str:
     return f"{model}-{config.name}"
 
 
+@functools.lru_cache(maxsize=4096)  # every replayed car of a fleet reads the same few names
 def parse_configuration_name(name: str) -> tuple[str, CompressionConfig]:
     """'avd-cloud-l-imgcompNone-inpcomp75' -> ('avd-cloud-l', CompressionConfig('None', '75'))."""
     match = _NAME_PATTERN.match(name)

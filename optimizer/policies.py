@@ -142,7 +142,9 @@ class PolicySpec:
             raise UserError(f"policy '{self.name}': {error}") from None
 
     def to_json_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Every field is a plain value or a tuple of numbers: no deep copy (`dataclasses.asdict`
+        # costs a fleet of 1000 cars a fifth of a second).
+        data = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
         for key in ("quantiles", "oracle_capacity_fractions"):
             if data[key] is not None:
                 data[key] = list(data[key])

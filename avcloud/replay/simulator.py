@@ -33,6 +33,7 @@ Cloud runtimes come from the scenario, i.e. from a declared runtime model
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import itertools
 import math
@@ -130,7 +131,7 @@ class ReplayScenario:
     def num_frames(self) -> int:
         return len(self.frame_indices)
 
-    @property
+    @functools.cached_property  # a median: asked by every car of a fleet
     def frame_interval_ms(self) -> float:
         if len(self.capture_ms) < 2:
             return 100.0
@@ -320,6 +321,13 @@ class CachedImage:
     camera: int
 
 
+@functools.lru_cache(maxsize=16)
+def _zero_payload(length: int) -> memoryview:
+    """Read-only zero bytes that stand for encoded images (the cloud reads only their length):
+    one buffer for every car of a fleet, not one each."""
+    return memoryview(bytes(length))
+
+
 class CacheBackedCar:
     """The fallback detector and the encoder of a replayed car, reading the detection cache."""
 
@@ -331,7 +339,7 @@ class CacheBackedCar:
         self._encoded_frame = EncodedFrame
         self._codecs = {name: parse_configuration_name(name)[1].codec for name in scenario.config_names}
         largest = int(scenario.size_bytes.max()) if scenario.size_bytes.size else 0
-        self._zeros = memoryview(bytes(largest))
+        self._zeros = _zero_payload(largest)
         self.encoded_config: dict[tuple[int, str], str] = {}  # (frame index, camera) -> config sent
 
     def fallback(self, image: CachedImage, full_size_wh: tuple[int, int]) -> np.ndarray:
