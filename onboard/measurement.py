@@ -28,8 +28,9 @@
   last 2 s of replies (`cloud_wait_ms`) is planned with as part of the round trip, so a car
   backs off from a busy GPU pool instead of reading its late replies as a slow uplink.
 - Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
-  estimate, re-anchored when a reply tells where its upload really ended), so planning can
-  count the bytes still queued (`backlog_ms`).
+  estimate, re-anchored when a reply tells where its upload really ended: the requests queued
+  behind it move with it, once, and those sent before it are settled), so planning can count
+  the bytes still queued (`backlog_ms`).
 A request that times out gives an upper-bound sample (see `on_timeout`), once no reply can show
 any more that its upload had ended by the cutoff (the cloud's runtime and an RTT later: until
 then a late reply is the cloud's lateness, not the link's, and measures the link itself).
@@ -112,7 +113,11 @@ class LinkMeasurement:
         self.last_sample_ms = -math.inf
         self._upload_end_ms = -math.inf  # estimated end of the most recent upload we know of
         self._queue_end_ms = -math.inf  # when the car's queued uplink bytes will have left (virtual)
+        # Each queued request's virtual end, less `_queue_shift_ms` at the time it was stored: a
+        # reply that moves the queue moves every request still in it, so a stored end plus the
+        # current shift is that request's end now (see `on_reply`).
         self._virtual_ends_ms: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._queue_shift_ms = 0.0
         # Requests sent and not yet measured, in send order: request id -> (send time, bytes).
         self._unmeasured: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
         self.replies = 0
@@ -159,7 +164,7 @@ class LinkMeasurement:
         when its last byte should have left (virtual)."""
         self._queue_end_ms = max(self._queue_end_ms, request.send_ms) + \
             request.size_bytes * 8 / 1000.0 / max(self.bandwidth_mbps(), MIN_SAMPLE_MBPS)
-        self._virtual_ends_ms[request.request_id] = self._queue_end_ms
+        self._virtual_ends_ms[request.request_id] = self._queue_end_ms - self._queue_shift_ms
         while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
             self._virtual_ends_ms.popitem(last=False)
         self._unmeasured[request.request_id] = (request.send_ms, request.size_bytes)
@@ -178,9 +183,16 @@ class LinkMeasurement:
         upload_end_ms = arrival_ms - max(0.0, server_ms) - self.rtt_ms
         previous_end_ms = self._upload_end_ms
         self._upload_end_ms = max(self._upload_end_ms, upload_end_ms)
-        virtual_end_ms = self._virtual_ends_ms.pop(request.request_id, None)
-        if virtual_end_ms is not None:  # what was queued behind this request moves with it
-            self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + upload_end_ms - virtual_end_ms)
+        if request.request_id in self._virtual_ends_ms:  # what was queued behind it moves with it
+            # The requests sent before it had left by then (one FIFO queue): their later replies
+            # must not move the queue again.
+            while True:
+                request_id, stored_end_ms = self._virtual_ends_ms.popitem(last=False)
+                if request_id == request.request_id:
+                    break
+            shift_ms = upload_end_ms - (stored_end_ms + self._queue_shift_ms)
+            self._queue_shift_ms += shift_ms
+            self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + shift_ms)
         if request.request_id not in self._unmeasured:
             return None  # its bytes were in the sample of a request sent after it
         first_send_ms, size_bytes = self._take_unmeasured(request.request_id)

