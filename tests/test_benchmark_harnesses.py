@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -82,3 +83,24 @@ def test_figures_that_cannot_be_written_to_their_file_go_to_standard_output(load
         load_benchmark("benchjson").write_report({"median_us": 42.0}, blocker / "figures.json")
     assert "cannot write" in str(stopped.value) and "figures.json" in str(stopped.value)
     assert '"median_us": 42.0' in capsys.readouterr().out
+
+
+def _schedule(rate_mbps_per_ms):
+    from avcloud.link import DeliverySchedule
+
+    packets_per_ms = np.asarray(rate_mbps_per_ms) * 1e6 / (1500 * 8) / 1000.0
+    counts = np.floor(np.cumsum(packets_per_ms)).astype(np.int64)
+    return DeliverySchedule(np.repeat(np.arange(1, counts.shape[0] + 1), np.diff(counts, prepend=0)))
+
+
+def test_trace_predictability_widens_with_the_lag_on_a_changing_link_and_not_on_a_steady_one(load_benchmark):
+    predictability = load_benchmark("trace_predictability").predictability
+    lags_ms = [0.0, 1000.0]
+    steady = predictability(_schedule(np.full(20_000, 6.0)), lags_ms)
+    assert [row["spread_p90_over_p10"] for row in steady["by_lag_ms"].values()] == pytest.approx([1.0] * 2, abs=0.02)
+    # 2 s at 20 Mbps, then 2 s at 80 Mbps: known at once, the next interval is the same rate but
+    # within 100 ms of a switch; known a second late, it is the other rate three times in ten.
+    steps = np.where((np.arange(40_000) // 2000) % 2 == 0, 20.0, 80.0)
+    spreads = [row["spread_p90_over_p10"] for row in predictability(_schedule(steps), lags_ms)["by_lag_ms"].values()]
+    assert spreads[0] == pytest.approx(1.0, abs=0.05)
+    assert spreads[1] == pytest.approx(16.0, rel=0.05)
