@@ -22,7 +22,9 @@ numba; compiled or loaded from the on-disk cache during the warm-up, outside the
 
 Joint cell (`cell_*`, optimizer/cell.py): 10, 100 and 1000 cars x 5 cameras x 10 options (1
 fallback + 9 TURBO rows), each car its own RTT, one SLO, an uplink of 2-20 Mbps per car.
-`cell_fresh` = a cell of option objects never seen before; `cell_known` = the same cars with new
+`cell_fresh` = a cell of option objects never seen before, split into `cell_fresh_table` (reading
+the option objects into the cell's arrays) and `cell_fresh_after_table` (the solve on those
+arrays); `cell_known` = the same cars with new
 RTTs and a new capacity (the fleet's per-frame case); `cell_max_min` = the max-min fairness
 variant; `cell_gpu` = with a GPU pool of half a worker per car. The cvxpy/HiGHS boolean program
 (`CellBooleanProgram`) is solved on the first `reference_instances` cells of each size (it takes
@@ -237,14 +239,16 @@ def run_cell(vehicles: int, instances: int, references: int, variants: int, rng,
     from optimizer.convex import CellBooleanProgram
 
     started = time.perf_counter()
-    times: dict[str, list[float]] = {"cell_fresh": [], "cell_known": [], "cell_max_min": [], "cell_gpu": [],
-                                     "cvxpy_highs_boolean": []}
+    times: dict[str, list[float]] = {"cell_fresh": [], "cell_fresh_table": [], "cell_fresh_after_table": [],
+                                     "cell_known": [], "cell_max_min": [], "cell_gpu": [], "cvxpy_highs_boolean": []}
     free_rows, differences = [], []
     reference = CellBooleanProgram()
     for index in range(instances):
         problem = random_cell(rng, vehicles, 5, 10, base_sizes, base_runtimes)
         allocation = solve_cell(problem)
         times["cell_fresh"].append(allocation.solve_us)
+        times["cell_fresh_table"].append(allocation.extra["table_us"])
+        times["cell_fresh_after_table"].append(allocation.solve_us - allocation.extra["table_us"])
         # The same cars a frame later: new RTTs, a new capacity.
         later = dataclasses.replace(
             problem, capacity_mbps=float(vehicles * rng.uniform(2.0, 20.0)),
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     parser.add_argument("--quick", action="store_true", help="a few hundred instances instead of 10,000")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)} (empty: none)")
     parser.add_argument("--cells", default=",".join(map(str, CELL_SIZES)),
                         help="cars per cell for the joint-cell rows (empty: none)")
     args = parser.parse_args(argv)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration_us = numpy_call_us()
     plan = QUICK_GAP_INSTANCES if args.quick else FULL_GAP_INSTANCES
     results = {}
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):
         if name not in SHAPES:
             parser.error(f"unknown shape {name!r}")
         count, options = SHAPES[name]
@@ -354,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     if "cell_1000x5x10" in cells:
         big = cells["cell_1000x5x10"]
-        report.setdefault("targets", {})["cell_1000_known_median_le_20ms"] = big["solve_ms"]["cell_known"]["median"] <= 20
+        targets = report.setdefault("targets", {})
+        targets["cell_1000_known_median_le_20ms"] = big["solve_ms"]["cell_known"]["median"] <= 20
+        # A cell of option objects never seen: the solve on its arrays, past reading them (not met with the reading).
+        targets["cell_1000_fresh_after_table_median_le_20ms"] = big["solve_ms"]["cell_fresh_after_table"]["median"] <= 20
+        targets["cell_1000_fresh_median_le_20ms"] = big["solve_ms"]["cell_fresh"]["median"] <= 20
     if cells:
         gaps = [c["max_abs_gap_vs_milp"] for c in cells.values() if c["max_abs_gap_vs_milp"] is not None]
         report.setdefault("targets", {})["cell_equals_milp_within_1e-6"] = all(g <= 1e-6 for g in gaps)
