@@ -16,6 +16,7 @@ Intervals where either capacity is near zero (an outage) are counted apart.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -57,8 +58,8 @@ def main() -> int:
     parser.add_argument("--lags-ms", type=float, nargs="+", default=[0.0, 50.0, 100.0, 150.0, 200.0])
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     args = parser.parse_args()
-    if any(not lag >= 0 for lag in args.lags_ms):
-        parser.error("--lags-ms must be numbers >= 0")
+    if any(not (math.isfinite(lag) and lag >= 0) for lag in args.lags_ms):
+        parser.error("--lags-ms must be finite numbers >= 0")
     paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
     if not paths:
         print(f"trace_predictability: no .up or .down traces in {args.traces}; skipped", file=sys.stderr)
