@@ -44,11 +44,15 @@ def predictability(schedule: DeliverySchedule, lags_ms: list[float], interval_ms
         known_mbps = np.array([schedule.capacity_mbps(t - lag_ms - interval_ms, t - lag_ms) for t in plan_times_ms])
         usable = (next_mbps > OUTAGE_MBPS) & (known_mbps > OUTAGE_MBPS)
         ratios = next_mbps[usable] / known_mbps[usable]
-        p10, p50, p90 = (np.percentile(ratios, [10, 50, 90]) if ratios.size else (float("nan"),) * 3)
-        rows[f"{lag_ms:g}"] = {"next_over_known_p10": round(float(p10), 3), "next_over_known_p50": round(float(p50), 3),
-                               "next_over_known_p90": round(float(p90), 3),
-                               "spread_p90_over_p10": round(float(p90 / p10), 3) if ratios.size else None,
-                               "intervals": int(usable.sum()), "outage_intervals": int((~usable).sum())}
+        row: dict = {"intervals": int(usable.sum()), "outage_intervals": int((~usable).sum())}
+        if ratios.size:  # a trace that is all outage has no ratio to give (JSON null, not NaN)
+            p10, p50, p90 = np.percentile(ratios, [10, 50, 90])
+            row.update(next_over_known_p10=round(float(p10), 3), next_over_known_p50=round(float(p50), 3),
+                       next_over_known_p90=round(float(p90), 3), spread_p90_over_p10=round(float(p90 / p10), 3))
+        else:
+            row.update(next_over_known_p10=None, next_over_known_p50=None, next_over_known_p90=None,
+                       spread_p90_over_p10=None)
+        rows[f"{lag_ms:g}"] = row
     return {"mean_mbps": round(float(next_mbps.mean()), 3), "by_lag_ms": rows}
 
 

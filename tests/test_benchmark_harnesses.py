@@ -98,9 +98,13 @@ def test_trace_predictability_widens_with_the_lag_on_a_changing_link_and_not_on_
     lags_ms = [0.0, 1000.0]
     steady = predictability(_schedule(np.full(20_000, 6.0)), lags_ms)
     assert [row["spread_p90_over_p10"] for row in steady["by_lag_ms"].values()] == pytest.approx([1.0] * 2, abs=0.02)
-    # 2 s at 20 Mbps, then 2 s at 80 Mbps: known at once, the next interval is the same rate but
-    # within 100 ms of a switch; known a second late, it is the other rate three times in ten.
+    # 2 s at 20 Mbps, then 2 s at 80 Mbps: known at once, the next interval has the same rate but
+    # within 100 ms of a switch; known a second late, it has the other rate six times in ten.
     steps = np.where((np.arange(40_000) // 2000) % 2 == 0, 20.0, 80.0)
     spreads = [row["spread_p90_over_p10"] for row in predictability(_schedule(steps), lags_ms)["by_lag_ms"].values()]
     assert spreads[0] == pytest.approx(1.0, abs=0.05)
     assert spreads[1] == pytest.approx(16.0, rel=0.05)
+    from avcloud.link import DeliverySchedule
+
+    dark = predictability(DeliverySchedule(np.array([5_000])), lags_ms)["by_lag_ms"]["0"]  # one packet in 5 s
+    assert dark["spread_p90_over_p10"] is None and dark["intervals"] == 0
