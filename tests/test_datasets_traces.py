@@ -147,3 +147,52 @@ def test_real_uplink_traces_load():
         assert stats["duration_s"] > 60
         assert 0.5 < stats["mean_mbps"] < 50
         assert trace.schedule.mean_mbps() == pytest.approx(stats["mean_mbps"])
+
+
+def _fake_deb(files: dict[str, bytes]) -> bytes:
+    """A .deb (ar archive) whose data.tar.xz holds `files` under ./usr/share/mahimahi/traces/."""
+    import io
+    import tarfile
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as archive:
+        for name, content in {**files, "../elsewhere/evil.up": b"1\n"}.items():
+            info = tarfile.TarInfo(f"./usr/share/mahimahi/traces/{name}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b"x"), ("data.tar.xz", data.getvalue())]
+    out = b"!<arch>\n"
+    for name, content in members:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(content):<10}".encode() + b"`\n" + content
+        out += b"\n" if len(content) % 2 else b""
+    return out
+
+
+def test_mahimahi_traces_are_unpacked_from_the_debian_package_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from datasets import mahimahi_package
+
+    package = _fake_deb({"Carrier-LTE.up": b"1\n2\n3\n", "Carrier-LTE.down": b"5\n", "README": b"about\n"})
+    monkeypatch.setattr(mahimahi_package, "download", lambda url, progress=True: package)
+    written = mahimahi_package.fetch_traces(tmp_path / "traces", sha256=hashlib.sha256(package).hexdigest())
+    assert sorted(path.name for path in written) == ["Carrier-LTE.down", "Carrier-LTE.up", "README"]
+    assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == ["Carrier-LTE.down", "Carrier-LTE.up", "README"]
+    assert load_trace(tmp_path / "traces" / "Carrier-LTE.up").opportunities_ms.tolist() == [1, 2, 3]
+    with pytest.raises(DataError, match="SHA-256"):
+        mahimahi_package.fetch_traces(tmp_path / "other", sha256="0" * 64)
+    with pytest.raises(DataError, match="not a Debian package"):
+        mahimahi_package.trace_files(b"PK\x03\x04 a zip")
+    with pytest.raises(DataError, match="cut short"):
+        mahimahi_package.trace_files(package[:200])
+
+
+def test_trace_fetch_cli_names_an_unwritable_folder_before_downloading(tmp_path, capsys, monkeypatch):
+    from avcloud.cli import main
+    from datasets import mahimahi_package
+
+    monkeypatch.setattr(mahimahi_package, "download", lambda *args, **kwargs: pytest.fail("downloaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["trace", "fetch", "--out", str(blocker / "traces")]) == 2
+    assert "cannot write traces to" in capsys.readouterr().err

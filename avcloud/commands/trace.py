@@ -1,4 +1,5 @@
-"""`avcloud trace`: bandwidth traces (Mahimahi or `seconds Mbps`): statistics, synthesis, conversion."""
+"""`avcloud trace`: bandwidth traces (Mahimahi or `seconds Mbps`): statistics, synthesis, conversion,
+and Mahimahi's measured traces from Debian's package."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--out", type=Path, required=True, metavar="FILE")
     convert.add_argument("--two-column", action="store_true", help="write `seconds Mbps` (default: Mahimahi)")
     convert.set_defaults(handler=run_convert)
+
+    fetch = actions.add_parser("fetch", help="download Mahimahi's measured cellular traces (Debian package)",
+                               description="Download Debian's mahimahi-traces package (checked against its "
+                                           "SHA-256) and write its 16 measured traces and README to a folder.")
+    fetch.add_argument("--out", type=Path, required=True, metavar="DIR")
+    fetch.add_argument("--no-progress", action="store_true")
+    fetch.set_defaults(handler=run_fetch)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -91,6 +99,15 @@ def run_convert(args: argparse.Namespace) -> int:
     from datasets.traces import load_trace
 
     _write(args.out, load_trace(args.path), args.two_column)
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from datasets.mahimahi_package import PACKAGE_URL, fetch_traces
+
+    written = fetch_traces(args.out, progress=not args.no_progress)
+    traces = sum(1 for path in written if path.suffix in (".up", ".down"))
+    print(f"wrote {traces} traces and the README from {PACKAGE_URL} to {args.out}")
     return 0
 
 
