@@ -113,9 +113,11 @@ def fetch_traces(out_dir: Path, url: str = PACKAGE_URL, sha256: str = PACKAGE_SH
             partial = out_dir / f".{name}.partial"
             partial.write_bytes(content)
             os.replace(partial, out_dir / name)
+            partial = None
             written.append(out_dir / name)
     except OSError as error:
+        raise UserError(f"cannot write traces to {out_dir}: {error.strerror or error}") from None
+    finally:  # a full disk or Ctrl-C mid-file leaves no half-written file behind
         if partial is not None:
             partial.unlink(missing_ok=True)
-        raise UserError(f"cannot write traces to {out_dir}: {error.strerror or error}") from None
     return written

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avcloud.errors import DataError
+from avcloud.errors import DataError, UserError
 from avcloud.link import DeliverySchedule
 from datasets import traces
 from datasets.traces import Trace, load_trace
@@ -196,3 +196,21 @@ def test_trace_fetch_cli_names_an_unwritable_folder_before_downloading(tmp_path,
     blocker.write_text("")
     assert main(["trace", "fetch", "--out", str(blocker / "traces")]) == 2
     assert "cannot write traces to" in capsys.readouterr().err
+
+
+def test_a_full_disk_mid_fetch_leaves_no_half_written_trace(tmp_path, monkeypatch):
+    import errno
+    import hashlib
+
+    from datasets import mahimahi_package
+
+    package = _fake_deb({"Carrier-LTE.up": b"1\n2\n3\n"})
+    monkeypatch.setattr(mahimahi_package, "download", lambda url, progress=True: package)
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mahimahi_package.os, "replace", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        mahimahi_package.fetch_traces(tmp_path, sha256=hashlib.sha256(package).hexdigest())
+    assert list(tmp_path.iterdir()) == []
