@@ -95,8 +95,9 @@ def trace_files(package: bytes, source: str = "package") -> dict[str, bytes]:
 
 
 def fetch_traces(out_dir: Path, url: str = PACKAGE_URL, sha256: str = PACKAGE_SHA256,
-                 progress: bool = True) -> list[Path]:
-    """Download the package, check it, and write its traces to `out_dir`; the paths written."""
+                 progress: bool = True, force: bool = False) -> list[Path]:
+    """Download the package, check it, and write its traces to `out_dir`; the paths written. A
+    file of the same name with other content is replaced only with `force`."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the download
     except OSError as error:
@@ -106,6 +107,10 @@ def fetch_traces(out_dir: Path, url: str = PACKAGE_URL, sha256: str = PACKAGE_SH
     if digest != sha256.lower():
         raise DataError(f"{url}: SHA-256 {digest} is not the expected {sha256.lower()}")
     files = trace_files(package, url)
+    differing = sorted(name for name, content in files.items()
+                       if (out_dir / name).is_file() and (out_dir / name).read_bytes() != content)
+    if differing and not force:
+        raise UserError(f"{out_dir / differing[0]} exists with other content; move it away or pass --force")
     written = []
     partial = None
     try:

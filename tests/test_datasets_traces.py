@@ -179,6 +179,15 @@ def test_mahimahi_traces_are_unpacked_from_the_debian_package_and_checked(tmp_pa
     assert sorted(path.name for path in written) == ["Carrier-LTE.down", "Carrier-LTE.up", "README"]
     assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == ["Carrier-LTE.down", "Carrier-LTE.up", "README"]
     assert load_trace(tmp_path / "traces" / "Carrier-LTE.up").opportunities_ms.tolist() == [1, 2, 3]
+    # Fetching again is harmless; a user's own file of the same name is kept unless forced.
+    digest = hashlib.sha256(package).hexdigest()
+    mahimahi_package.fetch_traces(tmp_path / "traces", sha256=digest)
+    (tmp_path / "traces" / "README").write_text("my notes\n")
+    with pytest.raises(UserError, match="README exists with other content"):
+        mahimahi_package.fetch_traces(tmp_path / "traces", sha256=digest)
+    assert (tmp_path / "traces" / "README").read_text() == "my notes\n"
+    mahimahi_package.fetch_traces(tmp_path / "traces", sha256=digest, force=True)
+    assert (tmp_path / "traces" / "README").read_text() == "about\n"
     with pytest.raises(DataError, match="SHA-256"):
         mahimahi_package.fetch_traces(tmp_path / "other", sha256="0" * 64)
     with pytest.raises(DataError, match="not a Debian package"):

@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                description="Download Debian's mahimahi-traces package (checked against its "
                                            "SHA-256) and write its 16 measured traces and README to a folder.")
     fetch.add_argument("--out", type=Path, required=True, metavar="DIR")
+    fetch.add_argument("--force", action="store_true", help="replace files of the same names with other content")
     fetch.add_argument("--no-progress", action="store_true")
     fetch.set_defaults(handler=run_fetch)
 
@@ -105,7 +106,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from datasets.mahimahi_package import PACKAGE_URL, fetch_traces
 
-    written = fetch_traces(args.out, progress=not args.no_progress)
+    written = fetch_traces(args.out, progress=not args.no_progress, force=args.force)
     traces = sum(1 for path in written if path.suffix in (".up", ".down"))
     print(f"wrote {traces} traces and the README from {PACKAGE_URL} to {args.out}")
     return 0
