@@ -73,7 +73,29 @@ def window_figures(summaries: dict[str, dict]) -> dict:
         }
         for name, summary in summaries.items()
     }
-    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures}
+    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures,
+            "turbo_q_plan_success_calibration": summaries["turbo-q"]["plan_success_calibration"]}
+
+
+def add_calibrations(calibrations: list[dict | None]) -> dict | None:
+    """Success calibration counts of several runs summed (metrics.plan_success_calibration)."""
+    present = [calibration for calibration in calibrations if calibration is not None]
+    if not present:
+        return None
+    return {"bins": present[0]["bins"],
+            **{key: [sum(values) for values in zip(*(c[key] for c in present), strict=True)]
+               for key in ("frames", "predicted_sum", "succeeded")}}
+
+
+def calibration_table(calibration: dict | None) -> list[dict]:
+    """Per bin of predicted chance: frames, mean predicted chance, share that succeeded."""
+    if calibration is None:
+        return []
+    return [{"predicted_from": low, "predicted_to": high, "frames": frames,
+             "mean_predicted": round(predicted / frames, 3), "succeeded_share": round(succeeded / frames, 3)}
+            for (low, high), frames, predicted, succeeded in zip(
+                calibration["bins"], calibration["frames"], calibration["predicted_sum"], calibration["succeeded"],
+                strict=True) if frames]
 
 
 def setting_figures(windows: list[dict]) -> dict:
@@ -96,7 +118,9 @@ def setting_figures(windows: list[dict]) -> dict:
             "sent_nothing": any(window["policies"][name]["sent_nothing"] and window["oracle_gain_points"] > 1.0
                                 for window in windows),
         }
-    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures}
+    return {"oracle_gain_points": round(oracle_gain, 3), "policies": figures,
+            "turbo_q_plan_success_calibration": add_calibrations(
+                [window.get("turbo_q_plan_success_calibration") for window in windows])}
 
 
 def checks(settings: list[dict]) -> dict:
@@ -237,6 +261,10 @@ def main() -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "settings": settings,
         "checks": checks(settings),
+        # Over every setting: how often turbo-q's frames that sent succeeded (every planned request
+        # in time), by the chance its planner gave them.
+        "turbo_q_plan_success_calibration": calibration_table(
+            add_calibrations([setting["turbo_q_plan_success_calibration"] for setting in settings])),
     }
     write_report(report, args.out)
     return 0

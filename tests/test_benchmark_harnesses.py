@@ -108,3 +108,16 @@ def test_trace_predictability_widens_with_the_lag_on_a_changing_link_and_not_on_
 
     dark = predictability(DeliverySchedule(np.array([5_000])), lags_ms)["by_lag_ms"]["0"]  # one packet in 5 s
     assert dark["spread_p90_over_p10"] is None and dark["intervals"] == 0
+
+
+def test_the_policy_sweep_adds_up_turbo_qs_success_calibration_by_predicted_chance(load_benchmark):
+    bench = load_benchmark("bench_policies")
+    bins = [[0.0, 0.5], [0.5, 0.7]]
+    one = {"bins": bins, "frames": [2, 1], "predicted_sum": [0.6, 0.6], "succeeded": [1, 1]}
+    other = {"bins": bins, "frames": [0, 3], "predicted_sum": [0.0, 1.8], "succeeded": [0, 1]}
+    total = bench.add_calibrations([one, None, other])
+    assert total == {"bins": bins, "frames": [2, 4], "predicted_sum": [0.6, 2.4], "succeeded": [1, 2]}
+    assert bench.calibration_table(total) == [
+        {"predicted_from": 0.0, "predicted_to": 0.5, "frames": 2, "mean_predicted": 0.3, "succeeded_share": 0.5},
+        {"predicted_from": 0.5, "predicted_to": 0.7, "frames": 4, "mean_predicted": 0.6, "succeeded_share": 0.5}]
+    assert bench.add_calibrations([None]) is None and bench.calibration_table(None) == []

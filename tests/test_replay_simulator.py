@@ -240,3 +240,31 @@ def test_simulated_executor_runs_first_come_first_served_and_jobs_ending_togethe
         loop.run_next()
     assert finished == [("a", 10.0), ("b", 10.0), ("c", 20.0), ("e", 20.0)]
     assert [future.result() for future in futures if not future.cancelled()] == ["a", "b", "c", "e"]
+
+
+class PredictingPlanner(ScriptedPlanner):
+    """ScriptedPlanner that also gives each frame's chance of arriving in time, as turbo-q's does."""
+
+    def __init__(self, chances, **kwargs):
+        super().__init__(**kwargs)
+        self.chances = list(chances)
+
+    def plan(self, bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps) -> Allocation:
+        allocation = super().plan(bandwidth_mbps, rtt_ms, slo_ms, bandwidth_samples_mbps)
+        allocation.extra["success_probability"] = self.chances[self.calls - 1]
+        return allocation
+
+
+def test_the_run_keeps_each_frames_predicted_chance_and_scores_it_against_what_arrived():
+    from avcloud.replay.metrics import plan_success_calibration
+
+    # Frame 0 (a few packets) arrives; frame 1 (about 150 packets behind an overstated 24 Mbps)
+    # does not. The planner gave them 0.6 and 0.97.
+    run = simulate(make_scenario([[15000], [225000]]), PredictingPlanner([0.6, 0.97], share_mbps=24.0))
+    assert run.planned_success_probability.tolist() == [0.6, 0.97]
+    assert run.outcome[:, 0].tolist() == [RequestOutcome.ON_TIME, RequestOutcome.LATE]
+    calibration = plan_success_calibration(run)
+    by_bin = {tuple(bounds): (frames, succeeded) for bounds, frames, succeeded in
+              zip(calibration["bins"], calibration["frames"], calibration["succeeded"], strict=True) if frames}
+    assert by_bin == {(0.5, 0.7): (1, 1), (0.95, 1.0): (1, 0)}
+    assert plan_success_calibration(simulate(make_scenario([[15000]]))) is None  # a planner that gives no chance

@@ -59,6 +59,34 @@ def map_per_camera(run: PolicyRun, published: PublishedDetections, scenario: Rep
     return figures
 
 
+# Bins of the planner's predicted chance that a frame's requests all arrive in time.
+SUCCESS_BINS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def plan_success_calibration(run: PolicyRun) -> dict | None:
+    """How often a frame that sent to the cloud had every planned request arrive in time, by the
+    chance its planner gave it (`SUCCESS_BINS`): per bin the frames, the sum of the predicted
+    chances and the frames that succeeded, so that runs add up. None if the planner gives no
+    chance (every policy but the quantile planner)."""
+    predicted = run.planned_success_probability
+    if predicted is None:
+        return None
+    sending = (run.planned_config != FALLBACK_INDEX).any(axis=1) & np.isfinite(predicted)
+    if not sending.any():
+        return None
+    planned_cloud = run.planned_config != FALLBACK_INDEX
+    succeeded = ((run.outcome == RequestOutcome.ON_TIME) | ~planned_cloud).all(axis=1)
+    # The top bin includes 1: a plan its planner was sure of.
+    bins = np.clip(np.searchsorted(SUCCESS_BINS, predicted[sending], side="right") - 1, 0, len(SUCCESS_BINS) - 2)
+    count = len(SUCCESS_BINS) - 1
+    return {
+        "bins": [[SUCCESS_BINS[i], SUCCESS_BINS[i + 1]] for i in range(count)],
+        "frames": np.bincount(bins, minlength=count).tolist(),
+        "predicted_sum": np.bincount(bins, weights=predicted[sending], minlength=count).tolist(),
+        "succeeded": np.bincount(bins, weights=succeeded[sending], minlength=count).astype(int).tolist(),
+    }
+
+
 def summarise_run(run: PolicyRun, scenario: ReplayScenario, map_by_camera: dict[str, float]) -> dict:
     """Every figure of one policy except those relative to other policies."""
     outcome = run.outcome
@@ -97,6 +125,7 @@ def summarise_run(run: PolicyRun, scenario: ReplayScenario, map_by_camera: dict[
         "agent_counters": run.counters,
         "simulation_wall_s": run.wall_s,
         "scene_seconds_per_wall_second": duration_s / run.wall_s if run.wall_s > 0 else None,
+        "plan_success_calibration": plan_success_calibration(run),
     }
 
 

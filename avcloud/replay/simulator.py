@@ -167,6 +167,9 @@ class PolicyRun:
     latency_ms: np.ndarray | None = None  # float64 [F, C], capture -> publish of each result
     published_config: list[list[str]] | None = None  # the configuration each result came from
     policy_spec: dict[str, Any] = field(default_factory=dict)
+    # float64 [F]: the planner's chance that every request of the frame arrives in time (the
+    # quantile planner's `success_probability`; nan where the planner gives none).
+    planned_success_probability: np.ndarray | None = None
 
     def served_config(self) -> np.ndarray:
         """Configuration whose detections are published per (frame, camera); FALLBACK_INDEX = on-car."""
@@ -734,6 +737,7 @@ class ReplayedCar:
         self.rtt_estimate_ms = np.full(frames, math.nan)
         self.allocated_mbps = np.zeros(frames)
         self.solve_us = np.zeros(frames)
+        self.success_probability = np.full(frames, math.nan)
         self._last_wakeup_ms = -math.inf
         self._scheduled_wakeup_ms = math.inf
         for f in range(frames):
@@ -757,6 +761,7 @@ class ReplayedCar:
         self.budget_mbps[f] = self.planner.last_budget_mbps
         self.rtt_estimate_ms[f] = agent.measurement.rtt_ms
         self.solve_us[f] = allocation.solve_us
+        self.success_probability[f] = allocation.extra.get("success_probability", math.nan)
         self.allocated_mbps[f] = sum(allocation.bandwidth_mbps.values())
         for c, camera in enumerate(scenario.cameras):
             k = scenario.config_position.get(allocation.choices.get(camera, ""))
@@ -818,6 +823,7 @@ class ReplayedCar:
             counters={key: int(value) for key, value in self.agent.counters.__dict__.items()},
             rtt_estimate_ms=self.rtt_estimate_ms, policy_spec=self.policy.to_json_dict(),
             latency_ms=self.latency_ms, published_config=self.published_config,
+            planned_success_probability=self.success_probability,
         )
 
 
