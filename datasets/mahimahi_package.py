@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import tarfile
 import urllib.error
@@ -87,7 +88,7 @@ def trace_files(package: bytes, source: str = "package") -> dict[str, bytes]:
                     extracted = archive.extractfile(member)
                     if extracted is not None:
                         files[Path(path).name] = extracted.read()
-    except (tarfile.TarError, EOFError, OSError) as error:  # lzma errors are OSErrors
+    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as error:
         raise DataError(f"{source}: cannot unpack data.tar.xz ({error})") from None
     if not files:
         raise DataError(f"{source}: no traces under /{TRACES_IN_PACKAGE}")
