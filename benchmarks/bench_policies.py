@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchjson import write_report
+from benchjson import SHARED_TRACES, trace_paths, write_report
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,7 +50,6 @@ from avcloud.replay.metrics import summarise_policies
 from avcloud.replay.simulator import simulate_policy, true_capacity_mbps
 from optimizer.policies import POLICY_NAMES, get_policy, parse_overrides
 
-DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MEASURING = tuple(name for name in POLICY_NAMES if get_policy(name).measures)
 DEFAULT_WINDOWS = 6
 DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
@@ -203,7 +202,7 @@ def replay_window(path: Path, window: int, windows: int, rtt_ms: float, slo_ms: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="folder of Mahimahi .up / .down traces")
+    parser.add_argument("--traces", type=Path, default=SHARED_TRACES, help="folder of Mahimahi .up / .down traces")
     parser.add_argument("--frames", type=int, default=None, help="replay only the first N frames")
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[20.0, 50.0, 100.0])
     parser.add_argument("--slo-ms", type=float, nargs="+", default=[100.0, 200.0, 400.0])
@@ -220,8 +219,8 @@ def main() -> int:
     overrides = parse_overrides(args.policy_settings)
     if args.quick:
         args.frames, args.rtt_ms, args.slo_ms, args.windows = 50, [50.0], [200.0], 1
-    trace_paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
-    if not trace_paths:
+    paths = trace_paths(args.traces)
+    if not paths:
         print(f"bench_policies: no .up or .down traces in {args.traces}; skipped", file=sys.stderr)
         write_report({"benchmark": "policies", "skipped": f"no traces in {args.traces}"}, args.out)
         return 0
@@ -229,7 +228,7 @@ def main() -> int:
         parser.error("--windows and --jobs must be at least 1")
     _open_scene(args.profile)  # profile first (with its own progress), before any worker needs it
     grid = [(rtt, slo) for rtt in args.rtt_ms for slo in args.slo_ms if rtt < slo]
-    keys = [(path, rtt_ms, slo_ms) for path in trace_paths for rtt_ms, slo_ms in grid]
+    keys = [(path, rtt_ms, slo_ms) for path in paths for rtt_ms, slo_ms in grid]
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -253,7 +252,7 @@ def main() -> int:
         "benchmark": "policies",
         "scene": first["scene"],
         "frames": first["frames"],
-        "traces": [path.name for path in trace_paths],
+        "traces": [path.name for path in paths],
         "windows_per_trace": args.windows,
         "grid_rtt_slo_ms": grid,
         "cloud_runtimes": first["cloud_runtimes"],

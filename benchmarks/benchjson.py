@@ -1,10 +1,20 @@
-"""How every benchmark hands over its figures: JSON to --out FILE, or to stdout."""
+"""How every benchmark hands over its figures (JSON to --out FILE, or to stdout), and where the
+trace benchmarks find their measured traces."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+# The measured traces beside the repository (absent on a machine without ../shared).
+SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+def trace_paths(folder: Path) -> list[Path]:
+    """The Mahimahi traces of a folder (`.up` as uplinks, `.down` as fast uplinks), sorted; none
+    if it is not a folder."""
+    return sorted([*folder.glob("*.up"), *folder.glob("*.down")]) if folder.is_dir() else []
 
 
 def write_report(report: dict, out_path: Path | None) -> None:

@@ -21,13 +21,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from benchjson import write_report
+from benchjson import SHARED_TRACES, trace_paths, write_report
 
 from avcloud.errors import DataError
 from avcloud.link import DeliverySchedule
 from avcloud.replay.inputs import open_trace
 
-DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 INTERVAL_MS = 100.0  # the default scene's frame interval (10 Hz cameras)
 STEP_MS = 50.0
 OUTAGE_MBPS = 0.05
@@ -58,13 +57,13 @@ def predictability(schedule: DeliverySchedule, lags_ms: list[float], interval_ms
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="folder of Mahimahi .up / .down traces")
+    parser.add_argument("--traces", type=Path, default=SHARED_TRACES, help="folder of Mahimahi .up / .down traces")
     parser.add_argument("--lags-ms", type=float, nargs="+", default=[0.0, 50.0, 100.0, 150.0, 200.0])
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     args = parser.parse_args()
     if any(not (math.isfinite(lag) and lag >= 0) for lag in args.lags_ms):
         parser.error("--lags-ms must be finite numbers >= 0")
-    paths = sorted([*args.traces.glob("*.up"), *args.traces.glob("*.down")]) if args.traces.is_dir() else []
+    paths = trace_paths(args.traces)
     if not paths:
         print(f"trace_predictability: no .up or .down traces in {args.traces}; skipped", file=sys.stderr)
         write_report({"benchmark": "trace_predictability", "skipped": f"no traces in {args.traces}"}, args.out)

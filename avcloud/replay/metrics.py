@@ -71,10 +71,10 @@ def plan_success_calibration(run: PolicyRun) -> dict | None:
     predicted = run.planned_success_probability
     if predicted is None:
         return None
-    sending = (run.planned_config != FALLBACK_INDEX).any(axis=1) & np.isfinite(predicted)
+    planned_cloud = run.planned_config != FALLBACK_INDEX
+    sending = planned_cloud.any(axis=1) & np.isfinite(predicted)
     if not sending.any():
         return None
-    planned_cloud = run.planned_config != FALLBACK_INDEX
     succeeded = ((run.outcome == RequestOutcome.ON_TIME) | ~planned_cloud).all(axis=1)
     # The top bin includes 1: a plan its planner was sure of.
     bins = np.clip(np.searchsorted(SUCCESS_BINS, predicted[sending], side="right") - 1, 0, len(SUCCESS_BINS) - 2)
