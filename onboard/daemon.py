@@ -76,7 +76,7 @@ class CloudLink(Protocol):
     def reset(self) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     task: TaskFrame
     option: Option
@@ -91,7 +91,7 @@ class _Request:
         return len(self.encoded.payload)
 
 
-@dataclass
+@dataclass(slots=True)
 class _CameraState:
     in_flight: int = 0  # this camera's requests sent and not yet answered or timed out
     upload_end_ms: float = -math.inf  # when its last request should have left the uplink (virtual)
@@ -658,7 +658,11 @@ class OnboardAgent:
             return
         task = state.fallback_task
         try:
-            detections = np.asarray(future.result(), dtype=np.float32).reshape(-1, 6)
+            detections = future.result()
+            # Most fallbacks already return float32 [N, 6]: skip the conversion (this runs per image).
+            if type(detections) is not np.ndarray or detections.dtype != np.float32 or detections.ndim != 2 \
+                    or detections.shape[1] != 6:
+                detections = np.asarray(detections, dtype=np.float32).reshape(-1, 6)
             config = self.fallback_name
         except Exception:  # a failing fallback must not stop the node; publish nothing found
             detections = empty_detections()

@@ -21,7 +21,7 @@ import numpy as np
 from onboard.topics import DetectionResult
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskFrame:
     frame_index: int
     camera: str

@@ -19,6 +19,8 @@ opportunities up to the next event.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -180,6 +182,24 @@ def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | N
             advance(next_time_ms)
 
 
+@contextlib.contextmanager
+def fewer_collections(young_threshold: int = 50_000):
+    """A fleet's loop makes millions of short-lived objects (tasks, futures, events), and
+    Python's cyclic collector would run every 700 of them, its fuller passes walking every car's
+    long-lived state too (1000 cars, best of two runs in one process: 0.16 ms per vehicle-frame
+    with the collector as it is, 0.14 with this, 0.15 with it off). Within the block, what exists
+    now (cars, scenes, profiles) is frozen out of the collector's view and the young generation
+    is collected every `young_threshold` allocations; both are restored after."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: Sequence[DeliverySchedule],
                    scheduler: str = "pf", workers: int | None = None, phase: str = "spread",
                    car: CarSettings | None = None, pf_window_ms: float = 1000.0,
@@ -216,7 +236,8 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
                     vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle])
         for vehicle, case in enumerate(cases)
     ]
-    run_fleet(loop, cars, cell)
+    with fewer_collections():
+        run_fleet(loop, cars, cell)
     wall_s = time.perf_counter() - started
     runs = [replayed.run(wall_s / vehicles) for replayed in cars]
     horizon_ms = max(start + case.scenario.duration_s * 1000.0 for start, case in zip(starts_ms, cases, strict=True))

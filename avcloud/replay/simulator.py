@@ -182,16 +182,26 @@ class PolicyRun:
 class EventLoop:
     """Callbacks at simulated times, in time order (ties in the order they were scheduled). An
     event may name the car it concerns (`owner`), so the loop can give each car touched at one
-    instant a single agent step (see `run_cars`)."""
+    instant a single agent step (see `run_cars`). A cancelled event stays in the heap but runs
+    nothing and touches no car."""
 
     def __init__(self, clock: SimulatedClock) -> None:
         self.clock = clock
-        self._events: list[tuple[float, int, Callable[[], None], Any]] = []
+        # [time_ms, sequence, callback, owner]: a list, so that `cancel` can blank it in place
+        self._events: list[list] = []
         self._sequence = itertools.count()
 
-    def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None) -> None:
+    def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None) -> list:
+        """Schedule `callback`; returns the event, for `cancel`."""
         now_ms = self.clock.now_ms()
-        heapq.heappush(self._events, (time_ms if time_ms > now_ms else now_ms, next(self._sequence), callback, owner))
+        event = [time_ms if time_ms > now_ms else now_ms, next(self._sequence), callback, owner]
+        heapq.heappush(self._events, event)
+        return event
+
+    @staticmethod
+    def cancel(event: list) -> None:
+        event[2] = _nothing
+        event[3] = None
 
     def next_time_ms(self) -> float:
         return self._events[0][0] if self._events else math.inf
@@ -202,6 +212,10 @@ class EventLoop:
         self.clock.advance_to(time_ms)
         callback()
         return owner
+
+
+def _nothing() -> None:
+    """A cancelled event's callback."""
 
 
 class SimulatedFuture:
@@ -678,6 +692,11 @@ class CarSettings:
     publish_guard_ms: float = 3.0
 
 
+# A frame the car never planned (its scene ended first): (estimate, budget, RTT estimate, solve
+# time, success probability, allocated Mbps), as ReplayedCar.frame_plans records them.
+_NO_PLAN = (math.nan, math.nan, math.nan, 0.0, math.nan, 0.0)
+
+
 class ReplayedCar:
     """One car of a replay: the shipped agent, built from its policy as the daemon builds it, with
     cache-backed cameras, fallback and encoder, on a shared event loop, uplink link and cloud.
@@ -712,10 +731,14 @@ class ReplayedCar:
             inner_planner = build_planner(scenario.services, policy, scenario.frame_interval_ms)
         self.planner = _RecordingPlanner(inner_planner)
         cache_car = CacheBackedCar(scenario, detections)
+        # Per frame and camera, filled as the agent publishes (lists: a numpy item write costs
+        # several times a list's, and this runs for every image of every car).
         self.published: list[list[np.ndarray | None]] = [[None] * cameras for _ in range(frames)]
-        self.sources = np.zeros((frames, cameras), dtype=np.int8)  # 1 = cloud
-        self.latency_ms = np.full((frames, cameras), math.nan)  # capture -> publish
+        self.from_cloud: list[list[bool]] = [[False] * cameras for _ in range(frames)]
+        self.latency_ms: list[list[float]] = [[math.nan] * cameras for _ in range(frames)]  # capture -> publish
         self.published_config: list[list[str]] = [[""] * cameras for _ in range(frames)]
+        self._cameras = [(c, camera, scenario.camera_size_wh.get(camera, DEFAULT_FRAME_SIZE_WH))
+                         for c, camera in enumerate(scenario.cameras)]
         self.frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
         self.camera_position = {name: position for position, name in enumerate(scenario.cameras)}
         self.woken = False  # an executor finished: the agent asked for a step (the node's wake pipe)
@@ -731,15 +754,13 @@ class ReplayedCar:
                              if car.encode_workers else None),
             vehicle=vehicle, wake=self._wake,
         )
-        self.planned = np.full((frames, cameras), FALLBACK_INDEX, dtype=np.int32)
-        self.budget_mbps = np.full(frames, math.nan)
-        self.estimate_mbps = np.full(frames, math.nan)
-        self.rtt_estimate_ms = np.full(frames, math.nan)
-        self.allocated_mbps = np.zeros(frames)
-        self.solve_us = np.zeros(frames)
-        self.success_probability = np.full(frames, math.nan)
+        # Per frame, as the agent planned it: planned configuration positions per camera, and
+        # (estimate, budget, RTT estimate, solve time, success probability, allocated Mbps).
+        self.planned: list[list[int]] = [[FALLBACK_INDEX] * cameras for _ in range(frames)]
+        self.frame_plans: list[tuple[float, ...]] = [_NO_PLAN] * frames
         self._last_wakeup_ms = -math.inf
         self._scheduled_wakeup_ms = math.inf
+        self._wakeup_event: list | None = None
         for f in range(frames):
             loop.at(start_ms + float(scenario.capture_ms[f]), lambda f=f: self._start_frame(f), self)
 
@@ -749,27 +770,25 @@ class ReplayedCar:
     def _publish(self, result) -> None:
         f, c = self.frame_position[result.frame_index], self.camera_position[result.camera]
         self.published[f][c] = result.detections
-        self.sources[f, c] = result.source == "cloud"
-        self.latency_ms[f, c] = result.latency_ms
+        self.from_cloud[f][c] = result.source == "cloud"
+        self.latency_ms[f][c] = result.latency_ms
         self.published_config[f][c] = result.config
 
     def _start_frame(self, f: int) -> None:
         scenario, agent = self.scenario, self.agent
         frame_index = int(scenario.frame_indices[f])
-        self.estimate_mbps[f] = agent.measurement.bandwidth_mbps()
+        estimate_mbps = agent.measurement.bandwidth_mbps()
         allocation = agent.allocation_for(frame_index)
-        self.budget_mbps[f] = self.planner.last_budget_mbps
-        self.rtt_estimate_ms[f] = agent.measurement.rtt_ms
-        self.solve_us[f] = allocation.solve_us
-        self.success_probability[f] = allocation.extra.get("success_probability", math.nan)
-        self.allocated_mbps[f] = sum(allocation.bandwidth_mbps.values())
-        for c, camera in enumerate(scenario.cameras):
-            k = scenario.config_position.get(allocation.choices.get(camera, ""))
+        self.frame_plans[f] = (estimate_mbps, self.planner.last_budget_mbps, agent.measurement.rtt_ms,
+                               allocation.solve_us, allocation.extra.get("success_probability", math.nan),
+                               sum(allocation.bandwidth_mbps.values()))
+        planned, choices, config_position = self.planned[f], allocation.choices, scenario.config_position
+        for c, camera, _ in self._cameras:
+            k = config_position.get(choices.get(camera, ""))
             if k is not None:
-                self.planned[f, c] = k
+                planned[c] = k
         capture_ms = self.start_ms + float(scenario.capture_ms[f])
-        for c, camera in enumerate(scenario.cameras):
-            size_wh = scenario.camera_size_wh.get(camera, DEFAULT_FRAME_SIZE_WH)
+        for c, camera, size_wh in self._cameras:
             if scenario.camera_input_ms == 0:  # every camera arrives at this instant: no event needed
                 agent.on_camera_frame(frame_index, camera, CachedImage(f, c), capture_ms, size_wh)
                 continue
@@ -792,12 +811,13 @@ class ReplayedCar:
         # A deadline already handled (a task waiting for its on-car result) needs no new wake-up.
         if math.isfinite(wakeup_ms) and wakeup_ms > self._last_wakeup_ms and wakeup_ms != self._scheduled_wakeup_ms \
                 and wakeup_ms >= now_ms:
+            if self._wakeup_event is not None:
+                self.loop.cancel(self._wakeup_event)  # replaced: it would not step, nor touch the car
             self._scheduled_wakeup_ms = wakeup_ms
-            self.loop.at(wakeup_ms, lambda: self._wakeup(wakeup_ms), self)
+            self._wakeup_event = self.loop.at(wakeup_ms, lambda: self._wakeup(wakeup_ms), self)
 
     def _wakeup(self, wakeup_ms: float) -> None:
-        if wakeup_ms != self._scheduled_wakeup_ms:
-            return  # a later plan replaced this wake-up
+        self._wakeup_event = None
         self._scheduled_wakeup_ms = math.inf
         self._last_wakeup_ms = wakeup_ms
         self.agent.step()
@@ -805,25 +825,27 @@ class ReplayedCar:
     def run(self, wall_s: float) -> PolicyRun:
         """What this car did, as a PolicyRun (after the loop has run out of events)."""
         frame_position, camera_position = self.frame_position, self.camera_position
-        outcome = np.where(self.planned == FALLBACK_INDEX, RequestOutcome.FALLBACK,
-                           RequestOutcome.NOT_SENT).astype(np.int8)
+        planned = np.array(self.planned, dtype=np.int32).reshape(len(self.planned), len(self._cameras))
+        outcome = np.where(planned == FALLBACK_INDEX, RequestOutcome.FALLBACK, RequestOutcome.NOT_SENT).astype(np.int8)
         for frame_index, camera in self.uplink.sent:
             f, c = frame_position[frame_index], camera_position[camera]
-            outcome[f, c] = RequestOutcome.ON_TIME if self.sources[f, c] else RequestOutcome.LATE
+            outcome[f, c] = RequestOutcome.ON_TIME if self.from_cloud[f][c] else RequestOutcome.LATE
+        plans = np.array(self.frame_plans, dtype=float).reshape(len(self.frame_plans), len(_NO_PLAN))
+        estimate_mbps, budget_mbps, rtt_estimate_ms, solve_us, success_probability, allocated_mbps = plans.T.copy()
         result_ms = np.full(outcome.shape, math.nan)
         for (frame_index, camera), arrival_ms in self.uplink.replied.items():
             result_ms[frame_position[frame_index], camera_position[camera]] = arrival_ms - self.start_ms
         uplink = self.uplink
         return PolicyRun(
-            policy=self.policy.name, planned_config=self.planned, outcome=outcome, result_ms=result_ms,
-            budget_mbps=self.budget_mbps, estimate_mbps=self.estimate_mbps, allocated_mbps=self.allocated_mbps,
-            solve_us=self.solve_us, sent_bytes=uplink.sent_bytes,
+            policy=self.policy.name, planned_config=planned, outcome=outcome, result_ms=result_ms,
+            budget_mbps=budget_mbps, estimate_mbps=estimate_mbps, allocated_mbps=allocated_mbps,
+            solve_us=solve_us, sent_bytes=uplink.sent_bytes,
             sent_until_ms=max((delivered for _, delivered, _ in uplink.transfers), default=0.0),
             transfers=uplink.transfers, samples=self.samples, wall_s=wall_s, published=self.published,
             counters={key: int(value) for key, value in self.agent.counters.__dict__.items()},
-            rtt_estimate_ms=self.rtt_estimate_ms, policy_spec=self.policy.to_json_dict(),
-            latency_ms=self.latency_ms, published_config=self.published_config,
-            planned_success_probability=self.success_probability,
+            rtt_estimate_ms=rtt_estimate_ms, policy_spec=self.policy.to_json_dict(),
+            latency_ms=np.array(self.latency_ms, dtype=float).reshape(outcome.shape),
+            published_config=self.published_config, planned_success_probability=success_probability,
         )
 
 
