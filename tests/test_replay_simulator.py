@@ -242,6 +242,35 @@ def test_simulated_executor_runs_first_come_first_served_and_jobs_ending_togethe
     assert [future.result() for future in futures if not future.cancelled()] == ["a", "b", "c", "e"]
 
 
+def test_a_cancelled_event_runs_nothing_and_touches_no_car():
+    from avcloud.clock import SimulatedClock
+    from avcloud.replay.simulator import EventLoop, run_cars
+
+    class Agent:
+        def __init__(self) -> None:
+            self.deferred = 0
+
+        def defer_steps(self) -> None:
+            self.deferred += 1
+
+    class Car:
+        def __init__(self) -> None:
+            self.agent = Agent()
+            self.instants = 0
+
+        def end_of_instant(self) -> None:
+            self.instants += 1
+
+    loop = EventLoop(SimulatedClock(0.0))
+    car, ran = Car(), []
+    kept = loop.at(5.0, lambda: ran.append("kept"), car)
+    replaced = loop.at(10.0, lambda: ran.append("replaced"), car)
+    loop.cancel(replaced)
+    run_cars(loop, [car])
+    assert kept is not replaced and ran == ["kept"]
+    assert car.agent.deferred == 1 and car.instants == 1  # the cancelled one's instant left the car alone
+
+
 class PredictingPlanner(ScriptedPlanner):
     """ScriptedPlanner that also gives each frame's chance of arriving in time, as turbo-q's does."""
 
