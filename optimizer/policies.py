@@ -74,7 +74,7 @@ class PolicySpec:
     # Quantile planner: a miss also costs this fraction of the plan's gain (its bytes delay the next
     # frames). 0.25 since the virtual uplink queue stopped counting a delay once per queued request:
     # over the sweep's 48 settings turbo-q 19.97 -> 20.11 mAP, below turbo - 0.2 in 1 setting
-    # instead of 3, fewer misses than turbo in 83% instead of 92% (README, the sweep).
+    # instead of 3, fewer misses than turbo in 83% instead of 92% (docs/BANDWIDTH.md).
     miss_cost: float = 0.25
     # Quantile planner: judge a plan's success on the mean capacity over the frame intervals its
     # deadline spans ((SLO - RTT) // frame interval, optimizer.quantile) instead of one interval.
