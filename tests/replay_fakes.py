@@ -38,6 +38,21 @@ class FakeCache:
         return np.array([[0, 0, 10, 10, self._utility[config], 1]], dtype=np.float32)
 
 
+class FamilyCache:
+    """Two frames of one camera, with the configurations of the shipped family."""
+
+    def __init__(self, configs) -> None:
+        self.configs = list(configs)
+        self.frame_indices = [0, 1]
+        self.cameras = ["FRONT"]
+
+    def size_bytes(self, frame_index: int, camera: str, config: str) -> int:
+        return 1000
+
+    def detections(self, frame_index: int, camera: str, config: str) -> np.ndarray:
+        return np.zeros((0, 6), np.float32)
+
+
 def mean_score_map(detections, ground_truths) -> float:
     """Stand-in metric: the mean utility of what was published (so cloud results raise it)."""
     assert len(detections) == len(ground_truths)

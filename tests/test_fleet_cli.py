@@ -44,6 +44,7 @@ def short_trace(tmp_path):
     (["--rtt-ms", "250"], "--rtt-ms 250 must be below --slo-ms 200"),
     (["--frames", "1"], "--frames must be at least 2"),
     (["--cloud", "fast"], "choose 'reference', 'measured'"),
+    (["--car", "fast"], "--car 'fast': choose 'reference', 'measured'"),
     (["--pf-window-ms", "0"], "--pf-window-ms must be a finite number > 0"),
     (["--cell-fairness", "fair"], "--cell-fairness: 'fair' is not 'none', 'max-min' or a number"),
 ])

@@ -73,6 +73,8 @@ def test_cloud_workers_must_be_positive(capsys):
     ("--cloud", "scale:0", "a factor must be a finite number > 0"),
     ("--cloud", "scale:avd-cloud-l=x", "'x' is not a number"),
     ("--cloud", "nowhere.csv", "no such file"),
+    ("--car", "fast", "--car 'fast': choose 'reference', 'measured' or a CSV"),
+    ("--car", "nowhere.csv", "--car nowhere.csv: no such file"),
     ("--set", "max_in_flight_per_camera", "expected FIELD=VALUE"),
     ("--set", "no_such_field=1", "unknown field 'no_such_field'"),
     ("--set", "max_in_flight_per_camera=0", "max_in_flight_per_camera must be an integer in 1..8"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from replay_fakes import constant_opportunities
+from replay_fakes import FamilyCache, constant_opportunities
 
 from avcloud.errors import DataError
 from avcloud.link import DeliverySchedule
@@ -47,21 +47,6 @@ def test_the_reference_cloud_covers_the_family_and_falls_back_to_measured_for_ot
     assert cloud.runtime_ms["avd-cloud-l-imgcomp90-inpcompNone"] == declared["avd-cloud-l-imgcomp90-inpcompNone"]
     assert cloud.source["other-imgcompNone-inpcomp50"] == "measured"
     assert cloud.runtime_ms["other-imgcompNone-inpcomp50"] == 7.0
-
-
-class FamilyCache:
-    """Two frames of one camera, with the configurations of the shipped family."""
-
-    def __init__(self, configs) -> None:
-        self.configs = list(configs)
-        self.frame_indices = [0, 1]
-        self.cameras = ["FRONT"]
-
-    def size_bytes(self, frame_index: int, camera: str, config: str) -> int:
-        return 1000
-
-    def detections(self, frame_index: int, camera: str, config: str) -> np.ndarray:
-        return np.zeros((0, 6), np.float32)
 
 
 def test_the_default_replay_is_the_same_whatever_load_the_profile_was_timed_under():

@@ -65,6 +65,7 @@ def register(subparsers) -> None:
         EXECUTORS,
     )
     from avcloud.fleet.simulation import PHASES
+    from avcloud.replay.car_times import DEFAULT_CAR
     from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD
 
     parser = subparsers.add_parser("fleet", help="simulate many vehicles sharing one cell and one GPU pool",
@@ -96,6 +97,8 @@ def register(subparsers) -> None:
     parser.add_argument("--slo-ms", type=float, default=200.0, help="deadline after capture (default 200)")
     parser.add_argument("--cloud", default=DEFAULT_CLOUD, metavar="MODEL",
                         help="cloud runtimes, as for `avcloud replay` (default 'reference')")
+    parser.add_argument("--car", default=DEFAULT_CAR, metavar="MODEL",
+                        help="car-side encode and fallback times, as for `avcloud replay` (default 'reference')")
     parser.add_argument("--preset", default="demo", help="profile preset used when profiling on first use")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR", help="an existing profile folder")
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="models to profile and replay")
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         policies=[name for group in (args.policies or [list(DEFAULT_POLICIES)]) for name in group],
         scheduler=args.scheduler, phase=args.phase, scene_paths=args.scenes or (), trace_paths=args.traces or (),
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, profile_dir=args.profile,
-        models=tuple(args.models or ()), max_frames=args.frames, cloud=args.cloud, pf_window_ms=args.pf_window_ms,
+        models=tuple(args.models or ()), max_frames=args.frames, cloud=args.cloud, car=args.car, pf_window_ms=args.pf_window_ms,
         executor=args.executor, break_even_points=args.break_even_points, progress=not args.no_progress,
         cell=CellPolicySettings(parse_fairness(args.cell_fairness), args.cell_capacity_fraction,
                                 gpu_fraction=args.cell_gpu_fraction),

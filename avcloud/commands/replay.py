@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from avcloud.errors import UserError
+from avcloud.replay.car_times import DEFAULT_CAR
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD
 from avcloud.replay.job import DEFAULT_PRESET, DEFAULT_RTT_MS, DEFAULT_SLO_MS
 from optimizer.policies import POLICY_NAMES, parse_overrides
@@ -58,6 +59,11 @@ def register(subparsers) -> None:
                         help="cloud runtimes: 'reference' (default: the shipped table, the same on a quiet or a busy "
                              "machine), 'measured' (the profile's, timed on this machine), a CSV of 'Model,Runtime [ms]' "
                              "rows for your device, or 'scale:F' / 'scale:MODEL=F,...' (measured x F)")
+    parser.add_argument("--car", default=DEFAULT_CAR, metavar="MODEL",
+                        help="car-side encode and on-car fallback times: 'reference' (default: the shipped table, "
+                             "so the table does not move with the load of the machine that made the profile), "
+                             "'measured' (the profile's), or a CSV with 'Model,Encode [ms],Runtime [ms]' rows "
+                             "(a profile.csv is one)")
     parser.add_argument("--cloud-workers", type=int, default=None, metavar="N",
                         help="simulate a cloud of N workers (EDF with batching, as the service) instead of a GPU "
                              "pool that serves every request on arrival; with --live, the service's workers (default 1)")
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         scene_paths=args.scenes or (), trace_paths=args.traces or (), policies=policies,
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, max_frames=args.frames, profile_dir=args.profile,
         progress=not args.no_progress, cloud_workers=args.cloud_workers, camera_input_ms=args.camera_input_ms,
-        cloud=args.cloud, models=tuple(args.models or ()),
+        cloud=args.cloud, car=args.car, models=tuple(args.models or ()),
         policy_overrides=parse_overrides(args.policy_settings or ()),
     )
     if args.policy_settings and args.live:

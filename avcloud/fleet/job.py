@@ -33,6 +33,7 @@ from avcloud.fleet.simulation import (
     start_phases_ms,
     vehicle_cases,
 )
+from avcloud.replay.car_times import DEFAULT_CAR, check_car_choice
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import UplinkTrace
 from avcloud.replay.job import avcloud_version, check_input_paths
@@ -64,6 +65,7 @@ class FleetOptions:
     max_frames: int | None = None
     camera_input_ms: float = 0.0
     cloud: str = DEFAULT_CLOUD
+    car: str = DEFAULT_CAR
     pf_window_ms: float = 1000.0
     executor: str = "auto"
     break_even_points: float = DEFAULT_BREAK_EVEN_POINTS
@@ -103,21 +105,23 @@ class FleetInputs:
     max_frames: int | None = None
     camera_input_ms: float = 0.0
     cloud: str = DEFAULT_CLOUD
+    car: str = DEFAULT_CAR
 
     def load(self, progress: bool = False) -> LoadedInputs:
         from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
         from avcloud.replay.job import default_scene_path, default_trace_path
 
         traces = [open_trace(path) for path in (self.trace_paths or [default_trace_path()])]
-        scenes, scorers, notes = [], [], {"profiles": [], "cloud_runtimes": None}
+        scenes, scorers, notes = [], [], {"profiles": [], "cloud_runtimes": None, "car_times": None}
         for path in self.scene_paths or [default_scene_path()]:
             scene = open_profiled_scene(path, self.preset, progress, self.profile_dir, self.models or None)
             case = make_case(scene, traces[0], self.rtt_ms, self.slo_ms, self.max_frames, self.camera_input_ms,
-                             self.cloud)
+                             self.cloud, self.car)
             scenes.append(SceneInputs(case.scene_name, case.scenario, case.detections, case.ground_truths))
             scorers.append(SceneScorer(case.detections, case.scenario.fallback_config))
             notes["profiles"].append(case.profile_note)
             notes["cloud_runtimes"] = case.cloud.describe() if case.cloud is not None else None
+            notes["car_times"] = case.car.describe() if case.car is not None else None
         return LoadedInputs(scenes, traces, scorers, notes)
 
 
@@ -279,6 +283,7 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
     if not math.isfinite(options.break_even_points):
         raise UserError("--break-even-points must be a finite number")
     check_cloud_choice(options.cloud)
+    check_car_choice(options.car)
     # The cell's settings are checked even when no point runs the cell policy: a value out of
     # range is a mistake either way, and ignoring it would hide a typo in the policy list.
     options.cell.check()
@@ -346,7 +351,7 @@ def inputs_for(options: FleetOptions) -> FleetInputs:
         rtt_ms=options.rtt_ms, slo_ms=options.slo_ms, preset=options.preset,
         profile_dir=str(options.profile_dir) if options.profile_dir is not None else None,
         models=tuple(options.models), max_frames=options.max_frames, camera_input_ms=options.camera_input_ms,
-        cloud=options.cloud,
+        cloud=options.cloud, car=options.car,
     )
 
 
@@ -405,7 +410,7 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
             "vehicles": sorted(set(options.vehicles)), "workers": list(dict.fromkeys(options.workers)),
             "policies": list(policies), "scheduler": options.scheduler, "phase": options.phase,
             "pf_window_ms": options.pf_window_ms, "rtt_ms": options.rtt_ms, "slo_ms": options.slo_ms,
-            "cloud": options.cloud, "profile_preset": options.preset, "max_frames": options.max_frames,
+            "cloud": options.cloud, "car": options.car, "profile_preset": options.preset, "max_frames": options.max_frames,
             "break_even_points": options.break_even_points,
             "cell_policy": {"fairness": options.cell.fairness, "capacity_fraction": options.cell.capacity_fraction,
                             "capacity_window_ms": options.cell.capacity_window_ms,
@@ -422,6 +427,7 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
         "traces": [{"name": trace.name, "path": trace.path, "mean_mbps": trace.schedule.mean_mbps(),
                     "period_s": trace.schedule.period_ms / 1000.0} for trace in loaded.traces],
         "cloud_runtimes": loaded.notes.get("cloud_runtimes"),
+        "car_times": loaded.notes.get("car_times"),
         "points": results,
         "break_even": break_even,
     }

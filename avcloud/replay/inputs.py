@@ -18,6 +18,7 @@ import numpy as np
 from avcloud.errors import DataError
 from avcloud.link import DeliverySchedule
 from avcloud.profile_format import ENCODE_COLUMN, MODEL_COLUMN, read_table_records
+from avcloud.replay.car_times import DEFAULT_CAR, CarTimes, resolve_car, with_fallback_runtime
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, CloudRuntimes, resolve_cloud, with_runtimes
 from avcloud.replay.simulator import ReplayScenario
 from avcloud.types import ALL_CAMERAS, GroundTruth, Service
@@ -73,6 +74,7 @@ class ReplayCase:
     profile_path: str
     profile_note: str
     cloud: CloudRuntimes | None = None  # the declared cloud runtimes the case runs with
+    car: CarTimes | None = None  # the car-side encode and fallback times it runs with
 
     def detections_at(self, frame: int, camera: int, config: str) -> np.ndarray:
         """Cached detections by scenario position (what the replayed car's models return)."""
@@ -225,21 +227,29 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
 
 
 def make_case(scene: ProfiledScene, trace: UplinkTrace, rtt_ms: float, slo_ms: float,
-              max_frames: int | None = None, camera_input_ms: float = 0.0, cloud: str = DEFAULT_CLOUD) -> ReplayCase:
+              max_frames: int | None = None, camera_input_ms: float = 0.0, cloud: str = DEFAULT_CLOUD,
+              car: str = DEFAULT_CAR) -> ReplayCase:
     """One scene x trace; `max_frames` keeps only the first frames the profile covers; `cloud`
-    chooses the cloud runtime model (avcloud/replay/cloud_runtimes.py)."""
+    chooses the cloud runtime model (avcloud/replay/cloud_runtimes.py), `car` the car-side times
+    (avcloud/replay/car_times.py)."""
     frames = scene.scenario_frames if max_frames is None else scene.scenario_frames[:max_frames]
     measured_ms = {option.name: option.runtime_ms for service in scene.services for option in service.options
                    if not option.is_fallback}
     runtimes = resolve_cloud(cloud, measured_ms)
-    scenario = build_scenario(with_runtimes(scene.services, runtimes), scene.detections, frames, scene.frame_rate_hz,
-                              rtt_ms, slo_ms, scene.encode_ms_by_config, camera_input_ms)
+    fallbacks = [option for service in scene.services for option in service.options if option.is_fallback]
+    if not fallbacks:
+        raise DataError("profile: expected one on-car fallback configuration for every camera, found none")
+    car_times = resolve_car(car, {name: scene.encode_ms_by_config.get(name, 0.0) for name in measured_ms},
+                            fallbacks[0].name, max(option.runtime_ms for option in fallbacks))
+    services = with_fallback_runtime(with_runtimes(scene.services, runtimes), car_times)
+    scenario = build_scenario(services, scene.detections, frames, scene.frame_rate_hz,
+                              rtt_ms, slo_ms, car_times.encode_ms, camera_input_ms)
     ground_truths = {camera: truths[: len(frames)] for camera, truths in scene.ground_truths.items()}
     return ReplayCase(
         scene_name=scene.name, scene_path=scene.path, trace_name=trace.name, trace_path=trace.path,
         schedule=trace.schedule, scenario=scenario, ground_truths=ground_truths,
         detections=scene.detections, profile_path=scene.profile_path, profile_note=scene.profile_note,
-        cloud=runtimes,
+        cloud=runtimes, car=car_times,
     )
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from avcloud.errors import UserError
+from avcloud.replay.car_times import DEFAULT_CAR, check_car_choice
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import ReplayCase, make_case, open_profiled_scene, open_trace
 from avcloud.replay.metrics import MapFunction, datasets_map, summarise_policies
@@ -49,6 +50,8 @@ class ReplayOptions:
     camera_input_ms: float = 0.0
     # Cloud runtime model (avcloud/replay/cloud_runtimes.py): "reference", "measured", a CSV, "scale:F".
     cloud: str = DEFAULT_CLOUD
+    # Car-side encode and fallback times (avcloud/replay/car_times.py): "reference", "measured", a CSV.
+    car: str = DEFAULT_CAR
     # Models to profile and replay (default: the family for each scene, see open_profiled_scene).
     models: Sequence[str] = ()
     # Field overrides applied to every replayed policy (optimizer.policies.PolicySpec), e.g.
@@ -80,6 +83,7 @@ def check_options(options: ReplayOptions) -> tuple[str, ...]:
     if options.max_frames is not None and options.max_frames < 2:
         raise UserError(f"--frames must be at least 2 (got {options.max_frames})")
     check_cloud_choice(options.cloud)
+    check_car_choice(options.car)
     if options.models:
         from avcloud.models import get_card
 
@@ -181,7 +185,7 @@ def run_replay(options: ReplayOptions, console: Console | None = None) -> list[C
                                     options.models or None)
         for trace in traces:
             case = make_case(scene, trace, options.rtt_ms, options.slo_ms, options.max_frames,
-                             options.camera_input_ms, options.cloud)
+                             options.camera_input_ms, options.cloud, options.car)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, disable=not options.progress,
                           transient=True) as progress:
@@ -211,6 +215,7 @@ def results_document(results: Sequence[CaseResult], options: ReplayOptions, mode
             "profile": case.profile_path,
             "profile_note": case.profile_note,
             "cloud_runtimes": case.cloud.describe() if case.cloud is not None else None,
+            "car_times": case.car.describe() if case.car is not None else None,
             "policy_specs": {name: run.policy_spec for name, run in result.runs.items()},
             "policies": result.summaries,
         })
