@@ -197,7 +197,8 @@ def replay_window(path: Path, window: int, windows: int, rtt_ms: float, slo_ms: 
     _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
     return {"start_s": round(start_ms / 1000.0, 3), "trace_mean_mbps": float(capacity.mean()),
             "scene": case.scene_name, "frames": case.scenario.num_frames,
-            "cloud_runtimes": case.cloud.name if case.cloud else None, **window_figures(summaries)}
+            "cloud_runtimes": case.cloud.name if case.cloud else None, "car_times": case.car.name if case.car else None,
+            **window_figures(summaries)}
 
 
 def main() -> int:
@@ -246,7 +247,7 @@ def main() -> int:
                              "trace_mean_mbps": round(sum(w["trace_mean_mbps"] for w in windows) / len(windows), 3),
                              "rtt_ms": rtt_ms, "slo_ms": slo_ms, **setting_figures(windows),
                              "windows": [{key: value for key, value in window.items()
-                                          if key not in ("scene", "frames", "cloud_runtimes")} for window in windows]})
+                                          if key not in ("scene", "frames", "cloud_runtimes", "car_times")} for window in windows]})
     first = futures[keys[0]][0].result()
     report = {
         "benchmark": "policies",
@@ -256,6 +257,7 @@ def main() -> int:
         "windows_per_trace": args.windows,
         "grid_rtt_slo_ms": grid,
         "cloud_runtimes": first["cloud_runtimes"],
+        "car_times": first["car_times"],
         "policy_overrides": overrides,
         "wall_s": round(time.perf_counter() - started, 1),
         "settings": settings,

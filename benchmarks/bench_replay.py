@@ -104,6 +104,7 @@ def main() -> int:
         "load_average_1min": os.getloadavg()[0],
         "target_scene_seconds_per_wall_second": 100.0,
         "cloud_runtimes": case.cloud.name if case.cloud else None,
+        "car_times": case.car.name if case.car else None,
     }
     write_report(result, args.out)
     return 0
