@@ -3,7 +3,7 @@ configuration and to run its on-car fallback detector.
 
 The replay's table should not move with the load of the machine that made the profile: a few
 hundredths of a millisecond in these times shift which requests make their deadlines, and on the
-default scene moved turbo and turbo-q by 0.4 points between two profiles of the same scene
+default scene moved turbo-q by 0.4 points between two profiles of the same scene
 (fallback 4.45 against 4.26 ms, encodes within 0.1 ms). So, as for the cloud
 (avcloud/replay/cloud_runtimes.py), the replay takes them from a declared model, chosen with
 `--car`:
