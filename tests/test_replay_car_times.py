@@ -78,3 +78,10 @@ def test_the_default_replay_is_the_same_whatever_load_the_profile_was_timed_unde
     assert quiet.services == busy.services
     measured_quiet, measured_busy = scenarios["measured", 1.0], scenarios["measured", 1.3]
     assert list(measured_quiet.encode_ms) == [2.0] * 3 and measured_busy.fallback_runtime_ms == pytest.approx(5.2)
+
+
+def test_a_profile_without_encode_times_reads_as_none_measured(tmp_path):
+    """The profile's `Encode [ms]` column is optional (a TURBO-style table has none)."""
+    table = tmp_path / "profile.csv"
+    table.write_text(f"Model,Runtime [ms]\n{FALLBACK},4.0\n{FALLBACK},6.0\navd-cloud-l-imgcomp90-inpcompNone,90\n")
+    assert read_car_table(table) == ({}, {FALLBACK: 5.0, "avd-cloud-l-imgcomp90-inpcompNone": 90.0})

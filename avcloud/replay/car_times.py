@@ -89,12 +89,13 @@ def resolve_car(choice: str, measured_encode_ms: Mapping[str, float], fallback: 
     return CarTimes(choice, encode_ms, fallback_ms, source)
 
 
-def read_car_table(path: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """(`Model` -> `Encode [ms]`, `Model` -> `Runtime [ms]`) from a CSV or Parquet table; empty
-    cells are skipped, the mean of a configuration's rows is taken (a profile has one per camera)."""
+def read_car_table(path: str | Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(`Model` -> `Encode [ms]`, `Model` -> `Runtime [ms]`) from a CSV or Parquet table (the
+    shipped reference, a user's, or a profile's own measurements); absent columns and empty cells
+    are skipped, the mean of a configuration's rows is taken (a profile has one per camera)."""
     encode: dict[str, list[float]] = {}
     runtime: dict[str, list[float]] = {}
-    for where, record in read_table_records(path, (MODEL_COLUMN, ENCODE_COLUMN)):
+    for where, record in read_table_records(path, (MODEL_COLUMN,)):
         name = str(record.get(MODEL_COLUMN) or "").strip()
         if not name:
             raise DataError(f"{path} {where}: a row needs a name in column '{MODEL_COLUMN}'")

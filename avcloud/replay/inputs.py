@@ -7,7 +7,6 @@ size and the real detections (what actually happens); the scene gives the ground
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,7 @@ import numpy as np
 
 from avcloud.errors import DataError
 from avcloud.link import DeliverySchedule
-from avcloud.profile_format import ENCODE_COLUMN, MODEL_COLUMN, read_table_records
-from avcloud.replay.car_times import DEFAULT_CAR, CarTimes, resolve_car, with_fallback_runtime
+from avcloud.replay.car_times import DEFAULT_CAR, CarTimes, read_car_table, resolve_car, with_fallback_runtime
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, CloudRuntimes, resolve_cloud, with_runtimes
 from avcloud.replay.simulator import ReplayScenario
 from avcloud.types import ALL_CAMERAS, GroundTruth, Service
@@ -136,19 +134,6 @@ def build_scenario(
     )
 
 
-def read_encode_ms(table_path: str | Path) -> dict[str, float]:
-    """Mean on-car encode time per configuration from the profile's optional `Encode [ms]` column."""
-    totals: dict[str, list[float]] = {}
-    for _, record in read_table_records(table_path, (MODEL_COLUMN,)):
-        try:
-            value = float(record[ENCODE_COLUMN])  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(value) and value >= 0:
-            totals.setdefault(str(record[MODEL_COLUMN]).strip(), []).append(value)
-    return {name: float(np.mean(values)) for name, values in totals.items()}
-
-
 def order_cameras(names: Sequence[str]) -> tuple[str, ...]:
     """Waymo camera order first, then any other names in the order given."""
     known = [camera for camera in ALL_CAMERAS if camera in names]
@@ -220,7 +205,7 @@ def open_profiled_scene(scene_path: str | Path, preset: str = "demo", progress: 
         services=services,
         detections=cache,
         ground_truths=read_ground_truths(scene, cache, cameras, frame_indices, scene_path),
-        encode_ms_by_config=read_encode_ms(profile.table_path),
+        encode_ms_by_config=read_car_table(profile.table_path)[0],
         profile_path=str(profile.table_path),
         profile_note=note,
     )
