@@ -39,6 +39,7 @@ def short_trace(tmp_path):
     (["--scheduler", "fifo"], "unknown --scheduler 'fifo' (choose from pf, equal, per-vehicle)"),
     (["--phase", "random"], "unknown --phase 'random'"),
     (["--executor", "threads"], "unknown --executor 'threads'"),
+    (["--processes", "0"], "--processes must be at least 1 (got 0)"),
     (["--policy", "turbo,warp-drive"], "unknown policy 'warp-drive'"),
     (["--policy", "oracle"], "use it with --scheduler per-vehicle"),
     (["--rtt-ms", "250"], "--rtt-ms 250 must be below --slo-ms 200"),

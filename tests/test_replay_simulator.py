@@ -271,6 +271,32 @@ def test_a_cancelled_event_runs_nothing_and_touches_no_car():
     assert car.agent.deferred == 1 and car.instants == 1  # the cancelled one's instant left the car alone
 
 
+def test_one_instant_runs_the_clouds_events_first_then_each_cars_arrivals_before_its_own_events():
+    """The order a fleet split over processes reproduces (avcloud/fleet/parallel.py): it must not
+    depend on when events of different owners, or a car's arrivals and own events, were scheduled."""
+    from avcloud.clock import SimulatedClock
+    from avcloud.replay.simulator import EventLoop
+
+    class Car:
+        def __init__(self, rank: int) -> None:
+            self.event_rank = rank
+
+    loop = EventLoop(SimulatedClock(0.0))
+    first, second, ran = Car(0), Car(2), []
+    loop.at(5.0, lambda: ran.append("second: own"), second)
+    loop.at(5.0, lambda: ran.append("first: own"), first)
+    loop.at(5.0, lambda: ran.append("second: reply"), second, arrival=True)
+    loop.at(5.0, lambda: ran.append("cloud"))
+    loop.at(5.0, lambda: ran.append("first: own, later"), first)
+    loop.at(5.0, lambda: ran.append("first: reply"), first, arrival=True)
+    loop.at(5.0, lambda: ran.append("for the second car, not touching it"), rank=3)
+    loop.at(4.0, lambda: ran.append("earlier"), second)
+    while math.isfinite(loop.next_time_ms()):
+        loop.run_next()
+    assert ran == ["earlier", "cloud", "first: reply", "first: own", "first: own, later", "second: reply",
+                   "second: own", "for the second car, not touching it"]
+
+
 class PredictingPlanner(ScriptedPlanner):
     """ScriptedPlanner that also gives each frame's chance of arriving in time, as turbo-q's does."""
 

@@ -116,6 +116,10 @@ class CellUplink:
             return self._queues[vehicle].queued_packets
         return sum(queue.queued_packets for queue in self._queues)
 
+    def next_opportunity_ms(self) -> float:
+        """When the next opportunity not yet handed out comes (a queued packet's earliest delivery)."""
+        return float(self._time_ms(self._next_index))
+
     def delivered_bytes(self, vehicle: int) -> int:
         return self._queues[vehicle].delivered_bytes
 

@@ -8,6 +8,7 @@ Ray worker reads the profile from the cache as the local run does.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from avcloud.fleet.coordinator import (
     check_cell_policy,
 )
 from avcloud.fleet.metrics import break_even_vehicles, summarise_fleet
+from avcloud.fleet.parallel import available_cores, processes_for
 from avcloud.fleet.scoring import SceneScorer
 from avcloud.fleet.simulation import (
     PHASES,
@@ -68,6 +70,9 @@ class FleetOptions:
     car: str = DEFAULT_CAR
     pf_window_ms: float = 1000.0
     executor: str = "auto"
+    # Each point's cars over this many processes; None: this machine's cores when the points run
+    # one after another here, one per point as Ray tasks (Ray spreads the points instead).
+    processes: int | None = None
     break_even_points: float = DEFAULT_BREAK_EVEN_POINTS
     progress: bool = True
     cell: CellPolicySettings = field(default_factory=CellPolicySettings)  # the `cell` policy's settings
@@ -148,6 +153,7 @@ class FleetSettings:
     phase: str = "spread"
     pf_window_ms: float = 1000.0
     cell: CellPolicySettings = field(default_factory=CellPolicySettings)
+    processes: int = 1  # each point's cars over this many processes (avcloud/fleet/parallel.py)
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,8 @@ def run_point(inputs: InputsSource, settings: FleetSettings, point: FleetPoint) 
     else:
         spec = get_policy(point.policy)
     run = simulate_fleet(spec, cases, schedules, settings.scheduler, point.workers, settings.phase,
-                         pf_window_ms=settings.pf_window_ms, coordinator=coordinator)
+                         pf_window_ms=settings.pf_window_ms, coordinator=coordinator,
+                         processes=processes_for(point.vehicles, settings.processes))
     summary = summarise_fleet(run, loaded.scorers, loaded.onboard_maps)
     summary["trace"] = trace_name
     return summary
@@ -212,6 +219,7 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
         return results
     import ray
 
+    settings = dataclasses.replace(settings, processes=1)  # Ray spreads the points over the cores
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     remote = ray.remote(run_point)
@@ -269,6 +277,8 @@ def check_options(options: FleetOptions) -> tuple[str, ...]:
         raise UserError(f"unknown --phase '{options.phase}' (choose from {', '.join(PHASES)})")
     if options.executor not in EXECUTORS:
         raise UserError(f"unknown --executor '{options.executor}' (choose from {', '.join(EXECUTORS)})")
+    if options.processes is not None and options.processes < 1:
+        raise UserError(f"--processes must be at least 1 (got {options.processes})")
     for label, value in (("--rtt-ms", options.rtt_ms), ("--slo-ms", options.slo_ms),
                          ("--camera-input-ms", options.camera_input_ms)):
         if not math.isfinite(value) or value < 0:
@@ -378,7 +388,8 @@ def run_fleet_job(options: FleetOptions, inputs: InputsSource | None = None,
         if trace.schedule.period_ms < horizon_ms:
             raise UserError(f"trace {trace.path}: {trace.schedule.period_ms / 1000.0:g} s long, shorter than the "
                             f"fleet's {horizon_ms / 1000.0:g} s (scene and start phases): a cell trace must cover the scene")
-    settings = FleetSettings(options.scheduler, options.phase, options.pf_window_ms, options.cell)
+    settings = FleetSettings(options.scheduler, options.phase, options.pf_window_ms, options.cell,
+                             options.processes if options.processes is not None else available_cores())
     points = grid(options, policies, len(loaded.traces))
     done = [0]
 

@@ -109,7 +109,7 @@ def summarise_fleet(run: FleetRun, scorers: Sequence[SceneScorer], onboard_maps:
         "horizon_s": horizon_s,
         "counters": dict(run.counters),
         "per_vehicle": vehicles,
-        "timing": {"simulate_wall_s": run.wall_s,
+        "timing": {"simulate_wall_s": run.wall_s, "processes": run.processes,
                    "vehicle_seconds_per_wall_second": len(run.runs) * horizon_s / run.wall_s if run.wall_s > 0 else None,
                    "scene_seconds_per_wall_second": horizon_s / run.wall_s if run.wall_s > 0 else None,
                    "coordinator_solve_us_median": float(np.median(run.solve_us)) if run.solve_us else None,

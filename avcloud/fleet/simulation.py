@@ -31,6 +31,7 @@ import numpy as np
 
 from avcloud.clock import SimulatedClock
 from avcloud.fleet.cell import SHARED_SCHEDULERS, CellUplink, private_links
+from avcloud.fleet.parallel import can_run_on_processes, run_on_processes
 from avcloud.link import DeliverySchedule, packets_for
 from avcloud.replay.inputs import DetectionSource
 from avcloud.replay.simulator import (
@@ -40,6 +41,7 @@ from avcloud.replay.simulator import (
     ReplayedCar,
     ReplayScenario,
     SimulatedCloud,
+    run_instant,
 )
 from avcloud.types import GroundTruth
 from optimizer.policies import PolicySpec
@@ -151,14 +153,14 @@ class FleetRun:
     wall_s: float
     counters: dict[str, int] = field(default_factory=dict)
     solve_us: list[float] = field(default_factory=list)  # the coordinator's joint solves, if any
+    processes: int = 1  # the processes the cars ran on (avcloud/fleet/parallel.py)
 
 
 def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | None = None) -> None:
-    """`run_cars` for a fleet: every event of one instant, then one agent step per car touched,
-    then (with a shared cell) the cell's opportunities up to the next event."""
-    events = loop._events  # noqa: SLF001 (peek at the owner before its event runs, as run_cars does)
+    """`run_cars` for a fleet: every event of one instant, then one agent step per car touched
+    (`run_instant`), then (with a shared cell) the cell's opportunities up to the next event."""
+    events = loop._events  # noqa: SLF001
     next_time_ms = loop.next_time_ms
-    run_next = loop.run_next
     advance = cell.advance if cell is not None else None
     if advance is not None:
         advance(next_time_ms)
@@ -168,16 +170,7 @@ def run_fleet(loop: EventLoop, cars: Sequence[ReplayedCar], cell: CellUplink | N
                 advance(next_time_ms)
                 continue
             return
-        time_ms = events[0][0]
-        touched: dict[ReplayedCar, None] = {}  # cars hash by identity; insertion order as run_cars
-        while events and events[0][0] == time_ms:
-            owner = events[0][3]
-            if owner is not None and owner not in touched:
-                touched[owner] = None
-                owner.agent.defer_steps()
-            run_next()
-        for car in touched:
-            car.end_of_instant()
+        run_instant(loop)
         if advance is not None:
             advance(next_time_ms)
 
@@ -204,13 +197,15 @@ def fewer_collections(young_threshold: int = 50_000):
 def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: Sequence[DeliverySchedule],
                    scheduler: str = "pf", workers: int | None = None, phase: str = "spread",
                    car: CarSettings | None = None, pf_window_ms: float = 1000.0,
-                   coordinator: Callable[[SimulatedClock], Any] | None = None) -> FleetRun:
+                   coordinator: Callable[[SimulatedClock], Any] | None = None, processes: int = 1) -> FleetRun:
     """Run every vehicle of `cases` with `policy` on one clock, one uplink model and one cloud.
 
     `schedules`: the cell's trace (shared schedulers use the first) or the vehicles' traces
     (`per-vehicle`: vehicle i gets trace i mod len). `workers`: the GPU pool (None: a pool that
     never queues). `coordinator(clock)`: an object whose `planner(vehicle)` replaces the policy's
     planner (the cell-level coordinator hands every vehicle its share of one joint allocation).
+    `processes` > 1 splits the cars over that many processes with the same decisions
+    (avcloud/fleet/parallel.py); a coordinator, which plans every car at once, keeps them on one.
     """
     started = time.perf_counter()
     vehicles = len(cases)
@@ -231,19 +226,42 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
     interval_ms = cases[0].scenario.frame_interval_ms
     starts_ms = start_phases_ms(vehicles, interval_ms, phase)
     coordinating = coordinator(loop.clock) if coordinator is not None else None
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    # The processes' windows are RTT/2 long: with no RTT there is nothing to divide.
+    on_processes = min(case.scenario.rtt_ms for case in cases) > 0 and can_run_on_processes()
+    if processes > 1 and vehicles > 1 and coordinating is None and on_processes:
+        with fewer_collections():
+            runs = run_on_processes(policy, cases, loop, cloud, cell, links, starts_ms, vehicle_schedules, car,
+                                    processes)
+        wall_s = time.perf_counter() - started
+        for run in runs:
+            run.wall_s = wall_s / vehicles
+        return _fleet_run(policy, scheduler, workers, cases, runs, starts_ms, cloud, cell, vehicle_schedules,
+                          wall_s, coordinating, min(processes, vehicles))
     with fewer_collections():
         cars = [
             ReplayedCar(policy, case.scenario, case.detections_at, loop, links[vehicle], cloud, car,
                         planner=coordinating.planner(vehicle) if coordinating is not None else None,
-                        vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle])
+                        vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle],
+                        index=vehicle)
             for vehicle, case in enumerate(cases)
         ]
         run_fleet(loop, cars, cell)
         wall_s = time.perf_counter() - started
         runs = [replayed.run(wall_s / vehicles) for replayed in cars]
+    return _fleet_run(policy, scheduler, workers, cases, runs, starts_ms, cloud, cell, vehicle_schedules, wall_s,
+                      coordinating, 1)
+
+
+def _fleet_run(policy: PolicySpec, scheduler: str, workers: int | None, cases: Sequence[VehicleCase],
+               runs: list[PolicyRun], starts_ms: list[float], cloud: SimulatedCloud, cell: CellUplink | None,
+               vehicle_schedules: Sequence[DeliverySchedule], wall_s: float, coordinating: Any,
+               processes: int) -> FleetRun:
+    """The fleet's figures from its vehicles' runs and the shared resources."""
     horizon_ms = max(start + case.scenario.duration_s * 1000.0 for start, case in zip(starts_ms, cases, strict=True))
     if cell is not None:
-        capacity_packets = schedules[0].packets_between(0.0, horizon_ms)
+        capacity_packets = cell.schedule.packets_between(0.0, horizon_ms)
     else:
         capacity_packets = sum(schedule.packets_between(0.0, horizon_ms) for schedule in vehicle_schedules)
     delivered_packets = 0
@@ -258,7 +276,7 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
         delivered_packets=int(delivered_packets), delivered_bytes_per_vehicle=delivered_bytes, wall_s=wall_s,
         counters={"cell_opportunities_used": cell.opportunities_used if cell is not None else -1,
                   "coordinator_solves": getattr(coordinating, "solves", 0)},
-        solve_us=list(getattr(coordinating, "solve_us", [])),
+        solve_us=list(getattr(coordinating, "solve_us", [])), processes=processes,
     )
 
 

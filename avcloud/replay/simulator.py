@@ -180,35 +180,46 @@ class PolicyRun:
 
 
 class EventLoop:
-    """Callbacks at simulated times, in time order (ties in the order they were scheduled). An
-    event may name the car it concerns (`owner`), so the loop can give each car touched at one
-    instant a single agent step (see `run_cars`). A cancelled event stays in the heap but runs
-    nothing and touches no car."""
+    """Callbacks at simulated times, in time order. An event may name the car it concerns
+    (`owner`), so the loop can give each car touched at one instant a single agent step (see
+    `run_cars`). A cancelled event stays in the heap but runs nothing and touches no car.
+
+    Events of one instant run in an order that does not depend on when events of different
+    owners were scheduled: first those with no owner (the cloud's), then each car's in the order
+    of its `event_rank`, a car's arrivals from the network (replies, pongs) before its own events,
+    and events of one owner and kind in the order they were scheduled. So a car's instant sees
+    the same events in the same order whether its fleet runs on one process or on several
+    (avcloud/fleet/parallel.py)."""
 
     def __init__(self, clock: SimulatedClock) -> None:
         self.clock = clock
-        # [time_ms, sequence, callback, owner]: a list, so that `cancel` can blank it in place
+        # [time_ms, rank, sequence, callback, owner]: a list, so that `cancel` can blank it in place
         self._events: list[list] = []
         self._sequence = itertools.count()
 
-    def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None) -> list:
-        """Schedule `callback`; returns the event, for `cancel`."""
+    def at(self, time_ms: float, callback: Callable[[], None], owner: Any = None, arrival: bool = False,
+           rank: int | None = None) -> list:
+        """Schedule `callback`; returns the event, for `cancel`. `arrival`: a network arrival at the
+        owner (ranked before its own events). `rank`: an explicit place among the owners of one
+        instant, for an event that acts for a car without touching it (the fleet's shared side)."""
         now_ms = self.clock.now_ms()
-        event = [time_ms if time_ms > now_ms else now_ms, next(self._sequence), callback, owner]
+        if rank is None:
+            rank = -1 if owner is None else getattr(owner, "event_rank", 0) + (0 if arrival else 1)
+        event = [time_ms if time_ms > now_ms else now_ms, rank, next(self._sequence), callback, owner]
         heapq.heappush(self._events, event)
         return event
 
     @staticmethod
     def cancel(event: list) -> None:
-        event[2] = _nothing
-        event[3] = None
+        event[3] = _nothing
+        event[4] = None
 
     def next_time_ms(self) -> float:
         return self._events[0][0] if self._events else math.inf
 
     def run_next(self) -> Any:
         """Run the next event; returns its owner."""
-        time_ms, _, callback, owner = heapq.heappop(self._events)
+        time_ms, _, _, callback, owner = heapq.heappop(self._events)
         self.clock.advance_to(time_ms)
         callback()
         return owner
@@ -436,21 +447,21 @@ class SimulatedCloud:
         self._busy = 0
         self.busy_ms = 0.0
 
-    def arrive(self, identity: Any, header, payload, runtime_ms: float) -> None:
+    def arrive(self, identity: Any, header, runtime_ms: float) -> None:
         from cloudside.scheduler import PendingRequest
 
         now_ms = self.loop.clock.now_ms()
         if self.faults.is_down(now_ms):
             return  # the service is not running: nothing answers
         runtime_ms *= self.faults.runtime_factor(now_ms)
-        request = PendingRequest(identity=identity, header=header, payload=(payload, runtime_ms), arrival_ms=now_ms,
+        request = PendingRequest(identity=identity, header=header, payload=runtime_ms, arrival_ms=now_ms,
                                  deadline_ms=now_ms + header.budget_ms - self.downlink_allowance_ms)
         if not self.queue.push(request):
-            identity.reply(reply_to(header, REJECTED, "queue full", _timings(request, now_ms, 0.0)), None)
+            identity.reply(reply_to(header, REJECTED, "queue full", _timings(request, now_ms, 0.0)))
             return
         for evicted in self.queue.drain_evicted():  # pushed out by another vehicle's request
             evicted.identity.reply(reply_to(evicted.header, REJECTED, "queue full",
-                                            _timings(evicted, now_ms, 0.0)), None)
+                                            _timings(evicted, now_ms, 0.0)))
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -459,21 +470,20 @@ class SimulatedCloud:
             decision = self.queue.take(now_ms)
             for request in decision.rejected:
                 request.identity.reply(reply_to(request.header, REJECTED, "queue full",
-                                                _timings(request, now_ms, 0.0)), None)
+                                                _timings(request, now_ms, 0.0)))
             for request in decision.expired:
                 request.identity.reply(reply_to(request.header, EXPIRED, "deadline",
-                                                _timings(request, now_ms, 0.0)), None)
+                                                _timings(request, now_ms, 0.0)))
             if not decision.batch:
                 if not (decision.expired or decision.rejected):
                     return  # nothing runnable now
                 continue
-            run_ms = sum(request.payload[1] for request in decision.batch)
+            run_ms = sum(request.payload for request in decision.batch)  # the simulated payload: its runtime
             self.busy_ms += run_ms
             finish_ms = now_ms + run_ms
             for request in decision.batch:  # the replies leave when the batch is done
                 request.identity.reply(reply_to(request.header, OK, None, _timings(request, finish_ms, run_ms),
-                                                late=finish_ms > request.deadline_ms),
-                                       request.identity.detections(), at_ms=finish_ms)
+                                                late=finish_ms > request.deadline_ms), at_ms=finish_ms)
             if self.workers is not None:  # a pool that never queues needs no word when a worker frees
                 self._busy += 1
                 self.loop.at(finish_ms, self._release)
@@ -489,37 +499,79 @@ def _timings(request, now_ms: float, inference_ms: float) -> ServerTimings:
 
 
 class _ReplyRoute:
-    """Where the cloud's reply to one request goes: back down the car's connection, RTT/2 later."""
+    """The cloud's identity for one request: its reply goes back down the car's connection."""
 
-    __slots__ = ("uplink", "epoch", "frame_index", "camera")
+    __slots__ = ("path", "epoch", "image")
 
-    def __init__(self, uplink: SimulatedUplink, epoch: int, frame_index: int, camera: str) -> None:
-        self.uplink, self.epoch, self.frame_index, self.camera = uplink, epoch, frame_index, camera
+    def __init__(self, path: UplinkPath, epoch: int, image: tuple[int, str]) -> None:
+        self.path, self.epoch, self.image = path, epoch, image
 
-    def detections(self) -> np.ndarray:
-        return self.uplink.reply_detections(self.frame_index, self.camera)
+    def reply(self, header, at_ms: float | None = None) -> None:
+        """The reply leaves the cloud at `at_ms` (default now)."""
+        self.path.reply(header, self.epoch, self.image, at_ms)
 
-    def reply(self, header, detections: np.ndarray | None, at_ms: float | None = None) -> None:
-        self.uplink.deliver_reply(self, encode_reply(header, detections), at_ms)
+
+class UplinkPath:
+    """The network side of one car's connection: a request's bytes over the car's uplink (a
+    `TraceLink`, or a `CellLink` that delivers later), RTT/2 to the simulated cloud, and the
+    cloud's replies RTT/2 back to `car`: the car's `SimulatedUplink`, or, when the car runs on
+    another process, a stand-in that forwards to it (avcloud/fleet/parallel.py)."""
+
+    def __init__(self, loop: EventLoop, link, half_rtt_ms: float, cloud: SimulatedCloud, car) -> None:
+        self.loop = loop
+        self.link = link
+        self.half_rtt_ms = half_rtt_ms
+        self.cloud = cloud
+        self.car = car
+        # A shared cell (avcloud/fleet/cell.py): when the last packet leaves depends on other
+        # vehicles' later sends, so the link calls back with the delivery time instead.
+        self._delivers_later = getattr(link, "delivers_later", False)
+
+    def send(self, now_ms: float, index: int, epoch: int, header, wire_bytes: int, runtime_ms: float) -> bool:
+        """Put transfer `index` of the car on the uplink; False if the link refused it."""
+        if self._delivers_later:
+            transfer = self.link.send(now_ms, wire_bytes, lambda delivered_ms: self._delivered(
+                index, epoch, header, runtime_ms, delivered_ms))
+        else:
+            transfer = self.link.send(now_ms, wire_bytes)
+        if not transfer.accepted:
+            return False
+        if not self._delivers_later:
+            self._delivered(index, epoch, header, runtime_ms, transfer.delivered_ms)
+        return True
+
+    def _delivered(self, index: int, epoch: int, header, runtime_ms: float, delivered_ms: float) -> None:
+        """The request's last packet left the uplink at `delivered_ms`: it reaches the cloud RTT/2
+        later; the service answers a ping at once (if running)."""
+        self.car.delivered(index, delivered_ms)
+        if header.kind == PING:
+            if not self.cloud.faults.is_down(delivered_ms + self.half_rtt_ms):
+                self.car.reply_at(delivered_ms + 2 * self.half_rtt_ms, epoch, reply_to(header, OK), None)
+            return
+        route = _ReplyRoute(self, epoch, (header.frame, header.task))
+        self.loop.at(delivered_ms + self.half_rtt_ms, lambda: self.cloud.arrive(route, header, runtime_ms))
+
+    def reply(self, header, epoch: int, image: tuple[int, str], at_ms: float | None) -> None:
+        leaves_ms = self.loop.clock.now_ms() if at_ms is None else at_ms
+        self.car.reply_at(leaves_ms + self.half_rtt_ms, epoch, header, image)
 
 
 class SimulatedUplink:
-    """The agent's `CloudLink`: request bytes over the trace-driven uplink, RTT/2 each way, to the
-    simulated cloud. A `reset()` (the agent reconnects) drops the replies still owed to the old
+    """The agent's `CloudLink`: requests go down `path` (an `UplinkPath`: the trace-driven
+    uplink, RTT/2 each way, the simulated cloud), and replies come back as network arrivals at
+    the car. A `reset()` (the agent reconnects) drops the replies still owed to the old
     connection, as a new socket identity does on the real ROUTER."""
 
-    def __init__(self, loop: EventLoop, link: TraceLink, rtt_ms: float, cloud: SimulatedCloud,
-                 car: CacheBackedCar, on_reply: Callable[[list], None], owner: Any = None) -> None:
+    def __init__(self, loop: EventLoop, car: CacheBackedCar, on_reply: Callable[[list], None],
+                 owner: Any = None) -> None:
         self.loop = loop
         self.owner = owner  # the replayed car whose agent reads the replies
-        self.link = link
-        self.half_rtt_ms = rtt_ms / 2.0
-        self.cloud = cloud
         self.car = car
         self.on_reply = on_reply
+        self.path: Any = None  # set by the car: an UplinkPath, or a stand-in for one elsewhere
         self.epoch = 0
         self.resets = 0
-        self.transfers: list[tuple[float, float, int]] = []
+        self.transfers: list[tuple[float, float, int]] = []  # (enqueued, delivered, bytes); NaN until delivered
         self.sent: dict[tuple[int, str], float] = {}  # (frame index, camera) -> send time
         self.replied: dict[tuple[int, str], float] = {}  # (frame index, camera) -> reply arrival time
         self.sent_bytes = 0
@@ -530,42 +582,39 @@ class SimulatedUplink:
         now_ms = self.loop.clock.now_ms()
         header, payload = decode_request(frames)
         wire_bytes = len(frames[0]) + payload.nbytes
-        later = getattr(self.link, "delivers_later", False)
-        if later:
-            # A shared cell (avcloud/fleet/cell.py): when the last packet leaves depends on other
-            # vehicles' later sends, so the link calls back with the delivery time instead.
-            index, epoch = len(self.transfers), self.epoch
-            transfer = self.link.send(now_ms, wire_bytes,
-                                      lambda delivered_ms: self._delivered(index, epoch, header, payload, delivered_ms))
-        else:
-            transfer = self.link.send(now_ms, wire_bytes)
-        if not transfer.accepted:
+        runtime_ms = 0.0
+        if header.kind != PING:
+            scenario = self.car.scenario
+            config = self.car.encoded_config[(header.frame, header.task)]
+            runtime_ms = float(scenario.runtime_ms[scenario.config_position[config]])
+        index = len(self.transfers)
+        self.transfers.append((now_ms, math.nan, wire_bytes))
+        if not self.path.send(now_ms, index, self.epoch, header, wire_bytes, runtime_ms):
+            self.transfers.pop()
             return False
-        self.transfers.append((now_ms, transfer.delivered_ms, wire_bytes))
         self.sent_bytes += wire_bytes
         if header.kind != PING:
             self.sent[(header.frame, header.task)] = now_ms
-        if not later:
-            self._delivered(None, self.epoch, header, payload, transfer.delivered_ms)
         return True
 
-    def _delivered(self, index: int | None, epoch: int, header, payload, delivered_ms: float) -> None:
-        """The request's last packet left the uplink at `delivered_ms` (`index`: the transfer to
-        complete): it reaches the cloud RTT/2 later; the service answers a ping at once (if running)."""
-        if index is not None:
-            enqueue_ms, _, wire_bytes = self.transfers[index]
-            self.transfers[index] = (enqueue_ms, delivered_ms, wire_bytes)
-        if header.kind == PING:
-            if self.cloud.faults.is_down(delivered_ms + self.half_rtt_ms):
-                return
-            pong = encode_reply(reply_to(header, OK))
-            self.loop.at(delivered_ms + 2 * self.half_rtt_ms,
-                         lambda: self.on_reply(pong) if epoch == self.epoch else None, self.owner)
+    def delivered(self, index: int, delivered_ms: float) -> None:
+        """Transfer `index` left the uplink at `delivered_ms`."""
+        enqueue_ms, _, wire_bytes = self.transfers[index]
+        self.transfers[index] = (enqueue_ms, delivered_ms, wire_bytes)
+
+    def reply_at(self, arrival_ms: float, epoch: int, header, image: tuple[int, str] | None) -> None:
+        """A reply (to the request for `image`) or a pong (`image` None) reaches the car at
+        `arrival_ms`; the agent reads it if the connection it was sent on is still the car's."""
+        self.loop.at(arrival_ms, lambda: self._arrive(epoch, header, image), self.owner, arrival=True)
+
+    def _arrive(self, epoch: int, header, image: tuple[int, str] | None) -> None:
+        if epoch != self.epoch:
             return
-        config = self.car.encoded_config[(header.frame, header.task)]
-        runtime_ms = float(self.car.scenario.runtime_ms[self.car.scenario.config_position[config]])
-        route = _ReplyRoute(self, epoch, header.frame, header.task)
-        self.loop.at(delivered_ms + self.half_rtt_ms, lambda: self.cloud.arrive(route, header, payload, runtime_ms))
+        if image is None:
+            self.on_reply(encode_reply(header))
+            return
+        self.replied[image] = self.loop.clock.now_ms()
+        self.on_reply(encode_reply(header, self.reply_detections(*image) if header.ok else None))
 
     def reset(self) -> None:
         self.epoch += 1
@@ -574,15 +623,6 @@ class SimulatedUplink:
     def reply_detections(self, frame_index: int, camera: str) -> np.ndarray:
         config = self.car.encoded_config[(frame_index, camera)]
         return self.car.detections(self._frame_position[frame_index], self._camera_position[camera], config)
-
-    def deliver_reply(self, route: _ReplyRoute, frames: list, sent_ms: float | None = None) -> None:
-        """The reply leaves the cloud at `sent_ms` (default now) and reaches the car RTT/2 later."""
-        def arrive() -> None:
-            if route.epoch == self.epoch:
-                self.replied[(route.frame_index, route.camera)] = self.loop.clock.now_ms()
-                self.on_reply(frames)
-
-        self.loop.at((self.loop.clock.now_ms() if sent_ms is None else sent_ms) + self.half_rtt_ms, arrive, self.owner)
 
 
 # ----------------------------------------------------------------------------- planners
@@ -706,7 +746,7 @@ class ReplayedCar:
     def __init__(self, policy: PolicySpec, scenario: ReplayScenario, detections: Callable[[int, int, str], np.ndarray],
                  loop: EventLoop, link, cloud: SimulatedCloud, car: CarSettings | None = None, planner=None,
                  vehicle: str = "car-0", start_ms: float = 0.0, schedule: DeliverySchedule | None = None,
-                 oracle_capacity_fraction: float = 1.0) -> None:
+                 oracle_capacity_fraction: float = 1.0, index: int = 0, path=None) -> None:
         from onboard.daemon import OnboardAgent
         from onboard.planning import build_planner
         from optimizer.policies import make_estimator
@@ -742,8 +782,12 @@ class ReplayedCar:
         self.frame_position = {int(index): position for position, index in enumerate(scenario.frame_indices)}
         self.camera_position = {name: position for position, name in enumerate(scenario.cameras)}
         self.woken = False  # an executor finished: the agent asked for a step (the node's wake pipe)
-        self.uplink = SimulatedUplink(loop, link, scenario.rtt_ms, cloud, cache_car,
-                                      lambda frames_: self.agent.on_reply(frames_), owner=self)
+        # Its place among the cars of a fleet at one instant (EventLoop): the fleet's vehicle index.
+        self.event_rank = 2 * index
+        self.uplink = SimulatedUplink(loop, cache_car, lambda frames_: self.agent.on_reply(frames_), owner=self)
+        # `path`: the network side when it runs on another process (avcloud/fleet/parallel.py).
+        self.uplink.path = path if path is not None else UplinkPath(loop, link, scenario.rtt_ms / 2.0, cloud,
+                                                                    self.uplink)
         self.agent = OnboardAgent.for_policy(
             policy, scenario.services, scenario.slo_ms, scenario.rtt_ms, loop.clock, planner=self.planner,
             estimator=_RecordingEstimator(estimator, self.samples),
@@ -849,23 +893,27 @@ class ReplayedCar:
         )
 
 
+def run_instant(loop: EventLoop) -> None:
+    """Every event of the next instant, then one agent step for each car they concerned (one
+    round of the node's poll loop), so a burst of camera frames or replies costs one step, not
+    one each. Cars step in the order of their first event of the instant (EventLoop's order)."""
+    events = loop._events  # noqa: SLF001 (peek: defer the owner's steps before its event runs)
+    time_ms = events[0][0]
+    touched: dict[Any, None] = {}  # cars hash by identity; insertion order is the step order
+    while events and events[0][0] == time_ms:
+        owner = events[0][4]
+        if owner is not None and owner not in touched:
+            touched[owner] = None
+            owner.agent.defer_steps()
+        loop.run_next()
+    for car in touched:
+        car.end_of_instant()
+
+
 def run_cars(loop: EventLoop, cars) -> None:
-    """Run the loop until no event is left. Every event of one instant runs before any car takes
-    its step, and each car touched at that instant takes one (one round of the node's poll loop),
-    so a burst of camera frames or replies costs one step, not one each."""
-    while True:
-        time_ms = loop.next_time_ms()
-        if not math.isfinite(time_ms):
-            return
-        touched: dict[int, ReplayedCar] = {}
-        while loop.next_time_ms() == time_ms:
-            owner = loop._events[0][3]  # noqa: SLF001 (peek: defer the owner's steps before its event runs)
-            if owner is not None and id(owner) not in touched:
-                touched[id(owner)] = owner
-                owner.agent.defer_steps()
-            loop.run_next()
-        for car in touched.values():
-            car.end_of_instant()
+    """Run the loop, an instant at a time (`run_instant`), until no event is left."""
+    while loop._events:  # noqa: SLF001
+        run_instant(loop)
 
 
 def simulate_policy(policy: PolicySpec, scenario: ReplayScenario, schedule: DeliverySchedule,
