@@ -204,11 +204,13 @@ class _SharedSide:
         return inbox
 
 
-def _child(connection, group: _VehicleGroup) -> None:
-    """A forked process running one group: a window per message, then its runs. Ctrl-C is the
-    parent's to handle; a parent that stopped (closed pipe) ends it quietly."""
+def _child(connection, *group_arguments: Any) -> None:
+    """A forked process running one group, built here (its cars' memory is its own, not pages
+    shared with the parent and copied on every write): a window per message, then its runs.
+    Ctrl-C is the parent's to handle; a parent that stopped (closed pipe) ends it quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        group = _VehicleGroup(*group_arguments)
         while True:
             command, *arguments = connection.recv()
             if command == "window":
@@ -252,8 +254,8 @@ def run_on_processes(policy: PolicySpec, cases, loop: EventLoop, cloud: Simulate
     try:
         for group in range(1, groups):
             parent_end, child_end = context.Pipe()
-            child = context.Process(target=_child, daemon=True, args=(child_end, _VehicleGroup(
-                policy, members[group], cases, starts_ms, schedules, car)))
+            child = context.Process(target=_child, daemon=True, args=(
+                child_end, policy, members[group], cases, starts_ms, schedules, car))
             child.start()
             child_end.close()
             connections.append(parent_end)
