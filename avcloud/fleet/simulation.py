@@ -14,7 +14,8 @@ policy spec, with the cache-backed cameras, fallback and encoder) on one `EventL
   cloud runtime model of the scenario.
 
 `run_fleet` is `run_cars` with the cell: after every instant it hands out the cell's
-opportunities up to the next event.
+opportunities up to the next event. With `processes` > 1 the cars are split over several
+processes in windows of RTT/2, with the same decisions (avcloud/fleet/parallel.py).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ simulated:
   time in its loop);
 - an encoder and a fallback backed by the profiler's detection cache: the real encoded sizes
   and the real detections of every frame, camera and configuration;
-- a `CloudLink` (`SimulatedUplink`) that puts the request's bytes on a `TraceLink` (Mahimahi
-  semantics; every camera of the car shares it), delays them RTT/2 each way, and hands them to
-  a simulated cloud built on `cloudside.scheduler.RequestQueue` (EDF, expiry, batching) with
-  `cloud_workers` workers (None: a GPU pool large enough that no request waits).
+- a `CloudLink` (`SimulatedUplink`, the car side) whose network side (`UplinkPath`) puts the
+  request's bytes on a `TraceLink` (Mahimahi semantics; every camera of the car shares it),
+  delays them RTT/2 each way, and hands them to a simulated cloud built on
+  `cloudside.scheduler.RequestQueue` (EDF, expiry, batching) with `cloud_workers` workers (None:
+  a GPU pool large enough that no request waits).
 
 Requests and replies are real wire messages (`avcloud.protocol`): the agent reads real bytes,
 so what it measures (RTT, throughput from reply timings) is what the live daemon measures.
