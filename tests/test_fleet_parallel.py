@@ -103,6 +103,22 @@ def test_a_failure_in_another_process_is_raised_here_and_nothing_hangs(monkeypat
         simulate_fleet(get_policy("turbo"), cases, [STEADY_8_MBPS], "pf", 2, processes=2)
 
 
+def test_a_process_that_dies_is_one_clear_error(monkeypatch):
+    import os
+
+    original = ReplayedCar._start_frame
+
+    def dying(self, f):
+        if self.event_rank == 2 and f == 5:  # vehicle 1, in the second process: killed, say
+            os._exit(9)
+        original(self, f)
+
+    monkeypatch.setattr(ReplayedCar, "_start_frame", dying)
+    cases = vehicle_cases([fake_scene(frames=20)], 4)
+    with pytest.raises(ChildProcessError, match="ended unexpectedly with exit code 9"):
+        simulate_fleet(get_policy("turbo"), cases, [STEADY_8_MBPS], "pf", 2, processes=2)
+
+
 def test_processes_are_worth_it_only_for_fleets_large_enough():
     assert processes_for(10, 2) == 1
     assert processes_for(32, 2) == 2

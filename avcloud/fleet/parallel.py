@@ -20,7 +20,8 @@ Every car sees the same events in the same order as in `simulate_fleet` on one p
 compares the two runs' every plan, outcome, result time and published detection). The first
 group runs on this process, the others in forked processes, each answering one window at a
 time over a pipe. The gain is the cars' share of the work divided among the processes, less a
-round trip over the pipes per window.
+round trip over the pipes per window. Ctrl-C and SIGTERM are this process's to handle: the
+children leave with it (their pipes close), and a child that dies is one clear error here.
 """
 
 from __future__ import annotations
@@ -207,8 +208,10 @@ class _SharedSide:
 def _child(connection, *group_arguments: Any) -> None:
     """A forked process running one group, built here (its cars' memory is its own, not pages
     shared with the parent and copied on every write): a window per message, then its runs.
-    Ctrl-C is the parent's to handle; a parent that stopped (closed pipe) ends it quietly."""
+    Ctrl-C is the parent's to handle, and SIGTERM simply ends it (not the CLI's handler, which
+    it inherited); a parent that stopped (closed pipe) ends it quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         group = _VehicleGroup(*group_arguments)
         while True:
@@ -227,8 +230,15 @@ def _child(connection, *group_arguments: Any) -> None:
         connection.close()
 
 
-def _answer(connection) -> Any:
-    status, payload = connection.recv()
+def _answer(connection, child) -> Any:
+    """A child's answer; its exception raised here (a bug: with its traceback), or a one-line
+    `ChildProcessError` (an OSError: the CLI prints one line) if it died (killed, out of memory)."""
+    try:
+        status, payload = connection.recv()
+    except (EOFError, OSError):
+        child.join(timeout=5.0)
+        raise ChildProcessError(f"a fleet simulation process (pid {child.pid}) ended unexpectedly "
+                                f"with exit code {child.exitcode}") from None
     if status != "ok":
         raise RuntimeError(f"a fleet process failed:\n{payload}")
     return payload
@@ -273,7 +283,8 @@ def run_on_processes(policy: PolicySpec, cases, loop: EventLoop, cloud: Simulate
             for group, connection in enumerate(connections, start=1):
                 connection.send(("window", end_ms, shared.take_inbox(group)))
             sent, groups_next_ms = here.run_window(end_ms, shared.take_inbox(0))
-            for more, group_next_ms in (_answer(connection) for connection in connections):
+            for more, group_next_ms in (_answer(connection, child)
+                                        for connection, child in zip(connections, children, strict=True)):
                 sent.extend(more)
                 groups_next_ms = min(groups_next_ms, group_next_ms)
             shared.take_requests(sent)
@@ -282,7 +293,7 @@ def run_on_processes(policy: PolicySpec, cases, loop: EventLoop, cloud: Simulate
         runs_by_group = [here.finish(shared.take_inbox(0))]
         for group, connection in enumerate(connections, start=1):
             connection.send(("finish", shared.take_inbox(group)))
-        runs_by_group += [_answer(connection) for connection in connections]
+        runs_by_group += [_answer(connection, child) for connection, child in zip(connections, children, strict=True)]
     finally:
         for connection in connections:
             connection.close()
