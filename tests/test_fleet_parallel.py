@@ -67,6 +67,31 @@ def test_several_processes_decide_exactly_as_one(policy, vehicles, scheduler, wo
     assert fingerprint(runs[3]) == one
 
 
+def test_scenes_with_other_round_trips_encode_times_and_camera_delays_decide_exactly_as_one():
+    """The windows are the shortest RTT/2 of the fleet; cameras arriving one after another and
+    compression taking time put the cars' own events between the network's."""
+    from replay_fakes import CAMERAS, OPTIONS
+    from test_fleet_fakes import FakeSource
+
+    from avcloud.fleet.simulation import SceneInputs
+    from avcloud.replay.inputs import build_scenario
+    from avcloud.types import Service
+
+    def scene(rtt_ms: float, slo_ms: float, encode_ms: float, camera_input_ms: float) -> SceneInputs:
+        source = FakeSource(30)
+        services = tuple(Service(camera, OPTIONS) for camera in CAMERAS)
+        encode = {option.name: encode_ms for option in OPTIONS if not option.is_fallback}
+        scenario = build_scenario(services, source, source.frame_indices, 10.0, rtt_ms, slo_ms, encode, camera_input_ms)
+        return SceneInputs(f"fake-{rtt_ms:g}", scenario, source, {})
+
+    cases = vehicle_cases([scene(50.0, 200.0, 1.3, 2.0), scene(30.0, 150.0, 0.7, 0.0)], 8)
+    runs = [simulate_fleet(get_policy("turbo-q"), cases, [STEADY_60_MBPS], "pf", 2, processes=processes)
+            for processes in (1, 2, 3)]
+    assert sum(run.counters["requests_sent"] for run in runs[0].runs) > 0
+    assert fingerprint(runs[1]) == fingerprint(runs[0])
+    assert fingerprint(runs[2]) == fingerprint(runs[0])
+
+
 def test_a_fleet_with_no_round_trip_or_one_vehicle_stays_on_one_process():
     no_rtt = vehicle_cases([fake_scene(frames=20, rtt_ms=0.0)], 4)
     assert simulate_fleet(get_policy("turbo"), no_rtt, [STEADY_8_MBPS], "pf", processes=2).processes == 1
