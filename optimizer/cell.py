@@ -71,7 +71,7 @@ import numpy as np
 from avcloud.errors import DataError
 from avcloud.types import Allocation, Service
 from optimizer import exact
-from optimizer.exact import _FrontierDP, forget_oldest, read_option_numbers
+from optimizer.exact import _WEIGHT, _FrontierDP, forget_oldest, read_option_numbers
 from optimizer.problem import allocation_from_indices, budget_limit_mbps, check_link
 
 BOUND_RELATIVE_TOLERANCE = 1e-9
@@ -711,17 +711,33 @@ def _vehicle_blocks(vehicles: Sequence[CellVehicle]) -> list[tuple[tuple, np.nda
     if not missing:
         return blocks
     new_vehicles = [vehicles[index] for index in missing]
-    option_tuples = [service.options for vehicle in new_vehicles for service in vehicle.services]
+    services = [service for vehicle in new_vehicles for service in vehicle.services]
+    option_tuples = [service.options for service in services]
     counts = [len(options) for options in option_tuples]
-    numbers = read_option_numbers(option_tuples, counts)
+    # The cell keeps whole vehicles' blocks: no entry per options tuple (10,000 in a cell of 1000 cars).
+    numbers = read_option_numbers(option_tuples, counts, remember=False)
+    try:
+        weights = np.fromiter(map(_WEIGHT, services), float, len(services))
+        valid = numbers is not None and bool(((weights >= 0) & (weights < math.inf)).all())
+    except (TypeError, ValueError):
+        valid = False
     for vehicle in new_vehicles:
-        services = vehicle.services
-        if numbers is None or len({service.name for service in services}) != len(services) or not all(
-                0 <= service.weight < math.inf for service in services):
+        if not valid or len({service.name for service in vehicle.services}) != len(vehicle.services):
             _check_vehicle_services(vehicle)  # names the vehicle and the offending camera or option
-    if numbers is None:
-        raise AssertionError("every vehicle passed check_services but the options were refused")
-    offset = 0
+    if not valid:
+        raise AssertionError("every vehicle passed check_services but its options or weights were refused")
+    cameras = [len(vehicle.services) for vehicle in new_vehicles]
+    if len(set(counts)) == 1 and len(set(cameras)) == 1:
+        # The usual cell: every car as many cameras, every camera as many options: one reshape.
+        shaped = numbers.reshape(3, len(new_vehicles), cameras[0], counts[0])
+        shaped_weights = weights.reshape(len(new_vehicles), cameras[0])
+        for position, (index, vehicle) in enumerate(zip(missing, new_vehicles, strict=True)):
+            entry = (vehicle.services, shaped[:, position], None, shaped_weights[position])
+            _VEHICLE_BLOCKS[id(vehicle.services)] = entry
+            blocks[index] = entry
+        forget_oldest(_VEHICLE_BLOCKS, _VEHICLE_BLOCKS_KEPT)
+        return blocks
+    offset = camera_offset = 0
     for index, vehicle in zip(missing, new_vehicles, strict=True):
         vehicle_counts = [len(service.options) for service in vehicle.services]
         total = sum(vehicle_counts)
@@ -736,8 +752,8 @@ def _vehicle_blocks(vehicles: Sequence[CellVehicle]) -> list[tuple[tuple, np.nda
             block = np.zeros((3, len(vehicle_counts), width))
             block[0] = 1.0  # padding: a size that is not a fallback
             block[:, ~padding] = block_numbers
-        weights = np.array([service.weight for service in vehicle.services], dtype=float)
-        entry = (vehicle.services, block, padding, weights)
+        entry = (vehicle.services, block, padding, weights[camera_offset:camera_offset + len(vehicle_counts)])
+        camera_offset += len(vehicle_counts)
         _VEHICLE_BLOCKS[id(vehicle.services)] = entry
         blocks[index] = entry
     forget_oldest(_VEHICLE_BLOCKS, _VEHICLE_BLOCKS_KEPT)

@@ -238,3 +238,15 @@ def test_bad_cells_are_one_line_errors():
         solve_cell(CellProblem((CellVehicle("a", (camera,)),), -1.0))
     with pytest.raises(DataError, match="gpu_workers"):
         solve_cell(CellProblem((CellVehicle("a", (camera,)),), 1.0, gpu_workers=math.nan))
+    # Among many vehicles of one shape (read as one block), the bad one is named.
+    cloud = Option("cloud", 1.0, 10.0, 0.5)
+    good = [CellVehicle(f"v{index}", (Service("cam", (camera.options[0], cloud)),)) for index in range(5)]
+    for bad_service, message in [
+        (Service("cam", (camera.options[0], cloud), weight=-1.0), "vehicle 'bad': service 'cam': weight must be"),
+        (Service("cam", (camera.options[0], cloud), weight="heavy"), "vehicle 'bad': service 'cam': weight must be"),
+        (Service("cam", (camera.options[0], Option("cloud", 1.0, 10.0, "high"))), "utility must be a finite number"),
+        (Service("cam", (camera.options[0], Option("fb", 1.0, 10.0, 0.5))), "option 'fb' appears twice"),
+    ]:
+        vehicles = (*good[:2], CellVehicle("bad", (bad_service,)), *good[2:])
+        with pytest.raises(DataError, match=message):
+            solve_cell(CellProblem(vehicles, 10.0))
