@@ -730,9 +730,11 @@ def _vehicle_blocks(vehicles: Sequence[CellVehicle]) -> list[tuple[tuple, np.nda
     if len(set(counts)) == 1 and len(set(cameras)) == 1:
         # The usual cell: every car as many cameras, every camera as many options: one reshape.
         shaped = numbers.reshape(3, len(new_vehicles), cameras[0], counts[0])
-        shaped_weights = weights.reshape(len(new_vehicles), cameras[0])
-        for position, (index, vehicle) in enumerate(zip(missing, new_vehicles, strict=True)):
-            entry = (vehicle.services, shaped[:, position], None, shaped_weights[position])
+        vehicle_numbers = list(shaped.transpose(1, 0, 2, 3))  # one (3, cameras, width) view per car
+        vehicle_weights = list(weights.reshape(len(new_vehicles), cameras[0]))
+        for index, vehicle, block, block_weights in zip(missing, new_vehicles, vehicle_numbers, vehicle_weights,
+                                                        strict=True):
+            entry = (vehicle.services, block, None, block_weights)
             _VEHICLE_BLOCKS[id(vehicle.services)] = entry
             blocks[index] = entry
         forget_oldest(_VEHICLE_BLOCKS, _VEHICLE_BLOCKS_KEPT)
