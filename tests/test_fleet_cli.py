@@ -40,6 +40,7 @@ def short_trace(tmp_path):
     (["--phase", "random"], "unknown --phase 'random'"),
     (["--executor", "threads"], "unknown --executor 'threads'"),
     (["--processes", "0"], "--processes must be at least 1 (got 0)"),
+    (["--processes", "many"], "--processes: 'many' is not a whole number"),
     (["--policy", "turbo,warp-drive"], "unknown policy 'warp-drive'"),
     (["--policy", "oracle"], "use it with --scheduler per-vehicle"),
     (["--rtt-ms", "250"], "--rtt-ms 250 must be below --slo-ms 200"),

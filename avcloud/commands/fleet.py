@@ -34,6 +34,16 @@ def _int_list(groups: list[list[str]] | None, label: str) -> list[int] | None:
     return values
 
 
+def _one_int(text: str | None, label: str) -> int | None:
+    """One whole number, or None when the option was not given (UserError naming a bad one)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{label}: '{text}' is not a whole number") from None
+
+
 def _workers_list(groups: list[list[str]] | None) -> list[int | None] | None:
     """Pool sizes: whole numbers or 'unlimited' (a pool that never queues)."""
     if groups is None:
@@ -108,7 +118,7 @@ def register(subparsers) -> None:
     parser.add_argument("--executor", default="auto", metavar="HOW",
                         help=f"how the sweep runs: {', '.join(EXECUTORS)} (default auto: Ray tasks when Ray is "
                              "installed, else here)")
-    parser.add_argument("--processes", type=int, default=None, metavar="N",
+    parser.add_argument("--processes", default=None, metavar="N",
                         help="split each fleet's cars over N processes, with the same results (default: this "
                              "machine's cores, one process per 16 vehicles at most; 1 per point as Ray tasks)")
     parser.add_argument("--break-even-points", type=float, default=DEFAULT_BREAK_EVEN_POINTS, metavar="P",
@@ -157,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, phase=args.phase, scene_paths=args.scenes or (), trace_paths=args.traces or (),
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, profile_dir=args.profile,
         models=tuple(args.models or ()), max_frames=args.frames, cloud=args.cloud, car=args.car, pf_window_ms=args.pf_window_ms,
-        executor=args.executor, processes=args.processes, break_even_points=args.break_even_points, progress=not args.no_progress,
+        executor=args.executor, processes=_one_int(args.processes, "--processes"), break_even_points=args.break_even_points, progress=not args.no_progress,
         cell=CellPolicySettings(parse_fairness(args.cell_fairness), args.cell_capacity_fraction,
                                 gpu_fraction=args.cell_gpu_fraction),
     )
