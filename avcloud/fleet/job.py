@@ -428,6 +428,8 @@ def results_document(options: FleetOptions, policies: Sequence[str], loaded: Loa
                             "gpu_fraction": options.cell.gpu_fraction} if CELL_POLICY in policies else None,
             "executor": options.executor if options.executor != "auto" else (
                 "ray" if ray_available() and len(results) > 1 else "local"),
+            # each point's processes are under its "timing" (fleets of 32 vehicles or more split)
+            "processes": options.processes if options.processes is not None else available_cores(),
             "agent": "onboard.daemon.OnboardAgent on a simulated clock, one per vehicle",
             "map": "per vehicle: mean over cameras of per-camera mAP over all frames",
         },
