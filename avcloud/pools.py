@@ -45,6 +45,9 @@ def stop_pool(executor: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
 def serve_the_parent_only() -> None:
     """Call in a pool worker's initializer (not in the main process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the CLI's SIGTERM handler, which would raise in it: `stop_pool`
+    # ends workers with SIGTERM, which should simply end them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The pid the parent had when it started this worker (it may be gone before this line runs).
     started_by = multiprocessing.parent_process()
     parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()

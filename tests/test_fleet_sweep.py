@@ -46,6 +46,18 @@ def test_a_local_sweep_is_the_same_each_time():
         without_timing(run_points(inputs, settings, list(reversed(TINY)), "local"))[::-1]
 
 
+def test_points_side_by_side_and_a_split_fleet_give_the_results_of_one_process():
+    """Here, small fleets run in a pool of processes and a fleet of 32 vehicles or more alone,
+    split over the processes (avcloud/fleet/parallel.py): the same results as one process."""
+    inputs = FakeFleetInputs(frames=30)
+    points = [*TINY, FleetPoint(32, 2, "turbo")]
+    one = run_points(inputs, FleetSettings("pf", processes=1), points, "local")
+    two = run_points(inputs, FleetSettings("pf", processes=2), points, "local")
+    assert without_timing(two) == without_timing(one)
+    assert [result["timing"]["processes"] for result in two] == [1] * len(TINY) + [2]
+    assert {result["timing"]["processes"] for result in one} == {1}
+
+
 def test_an_unknown_executor_is_refused():
     with pytest.raises(UserError, match="--executor"):
         run_points(FakeFleetInputs(frames=30), FleetSettings(), TINY, "threads")

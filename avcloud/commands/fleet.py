@@ -119,8 +119,9 @@ def register(subparsers) -> None:
                         help=f"how the sweep runs: {', '.join(EXECUTORS)} (default auto: Ray tasks when Ray is "
                              "installed, else here)")
     parser.add_argument("--processes", default=None, metavar="N",
-                        help="split each fleet's cars over N processes, with the same results (default: this "
-                             "machine's cores, one process per 16 vehicles at most; 1 per point as Ray tasks)")
+                        help="run here on N processes, with the same results: fleets under 32 vehicles side by "
+                             "side, larger ones split, at most one process per 16 vehicles (default: this "
+                             "machine's cores; ignored for Ray tasks)")
     parser.add_argument("--break-even-points", type=float, default=DEFAULT_BREAK_EVEN_POINTS, metavar="P",
                         help=f"offloading stops paying when the mean gain over on-car only falls below P mAP "
                              f"points (default {DEFAULT_BREAK_EVEN_POINTS:g})")
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, phase=args.phase, scene_paths=args.scenes or (), trace_paths=args.traces or (),
         rtt_ms=args.rtt_ms, slo_ms=args.slo_ms, preset=args.preset, profile_dir=args.profile,
         models=tuple(args.models or ()), max_frames=args.frames, cloud=args.cloud, car=args.car, pf_window_ms=args.pf_window_ms,
-        executor=args.executor, processes=_one_int(args.processes, "--processes"), break_even_points=args.break_even_points, progress=not args.no_progress,
+        executor=args.executor, processes=_one_int(args.processes, "--processes"),
+        break_even_points=args.break_even_points, progress=not args.no_progress,
         cell=CellPolicySettings(parse_fairness(args.cell_fairness), args.cell_capacity_fraction,
                                 gpu_fraction=args.cell_gpu_fraction),
     )

@@ -1,5 +1,6 @@
 """The fleet job: a grid of fleet sizes x GPU pool sizes x cell traces x policies, each point one
-fleet simulation, run as Ray tasks when Ray is installed and locally otherwise (same results).
+fleet simulation, run as Ray tasks when Ray is installed and on this machine's cores otherwise
+(`_run_here`; the same results either way).
 
 A point is a pure function of its inputs (`run_point(inputs, settings, point)`): the inputs name
 the scenes, traces and replay settings, and each process loads them once (`load_inputs`), so a
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +29,7 @@ from avcloud.fleet.coordinator import (
     check_cell_policy,
 )
 from avcloud.fleet.metrics import break_even_vehicles, summarise_fleet
-from avcloud.fleet.parallel import available_cores, processes_for
+from avcloud.fleet.parallel import available_cores, can_run_on_processes, processes_for
 from avcloud.fleet.scoring import SceneScorer
 from avcloud.fleet.simulation import (
     PHASES,
@@ -35,6 +38,7 @@ from avcloud.fleet.simulation import (
     start_phases_ms,
     vehicle_cases,
 )
+from avcloud.pools import serve_the_parent_only, stop_pool
 from avcloud.replay.car_times import DEFAULT_CAR, check_car_choice
 from avcloud.replay.cloud_runtimes import DEFAULT_CLOUD, check_cloud_choice
 from avcloud.replay.inputs import UplinkTrace
@@ -203,7 +207,7 @@ def ray_available() -> bool:
 
 def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[FleetPoint], executor: str = "auto",
                on_done: Callable[[FleetPoint], None] | None = None) -> list[dict]:
-    """Every point, as Ray tasks (`ray`, or `auto` with Ray installed) or one after another here;
+    """Every point, as Ray tasks (`ray`, or `auto` with Ray installed) or here (`_run_here`);
     results in the order of `points` either way."""
     if executor not in EXECUTORS:
         raise UserError(f"unknown --executor '{executor}' (choose from {', '.join(EXECUTORS)})")
@@ -211,12 +215,7 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
         raise UserError("--executor ray: Ray is not installed (pip install 'avcloud[ray]')")
     # auto: Ray only when there is a sweep to spread (starting Ray costs seconds of a 2-core machine).
     if executor == "local" or (executor == "auto" and (len(points) < 2 or not ray_available())):
-        results = []
-        for point in points:
-            results.append(run_point(inputs, settings, point))
-            if on_done is not None:
-                on_done(point)
-        return results
+        return _run_here(inputs, settings, points, on_done or (lambda _point: None))
     import ray
 
     settings = dataclasses.replace(settings, processes=1)  # Ray spreads the points over the cores
@@ -232,6 +231,38 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
         results[index] = ray.get(done[0])
         if on_done is not None:
             on_done(points[index])
+    return results  # type: ignore[return-value]
+
+
+def _run_here(inputs: InputsSource, settings: FleetSettings, points: Sequence[FleetPoint],
+              on_done: Callable[[FleetPoint], None]) -> list[dict]:
+    """Points on this machine's `settings.processes` processes: a fleet large enough to split
+    runs alone, its cars over them (`processes_for`); smaller fleets run side by side, one
+    process each, in a pool of forked workers (which inherit the loaded inputs), as Ray would
+    run them. The same results as one after another (a test compares them)."""
+    results: list[dict | None] = [None] * len(points)
+    alone = [index for index, point in enumerate(points) if processes_for(point.vehicles, settings.processes) > 1]
+    side_by_side = [index for index in range(len(points)) if index not in set(alone)]
+    workers = min(settings.processes, len(side_by_side))
+    if workers > 1 and can_run_on_processes():
+        one_each = dataclasses.replace(settings, processes=1)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=serve_the_parent_only)
+        try:
+            futures = {pool.submit(run_point, inputs, one_each, points[index]): index for index in side_by_side}
+            for future in as_completed(futures):
+                index = futures[future]
+                results[index] = future.result()
+                on_done(points[index])
+        except BaseException:
+            stop_pool(pool)  # no worker outlives the command (Ctrl-C, SIGTERM, an error)
+            raise
+        pool.shutdown(wait=True)
+    else:
+        alone = list(range(len(points)))
+    for index in alone:
+        results[index] = run_point(inputs, settings, points[index])
+        on_done(points[index])
     return results  # type: ignore[return-value]
 
 
