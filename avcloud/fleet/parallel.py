@@ -32,13 +32,11 @@ import multiprocessing
 import os
 import signal
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from avcloud.clock import SimulatedClock
-from avcloud.link import DeliverySchedule
 from avcloud.replay.simulator import (
-    CarSettings,
     EventLoop,
     PolicyRun,
     ReplayedCar,
@@ -46,7 +44,6 @@ from avcloud.replay.simulator import (
     UplinkPath,
     run_instant,
 )
-from optimizer.policies import PolicySpec
 
 # Below this many vehicles per process, the windows' round trips over the pipes cost more than
 # dividing the cars saves (default scene, shared cell: 10 vehicles 35x real time on one process
@@ -108,18 +105,13 @@ class _CarElsewhere:
 
 
 class _VehicleGroup:
-    """Some of the fleet's cars on their own loop and clock."""
+    """Some of the fleet's cars on their own loop and clock (`make_car(vehicle, loop, path)`:
+    the fleet's car, as `simulate_fleet` builds it)."""
 
-    def __init__(self, policy: PolicySpec, vehicles: Sequence[int], cases, starts_ms: Sequence[float],
-                 schedules: Sequence[DeliverySchedule], car: CarSettings | None) -> None:
+    def __init__(self, make_car: Callable[..., ReplayedCar], vehicles: Sequence[int]) -> None:
         self.loop = EventLoop(SimulatedClock(0.0))
         self.outbox: list = []
-        self.cars = {
-            vehicle: ReplayedCar(policy, cases[vehicle].scenario, cases[vehicle].detections_at, self.loop, None, None,
-                                 car, vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle],
-                                 schedule=schedules[vehicle], index=vehicle, path=_ToSharedSide(vehicle, self.outbox))
-            for vehicle in vehicles
-        }
+        self.cars = {vehicle: make_car(vehicle, self.loop, _ToSharedSide(vehicle, self.outbox)) for vehicle in vehicles}
 
     def run_window(self, end_ms: float, inbox: list) -> tuple[list, float]:
         """Take what the shared side decided, run every instant before `end_ms`; returns the
@@ -244,14 +236,14 @@ def _answer(connection, child) -> Any:
     return payload
 
 
-def run_on_processes(policy: PolicySpec, cases, loop: EventLoop, cloud: SimulatedCloud, cell, links: Sequence[Any],
-                     starts_ms: Sequence[float], schedules: Sequence[DeliverySchedule], car: CarSettings | None,
-                     processes: int) -> list[PolicyRun]:
+def run_on_processes(make_car: Callable[..., ReplayedCar], rtts_ms: Sequence[float], loop: EventLoop,
+                     cloud: SimulatedCloud, cell, links: Sequence[Any], processes: int) -> list[PolicyRun]:
     """The fleet's runs (in vehicle order) with its cars split over `processes` processes
-    (vehicle i in group i mod processes); `loop`, `cloud`, `cell` and `links` are the shared
-    side's, on this process."""
-    vehicles = len(cases)
-    half_rtt_ms = [case.scenario.rtt_ms / 2.0 for case in cases]
+    (vehicle i in group i mod processes; `make_car(vehicle, loop, path)` builds one, forked
+    children inherit it); `loop`, `cloud`, `cell` and `links` are the shared side's, on this
+    process; `rtts_ms` the vehicles' round trips."""
+    vehicles = len(rtts_ms)
+    half_rtt_ms = [rtt_ms / 2.0 for rtt_ms in rtts_ms]
     window_ms = min(half_rtt_ms)
     if not window_ms > 0:
         raise ValueError("a fleet on several processes needs an RTT above 0 ms (its windows are RTT/2 long)")
@@ -264,13 +256,12 @@ def run_on_processes(policy: PolicySpec, cases, loop: EventLoop, cloud: Simulate
     try:
         for group in range(1, groups):
             parent_end, child_end = context.Pipe()
-            child = context.Process(target=_child, daemon=True, args=(
-                child_end, policy, members[group], cases, starts_ms, schedules, car))
+            child = context.Process(target=_child, daemon=True, args=(child_end, make_car, members[group]))
             child.start()
             child_end.close()
             connections.append(parent_end)
             children.append(child)
-        here = _VehicleGroup(policy, members[0], cases, starts_ms, schedules, car)
+        here = _VehicleGroup(make_car, members[0])
         done_ms, groups_next_ms = 0.0, 0.0  # everything before done_ms has run everywhere
         while True:
             arrivals_ms = [item[2] for inbox in shared.inboxes for item in inbox if item[0] == _ARRIVAL]

@@ -231,9 +231,19 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
         raise ValueError(f"processes must be at least 1, got {processes}")
     # The processes' windows are RTT/2 long: with no RTT there is nothing to divide.
     on_processes = min(case.scenario.rtt_ms for case in cases) > 0 and can_run_on_processes()
+
+    def make_car(vehicle: int, car_loop: EventLoop, path=None) -> ReplayedCar:
+        """Vehicle `vehicle` of this fleet, on `car_loop`; `path`: its connection's network side
+        when that runs on another process (else its link to this loop's cloud)."""
+        case = cases[vehicle]
+        return ReplayedCar(policy, case.scenario, case.detections_at, car_loop, links[vehicle], cloud, car,
+                           planner=coordinating.planner(vehicle) if coordinating is not None else None,
+                           vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle],
+                           index=vehicle, path=path)
+
     if processes > 1 and vehicles > 1 and coordinating is None and on_processes:
         with fewer_collections():
-            runs = run_on_processes(policy, cases, loop, cloud, cell, links, starts_ms, vehicle_schedules, car,
+            runs = run_on_processes(make_car, [case.scenario.rtt_ms for case in cases], loop, cloud, cell, links,
                                     processes)
         wall_s = time.perf_counter() - started
         for run in runs:
@@ -241,13 +251,7 @@ def simulate_fleet(policy: PolicySpec, cases: Sequence[VehicleCase], schedules: 
         return _fleet_run(policy, scheduler, workers, cases, runs, starts_ms, cloud, cell, vehicle_schedules,
                           wall_s, coordinating, min(processes, vehicles))
     with fewer_collections():
-        cars = [
-            ReplayedCar(policy, case.scenario, case.detections_at, loop, links[vehicle], cloud, car,
-                        planner=coordinating.planner(vehicle) if coordinating is not None else None,
-                        vehicle=f"car-{vehicle}", start_ms=starts_ms[vehicle], schedule=vehicle_schedules[vehicle],
-                        index=vehicle)
-            for vehicle, case in enumerate(cases)
-        ]
+        cars = [make_car(vehicle, loop) for vehicle in range(vehicles)]
         run_fleet(loop, cars, cell)
         wall_s = time.perf_counter() - started
         runs = [replayed.run(wall_s / vehicles) for replayed in cars]
