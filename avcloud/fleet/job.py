@@ -241,8 +241,9 @@ def _run_here(inputs: InputsSource, settings: FleetSettings, points: Sequence[Fl
     process each, in a pool of forked workers (which inherit the loaded inputs), as Ray would
     run them. The same results as one after another (a test compares them)."""
     results: list[dict | None] = [None] * len(points)
-    alone = [index for index, point in enumerate(points) if processes_for(point.vehicles, settings.processes) > 1]
-    side_by_side = [index for index in range(len(points)) if index not in set(alone)]
+    split = [processes_for(point.vehicles, settings.processes) > 1 for point in points]
+    alone = [index for index in range(len(points)) if split[index]]
+    side_by_side = [index for index in range(len(points)) if not split[index]]
     workers = min(settings.processes, len(side_by_side))
     if workers > 1 and can_run_on_processes():
         one_each = dataclasses.replace(settings, processes=1)
