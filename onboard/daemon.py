@@ -10,7 +10,8 @@ the cloud round trip); the allocation is solved once per frame index from the cu
 and RTT estimates; a camera allocated to a cloud option has its image compressed and sent, at
 most `max_in_flight_per_camera` requests in flight (the next one only once the previous one has
 left the uplink, by the car's estimate) and one waiting per camera (a newer frame replaces the waiting one;
-a frame whose remaining budget cannot cover transfer + runtime + RTT is dropped before sending);
+a frame whose remaining budget cannot cover the bytes queued ahead of it, its transfer, runtime
+and RTT is dropped before sending);
 in-flight requests time out at their frame's cutoff (deadline less `publish_guard_ms`). The merge (onboard/merge.py) publishes
 one result per camera per frame.
 """
@@ -590,8 +591,12 @@ class OnboardAgent:
         budget_ms = task.cutoff_ms - now_ms
         # Dropped only if it cannot make it even with the whole estimated uplink to itself: the
         # allocation's share is a floor (the critical bandwidth of the profiled size), not a cap.
+        # It queues behind the bytes the car has already sent (not a discovery request: it is sent
+        # to measure a link the car no longer trusts its view of).
         link_mbps = max(self.measurement.bandwidth_mbps(), request.share_mbps, 1e-6)
         transfer_ms = request.size_bytes * 8 / 1000.0 / link_mbps
+        if self.plans_for_uplink and not request.discovery:
+            transfer_ms += self.measurement.backlog_ms(now_ms)
         expected_ms = transfer_ms + request.option.runtime_ms + self._round_trip_ms(now_ms)
         if task.published or budget_ms < expected_ms:
             task.cloud_pending = False

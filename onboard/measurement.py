@@ -30,7 +30,12 @@
 - Backlog: the car keeps a virtual copy of its uplink queue (each request's bits at the
   estimate, re-anchored when a reply tells where its upload really ended: the requests queued
   behind it move with it, once, and those sent before it are settled), so planning can count
-  the bytes still queued (`backlog_ms`).
+  the bytes still queued (`backlog_ms`). A reply that is overdue moves it too, before it comes:
+  while the oldest unanswered request's reply has not come an RTT, its cloud run and the
+  cloud's recent wait after its expected upload end, its upload had not ended by then, and the
+  queue is counted that much later. Without this the car learned of a stall only from the
+  replies it delayed, and kept planning (and sending) into the stall for an RTT and a cloud run
+  longer; the agent's drop-before-send check reads the same backlog.
 A request that times out gives an upper-bound sample (see `on_timeout`), once no reply can show
 any more that its upload had ended by the cutoff (the cloud's runtime and an RTT later: until
 then a late reply is the cloud's lateness, not the link's, and measures the link itself).
@@ -57,6 +62,10 @@ APP_LIMITED_TRANSFER_MS = 20.0
 APP_LIMITED_GROWTH = 2.0
 APP_LIMITED_TRUST_MS = 1000.0
 VIRTUAL_ENDS_KEPT = 256
+# An unanswered request older than this is taken as lost (the cloud restarted, the connection was
+# replaced), not queued: it no longer delays the car's virtual queue (its timeout sample has long
+# since brought the estimate down).
+OVERDUE_WINDOW_MS = 2000.0
 RTT_WINDOW = 16  # pings: the last 16 s at the default interval
 # Cloud wait: replies of the last 2 s (older ones are forgotten, so that a car that stopped sending
 # to a busy cloud tries again), at most 32 of them.
@@ -117,6 +126,11 @@ class LinkMeasurement:
         # reply that moves the queue moves every request still in it, so a stored end plus the
         # current shift is that request's end now (see `on_reply`).
         self._virtual_ends_ms: collections.OrderedDict[int, float] = collections.OrderedDict()
+        # (request id, send time, expected cloud runtime) in send order, for the oldest request
+        # still in the virtual queue (see `backlog_ms`); those settled or too old are dropped from
+        # the front as they are met.
+        self._overdue_candidates: collections.deque[tuple[int, float, float]] = collections.deque(
+            maxlen=2 * VIRTUAL_ENDS_KEPT)
         self._queue_shift_ms = 0.0
         # Requests sent and not yet measured, in send order: request id -> (send time, bytes).
         self._unmeasured: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
@@ -165,6 +179,7 @@ class LinkMeasurement:
         self._queue_end_ms = max(self._queue_end_ms, request.send_ms) + \
             request.size_bytes * 8 / 1000.0 / max(self.bandwidth_mbps(), MIN_SAMPLE_MBPS)
         self._virtual_ends_ms[request.request_id] = self._queue_end_ms - self._queue_shift_ms
+        self._overdue_candidates.append((request.request_id, request.send_ms, request.runtime_ms))
         while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
             self._virtual_ends_ms.popitem(last=False)
         self._unmeasured[request.request_id] = (request.send_ms, request.size_bytes)
@@ -173,8 +188,23 @@ class LinkMeasurement:
         return self._queue_end_ms
 
     def backlog_ms(self, now_ms: float) -> float:
-        """How long the bytes the car has already queued will still occupy the uplink."""
-        return max(0.0, self._queue_end_ms - now_ms)
+        """How long the bytes the car has already queued will still occupy the uplink: the virtual
+        queue, later by as much as the oldest unanswered request's reply is overdue."""
+        return max(0.0, self._queue_end_ms + self._overdue_ms(now_ms) - now_ms)
+
+    def _overdue_ms(self, now_ms: float) -> float:
+        """How much later than the virtual queue expects the oldest request still in it (sent
+        within `OVERDUE_WINDOW_MS`) must have left the uplink, since its reply has not come."""
+        candidates = self._overdue_candidates
+        while candidates and (candidates[0][0] not in self._virtual_ends_ms
+                              or now_ms - candidates[0][1] > OVERDUE_WINDOW_MS):
+            candidates.popleft()
+        if not candidates:
+            return 0.0
+        request_id, _, runtime_ms = candidates[0]
+        # Had its upload ended by then, its reply (an RTT and the cloud's run later) would be here.
+        overdue_ms = now_ms - self.rtt_ms - runtime_ms - (self._virtual_ends_ms[request_id] + self._queue_shift_ms)
+        return max(0.0, overdue_ms - self.cloud_wait_ms(now_ms)) if overdue_ms > 0 else 0.0
 
     def on_reply(self, request: RequestTiming, arrival_ms: float, server_ms: float) -> float | None:
         """Account a reply; returns the throughput sample taken, if any."""

@@ -155,3 +155,38 @@ def test_the_virtual_uplink_queue_moves_once_for_a_delay_every_queued_request_sh
     assert measurement.backlog_ms(250.0) == pytest.approx(5.0)
     measurement.on_reply(first, 230.0 + 20.0 + 60.0, 60.0)
     assert measurement.backlog_ms(250.0) == pytest.approx(5.0)
+
+
+
+def test_an_overdue_reply_moves_the_virtual_queue_before_it_comes():
+    from onboard.measurement import OVERDUE_WINDOW_MS, LinkMeasurement, RequestTiming
+
+    class _Believes8Mbps:
+        def observe(self, time_ms: float, throughput_mbps: float) -> None:
+            pass
+
+        def estimate_mbps(self) -> float:
+            return 8.0
+
+    measurement = LinkMeasurement(_Believes8Mbps(), initial_rtt_ms=20.0, sample_window=50)
+    # Four 25 kB requests at 0 ms with a 10 ms cloud run each: expected gone at 25, 50, 75 and 100
+    # ms, the first reply due at 25 + 20 + 10 = 55 ms.
+    requests = [RequestTiming(request_id, 25_000, 0.0, runtime_ms=10.0) for request_id in (1, 2, 3, 4)]
+    for request in requests:
+        measurement.on_send(request)
+    assert measurement.backlog_ms(55.0) == pytest.approx(45.0)  # due now: nothing overdue yet
+    # At 60 ms it is 5 ms overdue: the first upload had not ended by 30 ms, 5 ms later than
+    # expected, so neither had the three behind it. At 100 ms, 45 ms overdue: the queue's last
+    # 75 ms of bytes had not started by 55 ms.
+    assert measurement.backlog_ms(60.0) == pytest.approx(45.0)
+    assert measurement.backlog_ms(100.0) == pytest.approx(45.0)
+    # The reply comes at 110 ms: the first upload ended at 80 ms. The queue moves by those 55 ms,
+    # and the next reply is not yet due.
+    measurement.on_reply(requests[0], 110.0, 10.0)
+    assert measurement.backlog_ms(110.0) == pytest.approx(155.0 - 110.0)
+    # A request unanswered for longer than the window is lost, not queued: it delays nothing.
+    late = LinkMeasurement(_Believes8Mbps(), initial_rtt_ms=20.0, sample_window=50)
+    late.on_send(RequestTiming(1, 25_000, 0.0, runtime_ms=10.0))
+    assert late.backlog_ms(OVERDUE_WINDOW_MS - 1.0) == pytest.approx(0.0)  # its bytes behind it: none
+    late.on_send(RequestTiming(2, 250_000, OVERDUE_WINDOW_MS - 1.0, runtime_ms=10.0))  # 250 ms at 8 Mbps
+    assert late.backlog_ms(OVERDUE_WINDOW_MS + 100.0) == pytest.approx(150.0 - 1.0)

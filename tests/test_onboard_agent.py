@@ -266,6 +266,20 @@ def test_frames_that_can_no_longer_make_it_are_dropped_before_sending():
     assert [(r.frame_index, r.source) for r in published if r.camera == "FRONT"] == [(0, "cloud"), (1, "onboard")]
 
 
+
+@pytest.mark.parametrize("plans_for_uplink", [True, False])
+def test_the_drop_before_send_check_counts_the_bytes_queued_ahead(plans_for_uplink):
+    # The car believes its uplink carries 0.5 Mbps: FRONT's 5 kB request holds it for about 80 ms.
+    # SIDE_LEFT's own transfer (at its 10 Mbps share), runtime and RTT fit its 100 ms, but not
+    # behind those 80 ms: an agent that plans for its uplink drops it instead of sending it late.
+    agent, clock, link, _, published = make_agent(cloud_cameras=CAMERAS, estimator_mbps=0.5,
+                                                  plans_for_uplink=plans_for_uplink)
+    agent.on_camera_frame(0, "FRONT", IMAGE)
+    agent.on_camera_frame(0, "SIDE_LEFT", IMAGE)
+    assert [decode_request(frames)[0].task for frames in link.sent] == (["FRONT"] if plans_for_uplink
+                                                                         else ["FRONT", "SIDE_LEFT"])
+    assert agent.counters.dropped_stale == (1 if plans_for_uplink else 0)
+
 def test_unreachable_cloud_keeps_publishing_and_resets_the_socket():
     agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
     link.accept = False  # ZMQ_IMMEDIATE with no peer: sends fail at once

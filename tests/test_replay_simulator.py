@@ -106,8 +106,11 @@ def test_a_result_after_the_cutoff_leaves_the_car_result_published():
 
 
 def test_cameras_share_one_fifo_uplink():
+    # The car knows its uplink's 12 Mbps (at its 1 Mbps start value, the first request's bytes would
+    # hold the uplink past the second one's cutoff, and the agent would drop it before sending).
     run = simulate(make_scenario([[15000, 30000]], cameras=("FRONT", "SIDE_LEFT")),
-                   ScriptedPlanner(("FRONT", "SIDE_LEFT")))
+                   ScriptedPlanner(("FRONT", "SIDE_LEFT")),
+                   policy=TURBO_WITHOUT_PINGS.with_overrides({"initial_estimate_mbps": 12.0}))
     (first, second) = sorted(run.transfers, key=lambda transfer: transfer[1])
     assert first[1] == delivered_at(0.0, first[2]) and second[1] == first[1] + packets(second[2])
     assert run.sent_bytes == first[2] + second[2]
@@ -148,7 +151,8 @@ def test_a_timed_out_request_whose_reply_still_comes_is_measured_by_the_reply():
 
 def test_throughput_samples_measure_each_transfer_from_reply_timing():
     run = simulate(make_scenario([[45000, 60000]], cameras=("FRONT", "SIDE_LEFT")),
-                   ScriptedPlanner(("FRONT", "SIDE_LEFT")))
+                   ScriptedPlanner(("FRONT", "SIDE_LEFT")),
+                   policy=TURBO_WITHOUT_PINGS.with_overrides({"initial_estimate_mbps": 12.0}))
     # Payload bits over the link time of the payload and its header: within a packet of 12 Mbps.
     assert [sample.throughput_mbps for sample in run.samples] == pytest.approx([12.0, 12.0], rel=0.05)
 
