@@ -121,15 +121,19 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) is None
 
 
+
+class _Believes8Mbps:
+    """An estimator that always says 8 Mbps: the virtual queue's tests set the link's timing."""
+
+    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+        pass
+
+    def estimate_mbps(self) -> float:
+        return 8.0
+
+
 def test_the_virtual_uplink_queue_moves_once_for_a_delay_every_queued_request_shares():
     from onboard.measurement import LinkMeasurement, RequestTiming
-
-    class _Believes8Mbps:
-        def observe(self, time_ms: float, throughput_mbps: float) -> None:
-            pass
-
-        def estimate_mbps(self) -> float:
-            return 8.0
 
     measurement = LinkMeasurement(_Believes8Mbps(), initial_rtt_ms=20.0, sample_window=50)
     # Three 25 kB requests at 0 ms, 25 ms each at 8 Mbps: the car expects them gone at 25, 50, 75
@@ -160,13 +164,6 @@ def test_the_virtual_uplink_queue_moves_once_for_a_delay_every_queued_request_sh
 
 def test_an_overdue_reply_moves_the_virtual_queue_before_it_comes():
     from onboard.measurement import OVERDUE_WINDOW_MS, LinkMeasurement, RequestTiming
-
-    class _Believes8Mbps:
-        def observe(self, time_ms: float, throughput_mbps: float) -> None:
-            pass
-
-        def estimate_mbps(self) -> float:
-            return 8.0
 
     measurement = LinkMeasurement(_Believes8Mbps(), initial_rtt_ms=20.0, sample_window=50)
     # Four 25 kB requests at 0 ms with a 10 ms cloud run each: expected gone at 25, 50, 75 and 100
