@@ -194,7 +194,10 @@ class LinkMeasurement:
 
     def _overdue_ms(self, now_ms: float) -> float:
         """How much later than the virtual queue expects the oldest request still in it (sent
-        within `OVERDUE_WINDOW_MS`) must have left the uplink, since its reply has not come."""
+        within `OVERDUE_WINDOW_MS`) must have left the uplink, since its reply has not come. The
+        agent asks with its clock's time, which never goes back: a request too old now stays so.
+        (The result is bounded: once overdue, it grows as fast as time, so the backlog is at most
+        the bytes queued behind that request.)"""
         candidates = self._overdue_candidates
         while candidates and (candidates[0][0] not in self._virtual_ends_ms
                               or now_ms - candidates[0][1] > OVERDUE_WINDOW_MS):
