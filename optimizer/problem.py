@@ -52,10 +52,10 @@ def check_services(services: Sequence[Service]) -> None:
         del _VALID_SERVICES[:-_VALID_SERVICES_KEPT]
 
 
-def _is_number(value) -> bool:
-    """A real number: what a weight, size, runtime or utility must be (math.isfinite of anything
-    else raises TypeError, not the one-line error)."""
-    return isinstance(value, int | float | np.floating | np.integer)
+def _is_finite_number(value) -> bool:
+    """A finite real number: what a weight, size, runtime or utility must be (math.isfinite of
+    anything else raises TypeError, not the one-line error)."""
+    return isinstance(value, int | float | np.floating | np.integer) and math.isfinite(value)
 
 
 def _check_services(services: Sequence[Service]) -> None:
@@ -66,7 +66,7 @@ def _check_services(services: Sequence[Service]) -> None:
         if service.name in names:
             raise DataError(f"service '{service.name}' appears twice")
         names.add(service.name)
-        if not (_is_number(service.weight) and math.isfinite(service.weight) and service.weight >= 0):
+        if not (_is_finite_number(service.weight) and service.weight >= 0):
             raise DataError(f"service '{service.name}': weight must be a finite number >= 0")
         option_names = set()
         for option in service.options:
@@ -74,11 +74,11 @@ def _check_services(services: Sequence[Service]) -> None:
             if option.name in option_names:
                 raise DataError(f"{where} appears twice")
             option_names.add(option.name)
-            if not (_is_number(option.size_mbit) and math.isfinite(option.size_mbit) and option.size_mbit >= 0):
+            if not (_is_finite_number(option.size_mbit) and option.size_mbit >= 0):
                 raise DataError(f"{where}: size_mbit must be a finite number >= 0")
-            if not (_is_number(option.runtime_ms) and math.isfinite(option.runtime_ms) and option.runtime_ms >= 0):
+            if not (_is_finite_number(option.runtime_ms) and option.runtime_ms >= 0):
                 raise DataError(f"{where}: runtime_ms must be a finite number >= 0")
-            if not (_is_number(option.utility) and math.isfinite(option.utility)):
+            if not _is_finite_number(option.utility):
                 raise DataError(f"{where}: utility must be a finite number")
         if not any(option.is_fallback for option in service.options):
             raise DataError(f"service '{service.name}' has no on-car fallback (an option with size_mbit 0)")
