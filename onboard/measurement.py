@@ -18,8 +18,12 @@
   `APP_LIMITED_TRANSFER_MS` says more about where it fell among the link's bursts than about
   its capacity, and a car that sends little only learns that the link carried at least that
   much. Such a sample does not lower an estimate that a sample confirmed within the last
-  `APP_LIMITED_TRUST_MS`, and raises it at most `APP_LIMITED_GROWTH` times (slow start: a lucky
-  burst cannot make the car trust a fast link at once). Past that window an estimate that only
+  `APP_LIMITED_TRUST_MS`, and raises it to at most `APP_LIMITED_GROWTH` times the estimate its
+  transfer was sent under (slow start, once per round trip as in TCP: a lucky burst cannot make
+  the car trust a fast link at once, and the replies of requests sent under one estimate cannot
+  compound: on a link that is on and off every 100 ms, each of a frame's short transfers rode an
+  "on" burst, and doubling per reply took the estimate from 3 to 33 Mbps in ten frames, on a
+  link of 4). Past that window an estimate that only
   app-limited samples still see is taken back to them (as BBR's max filter expires): on a fast
   link every transfer is short, and an estimate one lucky burst inflated would otherwise stay,
   and the forecast errors behind it would never be renewed.
@@ -132,8 +136,9 @@ class LinkMeasurement:
         self._overdue_candidates: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=2 * VIRTUAL_ENDS_KEPT)
         self._queue_shift_ms = 0.0
-        # Requests sent and not yet measured, in send order: request id -> (send time, bytes).
-        self._unmeasured: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
+        # Requests sent and not yet measured, in send order: request id -> (send time, bytes, the
+        # bandwidth estimate when it was sent).
+        self._unmeasured: collections.OrderedDict[int, tuple[float, int, float]] = collections.OrderedDict()
         self.replies = 0
         self.timeouts = 0
         self.app_limited_samples = 0
@@ -176,13 +181,14 @@ class LinkMeasurement:
     def on_send(self, request: RequestTiming) -> float:
         """A request went onto the uplink: it queues behind what the car sent before. Returns
         when its last byte should have left (virtual)."""
+        estimate_mbps = self.bandwidth_mbps()
         self._queue_end_ms = max(self._queue_end_ms, request.send_ms) + \
-            request.size_bytes * 8 / 1000.0 / max(self.bandwidth_mbps(), MIN_SAMPLE_MBPS)
+            request.size_bytes * 8 / 1000.0 / max(estimate_mbps, MIN_SAMPLE_MBPS)
         self._virtual_ends_ms[request.request_id] = self._queue_end_ms - self._queue_shift_ms
         self._overdue_candidates.append((request.request_id, request.send_ms, request.runtime_ms))
         while len(self._virtual_ends_ms) > VIRTUAL_ENDS_KEPT:
             self._virtual_ends_ms.popitem(last=False)
-        self._unmeasured[request.request_id] = (request.send_ms, request.size_bytes)
+        self._unmeasured[request.request_id] = (request.send_ms, request.size_bytes, estimate_mbps)
         while len(self._unmeasured) > VIRTUAL_ENDS_KEPT:
             self._unmeasured.popitem(last=False)
         return self._queue_end_ms
@@ -228,20 +234,22 @@ class LinkMeasurement:
             self._queue_end_ms = max(upload_end_ms, self._queue_end_ms + shift_ms)
         if request.request_id not in self._unmeasured:
             return None  # its bytes were in the sample of a request sent after it
-        first_send_ms, size_bytes = self._take_unmeasured(request.request_id)
+        first_send_ms, size_bytes, sent_under_mbps = self._take_unmeasured(request.request_id)
         start_ms = max(first_send_ms, previous_end_ms) if previous_end_ms < upload_end_ms else first_send_ms
         transfer_ms = max(MIN_TRANSFER_MS, upload_end_ms - start_ms)
-        return self._observe(arrival_ms, size_bytes, transfer_ms, app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS)
+        return self._observe(arrival_ms, size_bytes, transfer_ms, app_limited=transfer_ms < APP_LIMITED_TRANSFER_MS,
+                             sent_under_mbps=sent_under_mbps)
 
-    def _take_unmeasured(self, last_request_id: int) -> tuple[float, int]:
-        """The send time of the first unmeasured request and the bytes of all of them up to this
-        one (in send order), now measured."""
-        first_send_ms, size_bytes = self._unmeasured[next(iter(self._unmeasured))][0], 0
+    def _take_unmeasured(self, last_request_id: int) -> tuple[float, int, float]:
+        """The send time of the first unmeasured request, the bytes of all of them up to this one
+        (in send order), now measured, and the estimate the first one was sent under."""
+        first_send_ms, _, sent_under_mbps = self._unmeasured[next(iter(self._unmeasured))]
+        size_bytes = 0
         while True:
-            request_id, (_, request_bytes) = self._unmeasured.popitem(last=False)
+            request_id, (_, request_bytes, _) = self._unmeasured.popitem(last=False)
             size_bytes += request_bytes
             if request_id == last_request_id:
-                return first_send_ms, size_bytes
+                return first_send_ms, size_bytes, sent_under_mbps
 
     def on_pong(self, send_ms: float, arrival_ms: float, server_ms: float) -> None:
         """A ping came back: one RTT sample (a ping's upload is negligible)."""
@@ -257,7 +265,8 @@ class LinkMeasurement:
         self.timeouts += 1
         return self._observe(now_ms, request.size_bytes, max(MIN_TRANSFER_MS, timed_out_ms - request.send_ms))
 
-    def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float, app_limited: bool = False) -> float | None:
+    def _observe(self, now_ms: float, size_bytes: int, transfer_ms: float, app_limited: bool = False,
+                 sent_under_mbps: float = math.inf) -> float | None:
         sample_mbps = size_bytes * 8 / 1000.0 / transfer_ms
         sample_mbps = min(MAX_SAMPLE_MBPS, max(MIN_SAMPLE_MBPS, sample_mbps))
         self.last_sample_ms = now_ms  # the link answered: the estimate is fresh either way
@@ -266,7 +275,9 @@ class LinkMeasurement:
             estimate_mbps = self.bandwidth_mbps()
             if sample_mbps <= estimate_mbps and now_ms - self._last_taken_ms < APP_LIMITED_TRUST_MS:
                 return None  # "at least this much": nothing a recently confirmed estimate does not say
-            sample_mbps = min(sample_mbps, APP_LIMITED_GROWTH * estimate_mbps)
+            # Slow start: at most a doubling of the estimate the transfer was sent under (or of
+            # today's, if that is lower), so that the replies of one round cannot compound.
+            sample_mbps = min(sample_mbps, APP_LIMITED_GROWTH * min(estimate_mbps, sent_under_mbps))
         self._last_taken_ms = now_ms
         self.estimator.observe(now_ms, sample_mbps)
         self.samples_mbps.append(sample_mbps)

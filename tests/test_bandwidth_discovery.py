@@ -101,6 +101,21 @@ def test_an_estimate_only_app_limited_samples_see_is_taken_back_to_them_after_a_
     assert measurement.bandwidth_mbps() == pytest.approx(12.0)
 
 
+def test_slow_start_doubles_the_estimate_once_per_round_not_once_per_reply():
+    from onboard.measurement import LinkMeasurement, RequestTiming
+
+    # RTT 500 ms: three short requests (15 kB in 10 ms: 12 Mbps, app-limited) are all sent under
+    # the 1 Mbps estimate before the first reply comes.
+    measurement = LinkMeasurement(_LastSample(1.0), initial_rtt_ms=500.0, sample_window=50)
+    round_one = [RequestTiming(request_id, 15_000, 100.0 * request_id) for request_id in (1, 2, 3)]
+    for timing in round_one:
+        measurement.on_send(timing)
+    samples = [measurement.on_reply(timing, timing.send_ms + 10.0 + 500.0, 0.0) for timing in round_one]
+    assert samples == pytest.approx([2.0, 2.0, 2.0])  # doubling per reply would read 2, 4, 8
+    # A request sent under the raised estimate may double it again.
+    assert _reply_after(measurement, 4, 15_000, 1000.0, 10.0) == pytest.approx(4.0)
+
+
 def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     from onboard.measurement import LinkMeasurement, RequestTiming
 
