@@ -21,9 +21,8 @@
   `APP_LIMITED_TRUST_MS`, and raises it to at most `APP_LIMITED_GROWTH` times the estimate its
   transfer was sent under (slow start, once per round trip as in TCP: a lucky burst cannot make
   the car trust a fast link at once, and the replies of requests sent under one estimate cannot
-  compound: on a link that is on and off every 100 ms, each of a frame's short transfers rode an
-  "on" burst, and doubling per reply took the estimate from 3 to 33 Mbps in ten frames, on a
-  link of 4). Past that window an estimate that only
+  compound; docs/BANDWIDTH.md has the on-and-off link where, doubling per reply, they took the
+  estimate from 3 to 33 Mbps in 11 frames on a link of about 4). Past that window an estimate that only
   app-limited samples still see is taken back to them (as BBR's max filter expires): on a fast
   link every transfer is short, and an estimate one lucky burst inflated would otherwise stay,
   and the forecast errors behind it would never be renewed.

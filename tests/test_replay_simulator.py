@@ -159,7 +159,8 @@ def test_throughput_samples_measure_each_transfer_from_reply_timing():
 
 def test_short_transfers_are_app_limited_and_only_raise_the_estimate_by_slow_start():
     # 15 kB at 12 Mbps take 11 ms: too short to measure the link. The estimate (1 Mbps to start)
-    # may only double per such sample, and never falls because of one.
+    # may only double per round trip (here each request goes out after the last reply: per
+    # sample), and never falls because of one.
     run = simulate(make_scenario([[15000]] * 8, slo_ms=200.0))
     samples = [sample.throughput_mbps for sample in run.samples]
     assert len(samples) == 8 and samples[0] == pytest.approx(2.0)
