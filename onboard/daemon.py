@@ -259,6 +259,9 @@ class OnboardAgent:
             due = stale and now_ms - self._last_discovery_ms > self.stale_after_ms
             if self.plans_for_uplink and (growing or due) and self._sends_nothing(allocation):
                 self._add_discovery_request(allocation, rtt_ms)
+                # The planner's chance was that of sending nothing: it says nothing of the request
+                # added here (a replay would score it as a plan sure to arrive).
+                allocation.extra.pop("success_probability", None)
                 self._last_discovery_ms = now_ms
                 self._discovery_succeeded = False
             elif self.plans_for_uplink and due:

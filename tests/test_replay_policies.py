@@ -17,7 +17,7 @@ from avcloud.replay.job import (
     results_document,
     run_case,
 )
-from avcloud.replay.metrics import summarise_policies
+from avcloud.replay.metrics import plan_success_calibration, summarise_policies
 from avcloud.replay.simulator import RequestOutcome, simulate_policy
 from optimizer.policies import POLICY_NAMES, check_policy_names, get_policy
 
@@ -148,6 +148,17 @@ def test_a_policy_whose_plan_sends_nothing_rediscovers_the_link_with_one_cheap_r
     assert 0 < len(discoveries) <= FRAMES // 10 + 1  # at least one, at most about one per second
     assert {case.scenario.config_names[result.planned_config[tuple(p)]] for p in discoveries} == {
         "s-imgcompNone-inpcomp50"}
+
+
+def test_a_discovery_request_added_to_an_empty_plan_is_not_scored_as_the_plan():
+    # turbo-q's plan sends nothing on 0.5 Mbps (a chance of 1 of arriving whole); the request the
+    # agent adds to rediscover the link is not that plan, and the success model is not scored on it.
+    case = make_case(constant_opportunities(0.5))
+    result = run("turbo-q", case)
+    discovery_frames = np.unique(np.argwhere(result.planned_config != -1)[:, 0])
+    assert len(discovery_frames) > 0
+    assert np.isnan(result.planned_success_probability[discovery_frames]).all()
+    assert plan_success_calibration(result) is None
 
 
 def test_policies_that_ignore_the_uplink_never_rediscover():
