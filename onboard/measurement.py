@@ -22,10 +22,10 @@
   transfer was sent under (slow start, once per round trip as in TCP: a lucky burst cannot make
   the car trust a fast link at once, and the replies of requests sent under one estimate cannot
   compound; docs/BANDWIDTH.md has the on-and-off link where, doubling per reply, they took the
-  estimate from 3 to 33 Mbps in 11 frames on a link of about 4). Past that window an estimate that only
-  app-limited samples still see is taken back to them (as BBR's max filter expires): on a fast
-  link every transfer is short, and an estimate one lucky burst inflated would otherwise stay,
-  and the forecast errors behind it would never be renewed.
+  estimate from 3 to 33 Mbps in 11 frames on a link of about 4). Past that window an estimate
+  that only app-limited samples still see is taken back to them (as BBR's max filter expires):
+  on a fast link every transfer is short, and an estimate one lucky burst inflated would
+  otherwise stay, and the forecast errors behind it would never be renewed.
 - Cloud wait: a reply says how long the request spent at the cloud (`timings.total`); beyond
   the runtime the plan expected, that is queueing behind other cars' work. The median of the
   last 2 s of replies (`cloud_wait_ms`) is planned with as part of the round trip, so a car
