@@ -136,7 +136,6 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) is None
 
 
-
 class _Believes8Mbps:
     """An estimator that always says 8 Mbps: the virtual queue's tests set the link's timing."""
 
@@ -174,7 +173,6 @@ def test_the_virtual_uplink_queue_moves_once_for_a_delay_every_queued_request_sh
     assert measurement.backlog_ms(250.0) == pytest.approx(5.0)
     measurement.on_reply(first, 230.0 + 20.0 + 60.0, 60.0)
     assert measurement.backlog_ms(250.0) == pytest.approx(5.0)
-
 
 
 def test_an_overdue_reply_moves_the_virtual_queue_before_it_comes():

@@ -266,7 +266,6 @@ def test_frames_that_can_no_longer_make_it_are_dropped_before_sending():
     assert [(r.frame_index, r.source) for r in published if r.camera == "FRONT"] == [(0, "cloud"), (1, "onboard")]
 
 
-
 @pytest.mark.parametrize("plans_for_uplink", [True, False])
 def test_the_drop_before_send_check_counts_the_bytes_queued_ahead(plans_for_uplink):
     # The car believes its uplink carries 0.5 Mbps: FRONT's 5 kB request holds it for about 80 ms.
@@ -279,6 +278,7 @@ def test_the_drop_before_send_check_counts_the_bytes_queued_ahead(plans_for_upli
     assert [decode_request(frames)[0].task for frames in link.sent] == (["FRONT"] if plans_for_uplink
                                                                          else ["FRONT", "SIDE_LEFT"])
     assert agent.counters.dropped_stale == (1 if plans_for_uplink else 0)
+
 
 def test_unreachable_cloud_keeps_publishing_and_resets_the_socket():
     agent, clock, link, _, published = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"))
