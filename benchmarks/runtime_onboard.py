@@ -160,7 +160,7 @@ class FixedEstimator:
     def __init__(self, mbps: float) -> None:
         self.mbps = mbps
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         pass
 
     def estimate_mbps(self) -> float:

@@ -212,16 +212,16 @@ class OnboardAgent:
     def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
                    planner: AllocationPlanner | None = None, estimator=None, frame_interval_ms: float | None = None,
                    **io_and_settings: Any) -> OnboardAgent:
-        """The agent a policy spec (optimizer.policies.PolicySpec) asks for: its planner (for the
-        cameras' `frame_interval_ms`), its measurement and its discovery, ping and in-flight
-        settings. The live node and the replay both build their agent here, so they make the same
-        decisions from the same events."""
+        """The agent a policy spec (optimizer.policies.PolicySpec) asks for: its planner and its
+        measurement's forecast (for the cameras' `frame_interval_ms`), its discovery, ping and
+        in-flight settings. The live node and the replay both build their agent here, so they
+        make the same decisions from the same events."""
         from onboard.measurement import build_measurement
         from onboard.planning import build_planner
 
         return cls(services=services, slo_ms=slo_ms, clock=clock,
                    planner=planner or build_planner(services, policy, frame_interval_ms),
-                   measurement=build_measurement(policy, initial_rtt_ms, estimator),
+                   measurement=build_measurement(policy, initial_rtt_ms, estimator, frame_interval_ms),
                    stale_after_ms=policy.stale_after_ms, plans_for_uplink=policy.measures,
                    ping_interval_ms=policy.ping_interval_ms,
                    max_in_flight_per_camera=policy.max_in_flight_per_camera, **io_and_settings)

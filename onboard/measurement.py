@@ -77,7 +77,7 @@ CLOUD_WAITS_KEPT = 32
 
 
 class BandwidthEstimator(Protocol):
-    def observe(self, time_ms: float, throughput_mbps: float) -> None: ...
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None: ...
 
     def estimate_mbps(self) -> float: ...
 
@@ -102,9 +102,9 @@ class SeededEstimator:
         self.initial_mbps = initial_mbps
         self.seen = False
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self.seen = True
-        self.inner.observe(time_ms, throughput_mbps)
+        self.inner.observe(time_ms, throughput_mbps, transfer_ms)
 
     def estimate_mbps(self) -> float:
         if not self.seen:
@@ -278,17 +278,19 @@ class LinkMeasurement:
             # today's, if that is lower), so that the replies of one round cannot compound.
             sample_mbps = min(sample_mbps, APP_LIMITED_GROWTH * min(estimate_mbps, sent_under_mbps))
         self._last_taken_ms = now_ms
-        self.estimator.observe(now_ms, sample_mbps)
+        self.estimator.observe(now_ms, sample_mbps, transfer_ms)
         self.samples_mbps.append(sample_mbps)
         return sample_mbps
 
 
-def build_measurement(policy, initial_rtt_ms: float, estimator: BandwidthEstimator | None = None) -> LinkMeasurement:
-    """The measurement a policy spec (optimizer.policies.PolicySpec) asks for: its estimator,
-    seeded with its initial estimate. The daemon and the replay both build it here."""
+def build_measurement(policy, initial_rtt_ms: float, estimator: BandwidthEstimator | None = None,
+                      frame_interval_ms: float | None = None) -> LinkMeasurement:
+    """The measurement a policy spec (optimizer.policies.PolicySpec) asks for: its estimator (for
+    the cameras' `frame_interval_ms`, the span a plan must carry), seeded with its initial
+    estimate. The daemon and the replay both build it here."""
     from optimizer.policies import make_estimator
 
-    estimator = estimator or make_estimator(policy)
+    estimator = estimator or make_estimator(policy, frame_interval_ms)
     # An estimator that knows the capacity without samples (the replay's oracle) takes no seed: its
     # 0 in an outage is the truth, not a missing estimate.
     seeded = SeededEstimator(estimator, policy.initial_estimate_mbps) if getattr(estimator, "needs_seed", True) \

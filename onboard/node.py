@@ -167,7 +167,7 @@ class OnboardNode:
             reconnect_after_timeouts=params.reconnect_after_timeouts,
             min_reconnect_interval_ms=params.min_reconnect_interval_ms, wake=self._wake,
             publish_guard_ms=params.publish_guard_ms, encode_executor=self.encode_executor, log_event=self._event,
-            log_replies=params.log_replies,
+            log_replies=params.log_replies, frame_interval_ms=1000.0 / params.camera_rate_hz,
         )
         self.state = INACTIVE
         self._event("configured", cameras=params.cameras, policy=policy.to_json_dict(), cloud=params.endpoints.cloud,

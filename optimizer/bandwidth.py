@@ -1,8 +1,9 @@
 """Uplink bandwidth estimators over measured throughput samples (bytes / transfer time).
 
 Samples are noisy and bursty: one transfer can see a burst far above the link's sustained rate,
-or a stall near zero. All estimators share `observe(time_ms, throughput_mbps)` and
-`estimate_mbps()` (None before the first sample).
+or a stall near zero. All estimators share `observe(time_ms, throughput_mbps, transfer_ms=None)`
+(the sample and, when known, how long the transfer it measured took) and `estimate_mbps()` (None
+before the first sample).
 
 - `EwmaEstimator`: exponentially weighted moving average (reacts fast, follows bursts).
 - `HarmonicMeanEstimator`: harmonic mean of the last N samples (as in MPC/FESTIVE video
@@ -14,6 +15,15 @@ or a stall near zero. All estimators share `observe(time_ms, throughput_mbps)` a
   relative uncertainty). The forecast samples are level * exp(error_i); quantiles come from them.
   Before two samples exist there are no errors to learn from and the forecast is the samples
   seen so far.
+
+  Errors at the planning scale (`interval_ms`): the forecast is of the next interval's
+  throughput (a frame interval: what a plan must carry), but a sample measures its own
+  transfer, often far shorter on a fast link. Over a shorter span a link's throughput spreads
+  wider (where its bursts fall matters more), so the error of a sample whose transfer took t
+  < interval is shrunk by sqrt(t / interval), as the spread of a mean over t shrinks with
+  independent increments. The level still takes the sample whole. Without this the forecast's
+  spread was that of the car's short transfers: on a steady link it planned well below the
+  link for no gain in misses (docs/BANDWIDTH.md has the measurements).
 
   Recalibration (`recalibrate=True`): every new sample is first scored against the forecast
   made before it, as the fraction of forecast values at or below it (its PIT value; uniform for
@@ -33,6 +43,8 @@ import numpy as np
 # Added before taking logs so that stalls (0 Mbps) stay finite: 10 kbit/s is "no link" here.
 LOG_FLOOR_MBPS = 0.01
 MIN_CALIBRATION_SAMPLES = 10
+# The span the forecaster forecasts by default: a frame interval at 10 Hz.
+DEFAULT_INTERVAL_MS = 100.0
 
 
 def sorted_quantiles(sorted_values: np.ndarray, quantiles) -> np.ndarray:
@@ -68,7 +80,7 @@ class EwmaEstimator(_SampleChecks):
         self.alpha = alpha
         self._estimate_mbps: float | None = None
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self._check(time_ms, throughput_mbps)
         if self._estimate_mbps is None:
             self._estimate_mbps = float(throughput_mbps)
@@ -89,7 +101,7 @@ class HarmonicMeanEstimator(_SampleChecks):
         self.window = window
         self._samples_mbps: deque[float] = deque(maxlen=window)
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self._check(time_ms, throughput_mbps)
         self._samples_mbps.append(float(throughput_mbps))
 
@@ -105,11 +117,12 @@ class QuantileForecaster(_SampleChecks):
     """Forecast distribution of the next interval's throughput (see the module docstring).
 
     `window`: how many past one-step errors form the distribution; `alpha`: smoothing of the
-    log-throughput level. `estimate_mbps()` is the median forecast.
+    log-throughput level; `interval_ms`: the span the forecast is for (None: every error is
+    taken whole). `estimate_mbps()` is the median forecast.
     """
 
     def __init__(self, window: int = 50, alpha: float = 0.3, recalibrate: bool = False,
-                 calibration_window: int = 100) -> None:
+                 calibration_window: int = 100, interval_ms: float | None = DEFAULT_INTERVAL_MS) -> None:
         super().__init__()
         if window < 2:
             raise ValueError("window must be at least 2")
@@ -117,7 +130,10 @@ class QuantileForecaster(_SampleChecks):
             raise ValueError("alpha must be in (0, 1]")
         if calibration_window < MIN_CALIBRATION_SAMPLES:
             raise ValueError(f"calibration_window must be at least {MIN_CALIBRATION_SAMPLES}")
+        if interval_ms is not None and not (math.isfinite(interval_ms) and interval_ms > 0):
+            raise ValueError("interval_ms must be a positive number or None")
         self.window = window
+        self.interval_ms = interval_ms
         self.alpha = alpha
         self.recalibrate = recalibrate
         self._pit: deque[float] = deque(maxlen=calibration_window)
@@ -128,7 +144,7 @@ class QuantileForecaster(_SampleChecks):
         self._raw_cache: np.ndarray | None = None
         self._median_cache: float | None = None
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self._check(time_ms, throughput_mbps)
         raw = self._raw_samples() if self.recalibrate else np.zeros(0)
         if raw.shape[0] >= 2:  # how the forecast made before this sample fared
@@ -140,9 +156,16 @@ class QuantileForecaster(_SampleChecks):
         if self._level_log is None:
             self._level_log = sample_log
         else:
-            self._errors_log.append(sample_log - self._level_log)
+            self._errors_log.append((sample_log - self._level_log) * self._error_scale(transfer_ms))
             self._level_log += self.alpha * (sample_log - self._level_log)
         self._recent_mbps.append(float(throughput_mbps))
+
+    def _error_scale(self, transfer_ms: float | None) -> float:
+        """How much of a sample's error is the planning interval's: sqrt(t / interval) for a
+        transfer shorter than the interval, else all of it (see the module docstring)."""
+        if self.interval_ms is None or transfer_ms is None or not math.isfinite(transfer_ms) or transfer_ms <= 0:
+            return 1.0
+        return min(1.0, math.sqrt(transfer_ms / self.interval_ms))
 
     def _raw_samples(self) -> np.ndarray:
         """The forecast before recalibration, sorted."""

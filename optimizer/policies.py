@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from avcloud.errors import UserError
 from optimizer.allocators import ALLOCATORS
-from optimizer.bandwidth import EwmaEstimator, HarmonicMeanEstimator, QuantileForecaster
+from optimizer.bandwidth import DEFAULT_INTERVAL_MS, EwmaEstimator, HarmonicMeanEstimator, QuantileForecaster
 
 PlannerMethod = Literal["point", "quantile", "oracle"]
 EstimatorName = Literal["harmonic", "ewma"]
@@ -208,11 +208,13 @@ def check_policy_names(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in POLICY_NAMES if name in set(names))
 
 
-def make_estimator(spec: PolicySpec):
-    """The bandwidth estimator the spec asks for (`observe(time_ms, mbps)`, `estimate_mbps()`)."""
+def make_estimator(spec: PolicySpec, frame_interval_ms: float | None = None):
+    """The bandwidth estimator the spec asks for (`observe(time_ms, mbps, transfer_ms)`,
+    `estimate_mbps()`); a forecaster forecasts the next `frame_interval_ms` (default 100 ms)."""
     if spec.planner == "quantile":
         return QuantileForecaster(window=spec.quantile_window, alpha=spec.ewma_alpha,
-                                  recalibrate=spec.forecast_recalibration)
+                                  recalibrate=spec.forecast_recalibration,
+                                  interval_ms=frame_interval_ms or DEFAULT_INTERVAL_MS)
     if spec.estimator == "ewma":
         return EwmaEstimator(spec.ewma_alpha)
     return HarmonicMeanEstimator(spec.estimator_window)

@@ -65,14 +65,41 @@ def test_the_forecast_is_calibrated_on_a_stationary_process(recalibrate):
     assert coverage == pytest.approx([0.1, 0.5, 0.9], abs=0.04)
 
 
+def _forecast_and_true_spread(interval_ms: float | None) -> tuple[float, float]:
+    """The forecast's median P90 / P10, and that of the next interval's capacity, for a car that
+    measures a 10 ms transfer at the start of every 100 ms interval of a link whose every ms
+    carries an independent amount (mean 10 Mbps)."""
+    rng = np.random.default_rng(11)
+    forecaster = QuantileForecaster(window=50, interval_ms=interval_ms)
+    per_ms_mbps = rng.gamma(1.0, 10.0, size=(2000, int(FRAME_MS)))
+    spreads = []
+    for step, interval in enumerate(per_ms_mbps):
+        if step >= 100:
+            forecast = forecaster.samples_mbps()
+            spreads.append(np.quantile(forecast, 0.9) / np.quantile(forecast, 0.1))
+        forecaster.observe(step * FRAME_MS, float(interval[:10].mean()), transfer_ms=10.0)
+    interval_mbps = per_ms_mbps[100:].mean(axis=1)
+    return float(np.median(spreads)), float(np.quantile(interval_mbps, 0.9) / np.quantile(interval_mbps, 0.1))
+
+
+def test_the_forecast_is_as_wide_as_the_interval_it_forecasts_though_its_samples_are_shorter():
+    forecast_spread, true_spread = _forecast_and_true_spread(FRAME_MS)
+    assert forecast_spread == pytest.approx(true_spread, rel=0.1)
+    # Taken whole, the short transfers' errors make it as wide as a 10 ms span is.
+    whole_spread, _ = _forecast_and_true_spread(None)
+    assert whole_spread > 1.6 * true_spread
+
+
 class _LastSample:
     """An estimator that believes the last sample it took."""
 
     def __init__(self, mbps: float) -> None:
         self.mbps = mbps
+        self.transfer_ms: float | None = None
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self.mbps = throughput_mbps
+        self.transfer_ms = transfer_ms
 
     def estimate_mbps(self) -> float:
         return self.mbps
@@ -119,7 +146,8 @@ def test_slow_start_doubles_the_estimate_once_per_round_not_once_per_reply():
 def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     from onboard.measurement import LinkMeasurement, RequestTiming
 
-    measurement = LinkMeasurement(_LastSample(1.0), initial_rtt_ms=20.0, sample_window=50)
+    estimator = _LastSample(1.0)
+    measurement = LinkMeasurement(estimator, initial_rtt_ms=20.0, sample_window=50)
     # An 8 Mbps uplink: A (25 kB) leaves 0-25 ms, B (25 kB, sent at 5 ms) queues behind it, 25-50 ms.
     first, second = RequestTiming(1, 25_000, 0.0), RequestTiming(2, 25_000, 5.0)
     measurement.on_send(first)
@@ -127,11 +155,13 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
     # B's cloud run was short, so its reply comes first: both requests left in 50 ms, 8 Mbps.
     # Alone, B would read 25 kB in 45 ms, 4.4 Mbps: the time it queued behind A counted as its own.
     assert measurement.on_reply(second, 50.0 + 20.0 + 5.0, 5.0) == pytest.approx(8.0)
+    assert estimator.transfer_ms == pytest.approx(50.0)  # the forecast learns what span it measured
     assert measurement.on_reply(first, 25.0 + 20.0 + 60.0, 60.0) is None  # measured already
     # The next request starts after B's measured end: it is measured alone.
     third = RequestTiming(3, 25_000, 100.0)
     measurement.on_send(third)
     assert measurement.on_reply(third, 125.0 + 20.0, 0.0) == pytest.approx(8.0)
+    assert estimator.transfer_ms == pytest.approx(25.0)
     # A request the measurement never saw sent cannot be placed in the queue: no sample.
     assert measurement.on_reply(RequestTiming(9, 25_000, 200.0), 250.0 + 20.0, 0.0) is None
 
@@ -139,7 +169,7 @@ def test_a_reply_measures_its_request_with_every_earlier_one_still_unmeasured():
 class _Believes8Mbps:
     """An estimator that always says 8 Mbps: the virtual queue's tests set the link's timing."""
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         pass
 
     def estimate_mbps(self) -> float:

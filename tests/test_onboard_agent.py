@@ -25,7 +25,7 @@ class ConstantEstimator:
         self.mbps = mbps
         self.observed: list[tuple[float, float]] = []
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self.observed.append((time_ms, throughput_mbps))
 
     def estimate_mbps(self) -> float:

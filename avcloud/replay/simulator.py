@@ -651,7 +651,7 @@ class TraceCapacityEstimate:
         self._known_at_ms = math.nan
         self._known_mbps = 0.0
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         pass
 
     def estimate_mbps(self) -> float:
@@ -707,9 +707,9 @@ class _RecordingEstimator:
         self.samples = samples
         self.needs_seed = getattr(inner, "needs_seed", True)
 
-    def observe(self, time_ms: float, throughput_mbps: float) -> None:
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
         self.samples.append(ThroughputSample(time_ms, throughput_mbps))
-        self.inner.observe(time_ms, throughput_mbps)
+        self.inner.observe(time_ms, throughput_mbps, transfer_ms)
 
     def estimate_mbps(self):
         return self.inner.estimate_mbps()
@@ -759,7 +759,7 @@ class ReplayedCar:
         self.start_ms = start_ms
         frames, cameras = scenario.num_frames, len(scenario.cameras)
         self.samples: list[ThroughputSample] = []
-        estimator = make_estimator(policy)
+        estimator = make_estimator(policy, scenario.frame_interval_ms)
         if planner is not None:  # tests script the allocation
             inner_planner = planner
         elif policy.planner == "oracle":
