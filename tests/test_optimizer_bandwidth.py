@@ -79,6 +79,22 @@ def test_quantile_forecaster_scales_with_the_level():
         assert high.quantile_mbps(q) == pytest.approx(10 * low.quantile_mbps(q), rel=0.01)
 
 
+def test_only_transfers_shorter_than_the_interval_have_their_errors_scaled():
+    pattern = [1.0, 1.3, 0.8, 1.1, 0.9, 1.2] * 5
+    whole, long_transfers, short_transfers = (QuantileForecaster(50, interval_ms=interval)
+                                              for interval in (None, 100.0, 100.0))
+    for step, factor in enumerate(pattern):
+        whole.observe(step * 100.0, 5.0 * factor, transfer_ms=25.0)
+        long_transfers.observe(step * 100.0, 5.0 * factor, transfer_ms=150.0)
+        short_transfers.observe(step * 100.0, 5.0 * factor, transfer_ms=25.0)
+    assert long_transfers.forecast() == whole.forecast()
+    # A quarter of the interval: errors at half their size, the median where the level is.
+    narrow, wide = short_transfers.forecast(), whole.forecast()
+    assert wide["p90"] / wide["p10"] == pytest.approx((narrow["p90"] / narrow["p10"]) ** 2, rel=0.05)
+    with pytest.raises(ValueError, match="interval_ms"):
+        QuantileForecaster(interval_ms=0.0)
+
+
 def test_quantile_forecaster_with_one_sample_forecasts_that_sample():
     forecaster = QuantileForecaster()
     forecaster.observe(0.0, 12.5)
