@@ -164,7 +164,7 @@ class QuantileForecaster(_SampleChecks):
     def _error_scale(self, transfer_ms: float | None) -> float:
         """How much of a sample's error is the planning interval's: sqrt(t / interval) for a
         transfer shorter than the interval, else all of it (see the module docstring)."""
-        if self.interval_ms is None or transfer_ms is None or not math.isfinite(transfer_ms) or transfer_ms <= 0:
+        if self.interval_ms is None or transfer_ms is None or not transfer_ms > 0:  # unknown (NaN too)
             return 1.0
         return min(1.0, math.sqrt(transfer_ms / self.interval_ms))
 
