@@ -1,10 +1,12 @@
 """Synthetic uplinks that stress what the measured traces rarely show, as Mahimahi files.
 
-Six 30 s traces: a steady fast link (50 Mbps), a starved one (0.3 Mbps), 5 Mbps with a 3 s outage
-in every 10 s, a link dark for its first 5 s then 8 Mbps, a bursty one (40 Mbps for 50 ms in
-every 500 ms, 0.2 Mbps otherwise) and a 0.5-15.5 Mbps sawtooth with a 4 s period. Packets are
-1500 bytes; within each ms the count is the rate's expectation, rounded at random (seeded, so
-the files are the same on every run). For the policy sweep:
+Seven 30 s traces: a steady fast link (50 Mbps), a starved one (0.3 Mbps), 5 Mbps with a 3 s
+outage in every 10 s, a link dark for its first 5 s then 8 Mbps, a bursty one (40 Mbps for 50 ms
+in every 500 ms, 0.2 Mbps otherwise), a 0.5-15.5 Mbps sawtooth with a 4 s period, and handovers:
+300 Mbps and 15 Mbps in turn, 3 s each (a fast cell and a loaded one; a fall by 20x within a
+frame interval, which none of the measured traces has). Packets are 1500 bytes; within each ms
+the count is the rate's expectation, rounded at random (seeded, so the files are the same on
+every run). For the policy sweep:
 
     python benchmarks/stress_traces.py OUT_DIR
     python benchmarks/bench_policies.py --traces OUT_DIR --out runs/bench/policies-stress.json
@@ -29,6 +31,8 @@ RATES_MBPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "startdark5s.up": lambda ms: np.where(ms < 5000, 0.0, 8.0),
     "bursty.up": lambda ms: np.where((ms // 50) % 10 == 0, 40.0, 0.2),
     "sawtooth.up": lambda ms: 0.5 + 15.0 * (ms % 4000) / 4000.0,
+    # Last: the random rounding draws in this order, so the traces above stay as they were.
+    "handover.up": lambda ms: np.where((ms // 3000) % 2 == 0, 300.0, 15.0),
 }
 
 

@@ -121,3 +121,21 @@ def test_the_policy_sweep_adds_up_turbo_qs_success_calibration_by_predicted_chan
         {"predicted_from": 0.0, "predicted_to": 0.5, "frames": 2, "mean_predicted": 0.3, "succeeded_share": 0.5},
         {"predicted_from": 0.5, "predicted_to": 0.7, "frames": 4, "mean_predicted": 0.6, "succeeded_share": 0.5}]
     assert bench.add_calibrations([None]) is None and bench.calibration_table(None) == []
+
+
+def test_the_stress_traces_carry_their_stated_rates_and_the_handover_left_the_others_alone(
+        load_benchmark, tmp_path, monkeypatch):
+    from datasets.traces import load_trace
+
+    stress = load_benchmark("stress_traces")
+    paths = {path.name: path for path in stress.write_traces(tmp_path / "seven")}
+    handover = load_trace(paths["handover.up"]).per_second_mbps()
+    # Each ms's packet count is rounded at random: a second's rate is within a few percent.
+    assert np.allclose(handover[[0, 1, 2, 6, 7, 8]], 300.0, rtol=0.05)
+    assert np.allclose(handover[[3, 4, 5, 9, 10, 11]], 15.0, rtol=0.05)
+    assert load_trace(paths["startdark5s.up"]).per_second_mbps()[:5].max() == 0.0
+    # The trace files are seeded; one added last must not change those measured before it.
+    monkeypatch.setattr(stress, "RATES_MBPS", {name: rate for name, rate in stress.RATES_MBPS.items()
+                                               if name != "handover.up"})
+    for path in stress.write_traces(tmp_path / "six"):
+        assert path.read_bytes() == paths[path.name].read_bytes(), path.name
