@@ -39,6 +39,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def default_sigint() -> None:
+    # A suite started in the background (`make test &`) ignores SIGINT, and so would the command
+    # it starts, as the shell intends: give the command the Ctrl-C a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition, timeout_s: float, what: str) -> None:
     give_up_at = time.monotonic() + timeout_s
     while not condition():
@@ -65,7 +71,7 @@ def test_a_signal_during_profiling_leaves_no_worker_and_a_resumable_cache(tmp_pa
         [sys.executable, "-m", "avcloud", "profile", "--scene", str(scene), "--models", "avd-onboard", "avd-cloud-l",
          "--codecs", "inpcomp75", "imgcomp75", "--workers", "2", "--out", str(out)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=default_sigint)
     try:
         # Mid-profiling: the workers run and the first frames are on disk.
         wait_for(lambda: process.poll() is not None or any(work_dir.glob("frame-*.parquet")), 120, "a profiled frame")
