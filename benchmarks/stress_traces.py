@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.traces import write_mahimahi
+
 PACKET_BITS = 1500 * 8
 DURATION_MS = 30_000
 
@@ -52,9 +54,7 @@ def write_traces(out_dir: Path, seed: int = 3) -> list[Path]:
         lines = opportunities_ms(rate(ms), rng)
         if lines.shape[0] == 0:  # a trace needs at least one opportunity
             lines = np.array([DURATION_MS])
-        path = out_dir / name
-        path.write_text("\n".join(map(str, lines.tolist())) + "\n")
-        paths.append(path)
+        paths.append(write_mahimahi(out_dir / name, lines))
     return paths
 
 
