@@ -116,7 +116,8 @@ class OnboardNode:
         params = self.params
         services = self._services or self._load_services()
         policy = params.policy_spec()
-        planner = self._planner or build_planner(services, policy, 1000.0 / params.camera_rate_hz)
+        frame_interval_ms = 1000.0 / params.camera_rate_hz
+        planner = self._planner or build_planner(services, policy, frame_interval_ms)
         warm_started = time.perf_counter()
         planner.plan(policy.initial_estimate_mbps, params.rtt_ms, params.slo_ms, ())  # warm up the solver
         solver_warmup_ms = (time.perf_counter() - warm_started) * 1000.0
@@ -167,7 +168,7 @@ class OnboardNode:
             reconnect_after_timeouts=params.reconnect_after_timeouts,
             min_reconnect_interval_ms=params.min_reconnect_interval_ms, wake=self._wake,
             publish_guard_ms=params.publish_guard_ms, encode_executor=self.encode_executor, log_event=self._event,
-            log_replies=params.log_replies, frame_interval_ms=1000.0 / params.camera_rate_hz,
+            log_replies=params.log_replies, frame_interval_ms=frame_interval_ms,
         )
         self.state = INACTIVE
         self._event("configured", cameras=params.cameras, policy=policy.to_json_dict(), cloud=params.endpoints.cloud,
