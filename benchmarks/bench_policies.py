@@ -11,7 +11,10 @@ Beside the policies, a causal reference (`oracle-past`): the oracle planning fro
 true capacity over the last frame interval (`oracle_lag_ms`), at a fixed 0.8 of it: a car that
 measured its link perfectly, without foresight. The checks list the settings where even it stays
 under 80% of oracle's gain, and turbo-q's shortfalls where it reaches 80% (a reference, not a
-bound: a planner without foresight may still do better than it).
+bound: a planner without foresight may still do better than it). A second reference
+(`turbo-q-past`) hands the same view, the true capacity of every past frame interval, to turbo-q's
+own forecaster and planner (`forecast_from_trace`): how far turbo-q's shortfall is the car's view
+of its link rather than its planner.
 
     python benchmarks/bench_policies.py [--traces DIR] [--frames N] [--rtt-ms 20 50 100] [--slo-ms 100 200 400]
                                         [--windows W] [--jobs J] [--set FIELD=VALUE ...] [--quick] [--out FILE.json]
@@ -44,6 +47,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from avcloud.errors import UserError
 from avcloud.replay.inputs import make_case, open_profiled_scene, open_trace
 from avcloud.replay.job import DEFAULT_PRESET, default_scene_path, run_case
 from avcloud.replay.metrics import summarise_policies
@@ -57,6 +61,7 @@ CAUSAL_REFERENCE = "oracle-past"
 # A fixed fraction, not the best in hindsight: over the RTT 20 / 50, SLO 200 settings, 0.8 and
 # the best of the oracle's six fractions reached 0.88 and 0.89 of oracle's gain (median).
 CAUSAL_REFERENCE_FRACTION = 0.8
+VIEW_REFERENCE = "turbo-q-past"
 
 
 def window_figures(summaries: dict[str, dict]) -> dict:
@@ -125,7 +130,7 @@ def setting_figures(windows: list[dict]) -> dict:
 def checks(settings: list[dict]) -> dict:
     """The acceptance criteria of the policy sweep, each with the settings that fail it."""
     stuck, q_below, q_not_fewer_misses, below_equal, low_fraction = [], [], [], [], []
-    reference_low, low_where_reachable = [], []
+    reference_low, low_where_reachable, view_low, view_below_turbo = [], [], [], []
     compared = 0
     for setting in settings:
         label = f"{setting['trace']} rtt {setting['rtt_ms']:g} slo {setting['slo_ms']:g}"
@@ -137,6 +142,8 @@ def checks(settings: list[dict]) -> dict:
                             if policies[name]["map"] <= policies["equal"]["map"]]
         if policies["turbo-q"]["map"] < policies["turbo"]["map"] - 0.2:
             q_below.append(label)
+        if policies[VIEW_REFERENCE]["map"] < policies["turbo"]["map"] - 0.2:
+            view_below_turbo.append(label)
         misses_q, misses_t = policies["turbo-q"]["deadline_miss_rate"], policies["turbo"]["deadline_miss_rate"]
         if misses_q is not None and misses_t is not None:
             compared += 1
@@ -148,6 +155,9 @@ def checks(settings: list[dict]) -> dict:
             reference = policies[CAUSAL_REFERENCE]["fraction_of_oracle_gain"]
             if reference is None or reference < 0.8:
                 reference_low.append(f"{label}: {reference if reference is None else round(reference, 2)}")
+            view = policies[VIEW_REFERENCE]["fraction_of_oracle_gain"]
+            if view is None or view < 0.8:
+                view_low.append(f"{label}: {view if view is None else round(view, 2)}")
             if fraction is None or fraction < 0.8:
                 low_fraction.append(f"{label}: {fraction if fraction is None else round(fraction, 2)}")
                 if reference is not None and reference >= 0.8:
@@ -164,6 +174,9 @@ def checks(settings: list[dict]) -> dict:
         # shortfalls where it does not.
         "causal_reference_below_80_percent_of_oracle_gain": reference_low,
         "turbo_q_below_80_percent_where_the_causal_reference_reaches_it": low_where_reachable,
+        # turbo-q's planner given that view (`turbo-q-past`): where it still falls short.
+        "view_reference_below_80_percent_of_oracle_gain": view_low,
+        "view_reference_below_turbo_by_more_than_0_2": view_below_turbo,
     }
 
 
@@ -191,9 +204,13 @@ def replay_window(path: Path, window: int, windows: int, rtt_ms: float, slo_ms: 
                                            "oracle_capacity_fractions": [CAUSAL_REFERENCE_FRACTION]})
     reference = simulate_policy(reference_spec, case.scenario, case.schedule, case.detections_at,
                                 oracle_capacity_fraction=CAUSAL_REFERENCE_FRACTION)
+    view_spec = get_policy("turbo-q", {**overrides, "oracle_lag_ms": case.scenario.frame_interval_ms,
+                                       "forecast_from_trace": True})
+    view = simulate_policy(view_spec, case.scenario, case.schedule, case.detections_at)
     scored = summarise_policies({"onboard": result.runs["onboard"], "oracle": result.runs["oracle"],
-                                 CAUSAL_REFERENCE: reference}, case.scenario, case.detections, case.ground_truths)
-    summaries = {**result.summaries, CAUSAL_REFERENCE: scored[CAUSAL_REFERENCE]}
+                                 CAUSAL_REFERENCE: reference, VIEW_REFERENCE: view},
+                                case.scenario, case.detections, case.ground_truths)
+    summaries = {**result.summaries, CAUSAL_REFERENCE: scored[CAUSAL_REFERENCE], VIEW_REFERENCE: scored[VIEW_REFERENCE]}
     _, capacity = true_capacity_mbps(case.schedule, 0.0, max(case.scenario.duration_s * 1000.0, 1000.0))
     return {"start_s": round(start_ms / 1000.0, 3), "trace_mean_mbps": float(capacity.mean()),
             "scene": case.scene_name, "frames": case.scenario.num_frames,
@@ -217,7 +234,12 @@ def main() -> int:
                         help="override a policy field for every policy, e.g. max_in_flight_per_camera=2")
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     args = parser.parse_args()
-    overrides = parse_overrides(args.policy_settings)
+    try:
+        overrides = parse_overrides(args.policy_settings)
+        for name in POLICY_NAMES:  # every policy runs with them
+            get_policy(name, overrides)
+    except UserError as error:
+        parser.error(str(error))
     if args.quick:
         args.frames, args.rtt_ms, args.slo_ms, args.windows = 50, [50.0], [200.0], 1
     paths = trace_paths(args.traces)

@@ -17,7 +17,8 @@ real request measures the link again).
 
 `oracle` with `oracle_lag_ms` set to one frame interval plans from the true capacity of the last
 interval instead: a car that measured its link perfectly, a reference (not a bound: a planner
-without foresight can beat it) for what better measurement would be worth.
+without foresight can beat it) for what better measurement would be worth. `turbo-q` with
+`forecast_from_trace` is the same view handed to turbo-q's own forecaster and planner.
 
 `onboard`, `naive` and `equal` are the published baselines: one request in flight per camera,
 TURBO's critical bandwidth size / (SLO - RTT - runtime). `turbo`, `turbo-q` and `oracle` run
@@ -88,6 +89,11 @@ class PolicySpec:
     # the coming one. 0 is the upper bound; one frame interval is a car that knew its last interval
     # exactly (what a perfect measurement could tell it; a reference, not a bound).
     oracle_lag_ms: float = 0.0
+    # Quantile planner, replay only: its forecaster is fed the trace's true capacity of each frame
+    # interval, the one that began `oracle_lag_ms` ago, instead of the car's samples. turbo-q's
+    # planner with a perfect view of its link: a reference for how much of turbo-q's shortfall is
+    # that view (benchmarks/bench_policies.py), not a policy a car can run.
+    forecast_from_trace: bool = False
     # Requests in flight per camera: with 2, a camera's next upload starts once the previous one
     # has left the uplink (by the car's estimate) and overlaps its cloud run and reply, which
     # pays when RTT + cloud runtime exceed the frame interval. 1 waits for the reply.
@@ -120,6 +126,9 @@ class PolicySpec:
              and 1 <= self.max_in_flight_per_camera <= 8, "max_in_flight_per_camera must be an integer in 1..8"),
             (isinstance(self.stream_rate_cap, bool), "stream_rate_cap must be true or false"),
             (isinstance(self.success_horizon, bool), "success_horizon must be true or false"),
+            (isinstance(self.forecast_from_trace, bool), "forecast_from_trace must be true or false"),
+            (not self.forecast_from_trace or self.planner == "quantile",
+             "forecast_from_trace needs the quantile planner"),
         )
         for ok, message in checks:
             if not ok:
@@ -211,6 +220,8 @@ def check_policy_names(names: Sequence[str]) -> tuple[str, ...]:
 def make_estimator(spec: PolicySpec, frame_interval_ms: float | None = None):
     """The bandwidth estimator the spec asks for (`observe(time_ms, mbps, transfer_ms)`,
     `estimate_mbps()`); a forecaster forecasts the next `frame_interval_ms` (default 100 ms)."""
+    if spec.forecast_from_trace:
+        raise UserError(f"policy '{spec.name}': forecast_from_trace reads the trace's capacity: it runs only in a replay")
     if spec.planner == "quantile":
         return QuantileForecaster(window=spec.quantile_window, alpha=spec.ewma_alpha,
                                   recalibrate=spec.forecast_recalibration,

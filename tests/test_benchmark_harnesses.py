@@ -60,20 +60,24 @@ def test_the_policy_sweep_averages_a_setting_over_its_trace_windows(load_benchma
 def test_the_policy_sweep_says_where_even_a_causal_planner_falls_short_of_80_percent(load_benchmark):
     bench = load_benchmark("bench_policies")
 
-    def setting(trace: str, turbo_q: float, reference: float) -> dict:
+    def setting(trace: str, turbo_q: float, reference: float, view: float = 0.9) -> dict:
         fractions = {"onboard": 0.0, "naive": 0.0, "equal": 0.3, "turbo": 0.5, "turbo-q": turbo_q, "oracle": 1.0,
-                     bench.CAUSAL_REFERENCE: reference}
+                     bench.CAUSAL_REFERENCE: reference, bench.VIEW_REFERENCE: view}
         return {"trace": trace, "rtt_ms": 20.0, "slo_ms": 200.0, "trace_mean_mbps": 10.0, "oracle_gain_points": 5.0,
                 "policies": {name: {"map": 10.0 + 5.0 * fraction, "fraction_of_oracle_gain": fraction,
                                     "deadline_miss_rate": 0.1, "sent_nothing": False}
                              for name, fraction in fractions.items()}}
 
-    checks = bench.checks([setting("reachable", 0.6, 0.9), setting("beyond", 0.7, 0.75), setting("met", 0.85, 0.9)])
+    checks = bench.checks([setting("reachable", 0.6, 0.9), setting("beyond", 0.7, 0.75, view=0.78),
+                           setting("met", 0.85, 0.9, view=0.4)])
     low = checks["turbo_q_below_80_percent_of_oracle_gain_on_traces_of_3_mbps_or_more_where_oracle_gains"]
     assert [entry.split()[0] for entry in low] == ["reachable", "beyond"]
     assert [entry.split()[0] for entry in checks["causal_reference_below_80_percent_of_oracle_gain"]] == ["beyond"]
     assert [entry.split()[0] for entry in checks["turbo_q_below_80_percent_where_the_causal_reference_reaches_it"]] == [
         "reachable"]
+    # turbo-q's planner given the true past: under 80% in "beyond", and below turbo (0.5) in "met".
+    assert [entry.split()[0] for entry in checks["view_reference_below_80_percent_of_oracle_gain"]] == ["beyond", "met"]
+    assert [entry.split()[0] for entry in checks["view_reference_below_turbo_by_more_than_0_2"]] == ["met"]
 
 
 def test_figures_that_cannot_be_written_to_their_file_go_to_standard_output(load_benchmark, tmp_path, capsys):

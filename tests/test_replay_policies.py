@@ -113,6 +113,30 @@ def test_a_lagged_oracle_plans_from_the_last_interval_and_so_meets_an_outage_one
         get_policy("oracle", {"oracle_lag_ms": -1.0})
 
 
+def test_turbo_q_given_the_true_past_forecasts_from_the_trace_not_from_its_own_samples():
+    steady = constant_opportunities(6.0, 5.0)  # 6 Mbps for 5 s, then nothing until the trace loops
+    case = make_case(np.concatenate([steady, [10000]]))
+    interval_ms = case.scenario.frame_interval_ms
+    first_dark = int(5000.0 // interval_ms)
+    view = simulate_policy(get_policy("turbo-q", {"oracle_lag_ms": interval_ms, "forecast_from_trace": True}),
+                           case.scenario, case.schedule, case.detections_at)
+    measured = run("turbo-q", case)
+    # From the first plan it knows the link (the car's own view starts at its 1 Mbps seed).
+    assert view.estimate_mbps[0] == pytest.approx(6.0, rel=0.05) and measured.estimate_mbps[0] == pytest.approx(1.0)
+    # The last interval before the dark one carried 6 Mbps; the next plan has seen a dark interval.
+    assert view.estimate_mbps[first_dark] == pytest.approx(6.0, rel=0.05)
+    assert view.estimate_mbps[first_dark + 1] < 2.0 < measured.estimate_mbps[first_dark + 1]
+    with pytest.raises(UserError, match="quantile planner"):
+        get_policy("turbo", {"forecast_from_trace": True})
+
+
+def test_a_car_cannot_run_a_forecast_from_the_trace():
+    from onboard.measurement import build_measurement
+
+    with pytest.raises(UserError, match="only in a replay"):
+        build_measurement(get_policy("turbo-q", {"forecast_from_trace": True}), initial_rtt_ms=50.0)
+
+
 def test_the_oracle_judges_its_requests_by_the_capacity_it_plans_from_not_by_a_measurement():
     # Dark for 3 s, then 30 Mbps: an oracle judged by a measured estimate (still its 1 Mbps seed,
     # as it sent nothing in the dark) drops requests its plan sent before it measures again.

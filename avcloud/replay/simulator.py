@@ -34,6 +34,7 @@ Cloud runtimes come from the scenario, i.e. from a declared runtime model
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -663,6 +664,41 @@ class TraceCapacityEstimate:
         return self._known_mbps
 
 
+class TraceFedForecast:
+    """A quantile forecaster (`optimizer.bandwidth.QuantileForecaster`) fed the trace's true
+    capacity instead of the car's samples (the policy field `forecast_from_trace`): at the first
+    instant of each frame interval it is asked at (the plan's, every frame), the capacity of the
+    interval that began `TraceCapacityEstimate.lag_ms` ago, as one sample spanning an interval.
+    With a lag of one interval the samples tile the past, each interval once, as a car that
+    measured every interval exactly would see them. The agent judges by it as by its own view (the
+    plan, the drop-before-send check, the virtual queue); the car's own samples are recorded for
+    the report, not used."""
+
+    needs_seed = False  # onboard.measurement.build_measurement: it knows the capacity from the start
+
+    def __init__(self, forecaster, known: TraceCapacityEstimate) -> None:
+        self.forecaster = forecaster
+        self.known = known
+        self._next_feed_ms = -math.inf
+
+    def _feed(self) -> None:
+        now_ms = self.known.clock.now_ms()
+        if now_ms >= self._next_feed_ms:
+            self._next_feed_ms = now_ms + self.known.frame_interval_ms
+            self.forecaster.observe(now_ms, self.known.estimate_mbps(), self.known.frame_interval_ms)
+
+    def observe(self, time_ms: float, throughput_mbps: float, transfer_ms: float | None = None) -> None:
+        pass
+
+    def estimate_mbps(self) -> float | None:
+        self._feed()
+        return self.forecaster.estimate_mbps()
+
+    def samples_mbps(self) -> np.ndarray:
+        self._feed()
+        return self.forecaster.samples_mbps()
+
+
 class OraclePlanner:
     """Plans for the capacity its estimator knows from the trace (`TraceCapacityEstimate`),
     times a fraction: the only planner given the trace."""
@@ -759,15 +795,22 @@ class ReplayedCar:
         self.start_ms = start_ms
         frames, cameras = scenario.num_frames, len(scenario.cameras)
         self.samples: list[ThroughputSample] = []
-        estimator = make_estimator(policy, scenario.frame_interval_ms)
+        reads_trace = policy.planner == "oracle" or policy.forecast_from_trace
+        if reads_trace and schedule is None:
+            raise ValueError(f"policy '{policy.name}' reads the trace: give the car its schedule")
+        if policy.planner == "oracle":
+            estimator = TraceCapacityEstimate(schedule, loop.clock, scenario.frame_interval_ms, policy.oracle_lag_ms)
+        elif policy.forecast_from_trace:
+            estimator = TraceFedForecast(
+                make_estimator(dataclasses.replace(policy, forecast_from_trace=False), scenario.frame_interval_ms),
+                TraceCapacityEstimate(schedule, loop.clock, scenario.frame_interval_ms, policy.oracle_lag_ms))
+        else:
+            estimator = make_estimator(policy, scenario.frame_interval_ms)
         if planner is not None:  # tests script the allocation
             inner_planner = planner
         elif policy.planner == "oracle":
-            if schedule is None:
-                raise ValueError("the oracle plans from the trace: give the car its schedule")
             inner_planner = OraclePlanner(scenario.services, scenario.frame_interval_ms, oracle_capacity_fraction,
                                           policy.allocator, policy)
-            estimator = TraceCapacityEstimate(schedule, loop.clock, scenario.frame_interval_ms, policy.oracle_lag_ms)
         else:
             inner_planner = build_planner(scenario.services, policy, scenario.frame_interval_ms)
         self.planner = _RecordingPlanner(inner_planner)
