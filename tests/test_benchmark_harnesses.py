@@ -143,3 +143,15 @@ def test_the_stress_traces_carry_their_stated_rates_and_the_handover_left_the_ot
                                                if name != "handover.up"})
     for path in stress.write_traces(tmp_path / "six"):
         assert path.read_bytes() == paths[path.name].read_bytes(), path.name
+
+
+@pytest.mark.parametrize("setting, named", [("forecast_from_trace=true", "needs the quantile planner"),
+                                             ("no_such_field=1", "unknown field")])
+def test_a_policy_setting_no_policy_of_the_sweep_can_take_is_one_line_before_any_work(setting, named):
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "bench_policies.py"), "--quick", "--set", setting],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert named in completed.stderr and "Traceback" not in completed.stderr
