@@ -29,8 +29,10 @@ PARENT_CHECK_PERIOD_S = 1.0
 def stop_pool(executor: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
     """Cancel the tasks not started, terminate the workers (SIGTERM, then SIGKILL after grace_s)
     and reap them."""
-    # The executor keeps its processes in a private mapping (CPython 3.8-3.13); shutdown() drops it.
+    # The executor keeps its processes and its manager thread in private attributes (CPython
+    # 3.8-3.13); shutdown() drops them.
     processes = list((getattr(executor, "_processes", None) or {}).values())
+    manager = getattr(executor, "_executor_manager_thread", None)
     executor.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
@@ -40,6 +42,11 @@ def stop_pool(executor: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+    # The manager thread closes its wake-up pipe as it ends. Still running at interpreter exit,
+    # it races the exit hook that writes to that pipe (CPython 3.11 checks, then writes), and a
+    # Ctrl-C'd command printed a traceback after its one line; ended here, the hook skips it.
+    if manager is not None and manager.is_alive():
+        manager.join(timeout=grace_s)
 
 
 def serve_the_parent_only() -> None:

@@ -123,3 +123,19 @@ def test_pool_workers_end_themselves_when_their_parent_is_killed(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.stdout.close()
+
+
+def test_a_stopped_pool_leaves_no_manager_thread_for_the_exit_hook_to_race():
+    # At exit CPython 3.11 wakes every pool's manager thread through a pipe that thread closes as
+    # it ends; one still ending then made a Ctrl-C'd `profile` print a traceback after its line.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from avcloud.pools import stop_pool
+
+    executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = executor.submit(time.sleep, 60)
+    wait_for(future.running, 60, "the task to start")
+    manager = executor._executor_manager_thread  # noqa: SLF001
+    stop_pool(executor)
+    assert not manager.is_alive()
