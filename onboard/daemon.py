@@ -38,8 +38,10 @@ from onboard.topics import DetectionResult
 
 # After this long without a throughput sample, a plan that sends nothing gets one discovery
 # request (the cheapest useful cloud option on one camera, in turn), so a real request measures
-# the link again. The policy spec sets it (optimizer/policies.py: stale_after_ms).
-STALE_ESTIMATE_MS = 1000.0
+# the link again; each one that misses doubles the wait before the next, up to the maximum. The
+# policy spec sets both (optimizer/policies.py: stale_after_ms, max_discovery_wait_ms).
+STALE_ESTIMATE_MS = 100.0
+MAX_DISCOVERY_WAIT_MS = 1000.0
 RECENT_REQUESTS = 256
 # The RTT is measured by a tiny ping this often (its pong is answered at once by the cloud).
 PING_INTERVAL_MS = 1000.0
@@ -150,6 +152,7 @@ class OnboardAgent:
         log_event: Callable[..., None] | None = None,
         log_replies: bool = False,
         stale_after_ms: float = STALE_ESTIMATE_MS,
+        max_discovery_wait_ms: float = MAX_DISCOVERY_WAIT_MS,
         ping_interval_ms: float = PING_INTERVAL_MS,
         plans_for_uplink: bool = True,
         max_in_flight_per_camera: int = 1,
@@ -180,6 +183,7 @@ class OnboardAgent:
         self.log_event = log_event or (lambda event, **fields: None)
         self.log_replies = log_replies
         self.stale_after_ms = stale_after_ms
+        self.max_discovery_wait_ms = max(stale_after_ms, max_discovery_wait_ms)
         self.ping_interval_ms = ping_interval_ms
         # False for policies whose plan ignores the uplink (onboard, naive): no discovery requests,
         # no planning around the backlog.
@@ -207,6 +211,7 @@ class OnboardAgent:
         self._discovery_level = 0  # which size of useful cloud option the next discovery request uses
         self._discovery_succeeded = False
         self._discovery_outstanding = 0
+        self._discovery_wait_ms = stale_after_ms  # grows with each discovery request that misses
 
     @classmethod
     def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
@@ -222,7 +227,8 @@ class OnboardAgent:
         return cls(services=services, slo_ms=slo_ms, clock=clock,
                    planner=planner or build_planner(services, policy, frame_interval_ms),
                    measurement=build_measurement(policy, initial_rtt_ms, estimator, frame_interval_ms),
-                   stale_after_ms=policy.stale_after_ms, plans_for_uplink=policy.measures,
+                   stale_after_ms=policy.stale_after_ms, max_discovery_wait_ms=policy.max_discovery_wait_ms,
+                   plans_for_uplink=policy.measures,
                    ping_interval_ms=policy.ping_interval_ms,
                    max_in_flight_per_camera=policy.max_in_flight_per_camera, **io_and_settings)
 
@@ -253,10 +259,11 @@ class OnboardAgent:
             allocation = self.planner.plan(bandwidth_mbps, rtt_ms, planning_slo_ms,
                                            self.measurement.forecast_samples_mbps())
             allocation.extra["backlog_ms"] = backlog_ms
-            # Discovery: after a stale interval at most one request per interval; while discovery
-            # requests keep coming back in time, one per frame, each the next size up (slow start).
+            # Discovery: after a stale interval at most one request per wait (a stale interval, more
+            # after misses); while discovery requests keep coming back in time, one per frame, each
+            # the next size up (slow start).
             growing = self._discovery_succeeded and not self._discovery_outstanding
-            due = stale and now_ms - self._last_discovery_ms > self.stale_after_ms
+            due = stale and now_ms - self._last_discovery_ms > self._discovery_wait_ms
             if self.plans_for_uplink and (growing or due) and self._sends_nothing(allocation):
                 self._add_discovery_request(allocation, rtt_ms)
                 # The planner's chance was that of sending nothing: it says nothing of the request
@@ -549,10 +556,14 @@ class OnboardAgent:
 
     def _discovery_done(self, succeeded: bool) -> None:
         """A discovery request came back in time (the next one may be larger, at once) or not
-        (start again from the smallest, after a stale interval)."""
+        (start again from the smallest, after twice the last wait)."""
         self._discovery_outstanding = max(0, self._discovery_outstanding - 1)
         self._discovery_succeeded = succeeded
         self._discovery_level = self._discovery_level + 1 if succeeded else 0
+        # As TCP's retransmission timer backs off: a dark or thin link gets fewer and fewer of
+        # them, at most one per `max_discovery_wait_ms`, and a link that answers, one per frame.
+        self._discovery_wait_ms = self.stale_after_ms if succeeded else \
+            min(self.max_discovery_wait_ms, 2.0 * self._discovery_wait_ms)
 
     def _round_trip_ms(self, now_ms: float) -> float:
         """What a request spends beyond its upload and its runtime: the network RTT and the cloud's

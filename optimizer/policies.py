@@ -2,9 +2,9 @@
 
 A policy is everything that decides what a car sends: how it plans (the planner method and
 the allocator), what it believes about its uplink (the estimator, its window and its start
-value) and what it does when that belief is old (re-discovery after `stale_after_ms` without a
-sample: the next frames plan with at least the bandwidth of the cheapest cloud option, so a
-real request measures the link again).
+value) and what it does when that belief is old (after `stale_after_ms` without a sample, a
+plan that sends nothing gets one discovery request, a real request that measures the link
+again; each one that misses doubles the wait before the next, up to `max_discovery_wait_ms`).
 
 | name | planner | allocator | plans with |
 |---|---|---|---|
@@ -63,7 +63,15 @@ class PolicySpec:
     estimator_window: int = 5  # samples in the harmonic mean
     ewma_alpha: float = 0.3
     initial_estimate_mbps: float = 1.0  # planned with until the first sample
-    stale_after_ms: float = 1000.0  # no sample this long and a plan that sends nothing: one discovery request
+    # No sample this long and a plan that sends nothing: one discovery request. One frame interval
+    # at 10 Hz: a car learns its link only in the intervals it uses (docs/BANDWIDTH.md), so an
+    # interval without a sample is one without a view; over the sweep's shared traces 1000 ms
+    # here gave turbo-q 20.36 and 80% of oracle's gain in 18 of 40 settings, 100 ms 20.48 and 23.
+    stale_after_ms: float = 100.0
+    # A discovery request that misses doubles the wait before the next, up to this (TCP's
+    # retransmission backoff; never below `stale_after_ms`); one in time sets it back to
+    # `stale_after_ms`. A dark or thin link then gets at most one a second.
+    max_discovery_wait_ms: float = 1000.0
     ping_interval_ms: float = 1000.0  # RTT pings (inf: none, for a policy that never sends)
     quantile_window: int = 50  # one-step forecast errors the quantile planner sees
     quantile_min_samples: int = 2  # fewer samples: plan at the point estimate
@@ -112,6 +120,8 @@ class PolicySpec:
             (math.isfinite(self.initial_estimate_mbps) and self.initial_estimate_mbps > 0,
              "initial_estimate_mbps must be a finite number > 0"),
             (self.stale_after_ms > 0 and not math.isnan(self.stale_after_ms), "stale_after_ms must be > 0"),
+            (self.max_discovery_wait_ms > 0 and not math.isnan(self.max_discovery_wait_ms),
+             "max_discovery_wait_ms must be > 0"),
             (self.ping_interval_ms > 0 and not math.isnan(self.ping_interval_ms), "ping_interval_ms must be > 0"),
             (isinstance(self.quantile_window, int) and self.quantile_window >= 2, "quantile_window must be >= 2"),
             (isinstance(self.quantile_min_samples, int) and self.quantile_min_samples >= 1,

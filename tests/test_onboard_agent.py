@@ -319,21 +319,43 @@ def test_rtt_comes_from_pings_and_bandwidth_from_reply_timing():
     assert math.isfinite(agent.next_wakeup_ms())
 
 
-def test_a_stale_plan_that_sends_nothing_gets_one_discovery_request_per_stale_interval():
+def test_discovery_requests_that_miss_back_off_to_one_a_second_and_one_in_time_resets_the_wait():
     agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, plans_for_uplink=True)
-    for frame_index in range(30):  # 3 s at 10 Hz, no sample ever arrives
+    for frame_index in range(30):  # 3 s at 10 Hz, no reply ever arrives
         clock.advance_to(1000.0 + 100 * frame_index)
         agent.step()
         agent.on_camera_frame(frame_index, "FRONT", IMAGE)
         agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
     discoveries = [decode_request(frames)[0] for frames in link.sent]
-    # One at the start, then one each time the estimate (the timeout's upper-bound sample, or the
-    # last discovery) has been a second old: never two within a stale interval.
+    # One at the start; after each miss the wait before the next doubles (100 ms, 200, 400, ...),
+    # up to a second: the gaps grow, and never exceed the cap by more than the timeout's wait.
     frames = [header.frame for header in discoveries]
-    assert frames[0] == 0 and 2 <= len(frames) <= 3
-    assert all(later - earlier > 10 for earlier, later in zip(frames, frames[1:], strict=False))
+    gaps = [later - earlier for earlier, later in zip(frames, frames[1:], strict=False)]
+    assert frames[0] == 0 and 3 <= len(frames) <= 6, frames
+    assert gaps == sorted(gaps) and gaps[0] >= 2 and gaps[-1] >= 10, frames
+    assert max(gaps) <= 10 + 2, frames
     assert {header.task for header in discoveries} == {"FRONT", "SIDE_LEFT"}  # cameras take turns
     assert all(header.model == "cloud-m" for header in discoveries)
+    # The link answers the next one in time: the wait is a frame interval again, so once its
+    # estimate is stale the car sends the next discovery request at the following frame.
+    sent_before = len(link.sent)
+    frame_index = 30
+    while len(link.sent) == sent_before:
+        clock.advance_to(1000.0 + 100 * frame_index)
+        agent.step()
+        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
+        agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
+        frame_index += 1
+    answered_at_frame = frame_index - 1
+    clock.advance_to(clock.now_ms() + 40.0)
+    agent.on_reply(reply_for(link.sent[-1], server_ms=10.0))
+    for next_frame in range(answered_at_frame + 1, answered_at_frame + 4):
+        clock.advance_to(1000.0 + 100 * next_frame)
+        agent.step()
+        agent.on_camera_frame(next_frame, "FRONT", IMAGE)
+        agent.on_camera_frame(next_frame, "SIDE_LEFT", IMAGE)
+    later = [decode_request(frames)[0].frame for frames in link.sent[sent_before + 1:]]
+    assert later and later[0] == answered_at_frame + 1, (answered_at_frame, later)
 
 
 def test_publish_guard_gets_the_fallback_out_before_the_deadline():
@@ -395,7 +417,8 @@ class ThinSharePlanner(FixedPlanner):
 
 def test_a_plan_on_a_stale_estimate_still_sends_one_request_to_measure_the_link():
     # The drop-before-send check, judging by a 0.05 Mbps share and a 0.1 Mbps estimate, would drop
-    # every frame, and a car that never sends never measures: one request per stale interval goes.
+    # every frame, and a car that never sends never measures: one request per stale interval goes,
+    # and, as a discovery request, each one that misses doubles the wait before the next.
     agent, clock, link, _, _ = make_agent(estimator_mbps=0.1, plans_for_uplink=True)
     agent.planner = ThinSharePlanner(("FRONT",))
     for frame_index in range(25):
@@ -403,6 +426,7 @@ def test_a_plan_on_a_stale_estimate_still_sends_one_request_to_measure_the_link(
         agent.step()
         agent.on_camera_frame(frame_index, "FRONT", IMAGE)
     sent_frames = [decode_request(frames)[0].frame for frames in link.sent]
-    assert sent_frames and sent_frames[0] == 0
-    assert all(later - earlier > 10 for earlier, later in zip(sent_frames, sent_frames[1:], strict=False))
-    assert agent.counters.dropped_stale >= 20  # the rest were judged by the estimate, as before
+    gaps = [later - earlier for earlier, later in zip(sent_frames, sent_frames[1:], strict=False)]
+    assert sent_frames and sent_frames[0] == 0 and len(sent_frames) >= 3, sent_frames
+    assert gaps == sorted(gaps) and gaps[0] >= 2 and max(gaps) <= 10 + 2, sent_frames
+    assert agent.counters.dropped_stale >= 18  # the rest were judged by the estimate, as before
