@@ -66,7 +66,8 @@ class PolicySpec:
     # No sample this long and a plan that sends nothing: one discovery request. One frame interval
     # at 10 Hz: a car learns its link only in the intervals it uses (docs/BANDWIDTH.md), so an
     # interval without a sample is one without a view; over the sweep's shared traces 1000 ms
-    # here gave turbo-q 20.36 and 80% of oracle's gain in 18 of 40 settings, 100 ms 20.48 and 23.
+    # here gave turbo-q 20.36 and 80% of oracle's gain in 18 of 40 settings, 100 ms with the
+    # backoff below 20.44 and 20 (without it 20.48 and 23, and 25 requests into a 9 s outage).
     stale_after_ms: float = 100.0
     # A discovery request that misses doubles the wait before the next, up to this (TCP's
     # retransmission backoff; never below `stale_after_ms`); one in time sets it back to
