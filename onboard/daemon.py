@@ -38,10 +38,13 @@ from onboard.topics import DetectionResult
 
 # After this long without a throughput sample, a plan that sends nothing gets one discovery
 # request (the cheapest useful cloud option on one camera, in turn), so a real request measures
-# the link again; each one that misses doubles the wait before the next, up to the maximum. The
-# policy spec sets both (optimizer/policies.py: stale_after_ms, max_discovery_wait_ms).
+# the link again; each one that times out unanswered doubles the wait before the next, up to the
+# maximum, and any reply sets it back. The policy spec sets both (optimizer/policies.py: stale_after_ms, max_discovery_wait_ms).
 STALE_ESTIMATE_MS = 100.0
 MAX_DISCOVERY_WAIT_MS = 1000.0
+# Once the link answers, discovery holds the uplink (at the estimate) at most this share of the time.
+DISCOVERY_UPLINK_SHARE = 0.25
+MIN_ESTIMATE_MBPS = 1e-3  # an estimate of zero bounds the wait by `max_discovery_wait_ms`
 RECENT_REQUESTS = 256
 # The RTT is measured by a tiny ping this often (its pong is answered at once by the cloud).
 PING_INTERVAL_MS = 1000.0
@@ -77,6 +80,13 @@ class CloudLink(Protocol):
     def send(self, frames: list[Any]) -> bool: ...
 
     def reset(self) -> None: ...
+
+
+def _useful_options(options) -> list[Option]:
+    """The cloud options that beat the on-car result (what a discovery request may send)."""
+    options = list(options)
+    fallback_utility = max((option.utility for option in options if option.is_fallback), default=0.0)
+    return [option for option in options if not option.is_fallback and option.utility > fallback_utility]
 
 
 @dataclass(slots=True)
@@ -211,7 +221,9 @@ class OnboardAgent:
         self._discovery_level = 0  # which size of useful cloud option the next discovery request uses
         self._discovery_succeeded = False
         self._discovery_outstanding = 0
-        self._discovery_wait_ms = stale_after_ms  # grows with each discovery request that misses
+        self._smallest_discovery_mbit = min((option.size_mbit for service in self.services
+                                             for option in _useful_options(service.options)), default=0.0)
+        self._discovery_wait_ms = stale_after_ms  # grows with each discovery request that times out unanswered
 
     @classmethod
     def for_policy(cls, policy, services: Sequence[Service], slo_ms: float, initial_rtt_ms: float, clock: Clock,
@@ -391,6 +403,9 @@ class OnboardAgent:
             self.measurement.on_reply(timing, now_ms, header.timings.total_ms)
         self._consecutive_timeouts = 0
         self._last_reply_ms = now_ms
+        # Any reply, in time or late, shows that the uplink carries the car's bytes: slow perhaps,
+        # but not dark. Discovery backs off only while nothing comes back (`_discovery_timed_out`).
+        self._discovery_wait_ms = self._answered_discovery_wait_ms()
         request = self._in_flight.pop(header.request_id, None)
         if self.log_replies and timing is not None:
             self.log_event("reply", request_id=header.request_id, task=header.task, frame=header.frame,
@@ -458,7 +473,7 @@ class OnboardAgent:
                 self.counters.timeouts += 1
                 self._consecutive_timeouts += 1
                 if request.discovery:
-                    self._discovery_done(succeeded=False)
+                    self._discovery_timed_out()
                 timing = self._recent.get(request_id)
                 if timing is not None:
                     due_ms = now_ms + request.option.runtime_ms + self._round_trip_ms(now_ms)
@@ -540,12 +555,10 @@ class OnboardAgent:
         for _ in range(len(self.cameras)):
             camera = self.cameras[self._discovery_camera % len(self.cameras)]
             self._discovery_camera += 1
-            options = self.options[camera].values()
-            fallback_utility = max((option.utility for option in options if option.is_fallback), default=0.0)
-            useful = sorted((option.size_mbit, -option.utility, option.name) for option in options
-                            if not option.is_fallback and option.utility > fallback_utility
-                            and math.isfinite(critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms,
-                                                                      self.slo_ms)))
+            useful = sorted((option.size_mbit, -option.utility, option.name)
+                            for option in _useful_options(self.options[camera].values())
+                            if math.isfinite(critical_bandwidth_mbps(option.size_mbit, option.runtime_ms, rtt_ms,
+                                                                     self.slo_ms)))
             if useful:
                 choice = self.options[camera][useful[min(self._discovery_level, len(useful) - 1)][2]]
                 allocation.choices[camera] = choice.name
@@ -556,14 +569,28 @@ class OnboardAgent:
 
     def _discovery_done(self, succeeded: bool) -> None:
         """A discovery request came back in time (the next one may be larger, at once) or not
-        (start again from the smallest, after twice the last wait)."""
+        (start again from the smallest)."""
         self._discovery_outstanding = max(0, self._discovery_outstanding - 1)
         self._discovery_succeeded = succeeded
         self._discovery_level = self._discovery_level + 1 if succeeded else 0
-        # As TCP's retransmission timer backs off: a dark or thin link gets fewer and fewer of
-        # them, at most one per `max_discovery_wait_ms`, and a link that answers, one per frame.
-        self._discovery_wait_ms = self.stale_after_ms if succeeded else \
-            min(self.max_discovery_wait_ms, 2.0 * self._discovery_wait_ms)
+
+    def _answered_discovery_wait_ms(self) -> float:
+        """The wait before the next discovery request once the link has answered: a frame
+        interval, or longer where the smallest discovery request would hold the uplink, at the
+        current estimate, for more than `DISCOVERY_UPLINK_SHARE` of the wait (a thin link answers
+        late every time: without this, each late reply would bring the next request at once)."""
+        upload_ms = 1000.0 * self._smallest_discovery_mbit / max(self.measurement.bandwidth_mbps(), MIN_ESTIMATE_MBPS)
+        return min(self.max_discovery_wait_ms, max(self.stale_after_ms, upload_ms / DISCOVERY_UPLINK_SHARE))
+
+    def _discovery_timed_out(self) -> None:
+        """A discovery request reached its cutoff with no reply: start again from the smallest,
+        after twice the last wait. As TCP's retransmission timer backs off on a timeout and not on
+        a late acknowledgement: a dark link gets fewer and fewer of them, at most one per
+        `max_discovery_wait_ms`, and any reply (`on_reply`) sets the wait back to a frame interval.
+        Its bytes are still queued on a dark link when it comes back, delaying every request
+        behind them."""
+        self._discovery_done(succeeded=False)
+        self._discovery_wait_ms = min(self.max_discovery_wait_ms, 2.0 * self._discovery_wait_ms)
 
     def _round_trip_ms(self, now_ms: float) -> float:
         """What a request spends beyond its upload and its runtime: the network RTT and the cloud's

@@ -72,7 +72,7 @@ class OnboardParams(pydantic.BaseModel):
     estimator: Literal["ewma", "harmonic"] | None = None
     quantile_window: int | None = pydantic.Field(None, ge=2)  # forecast errors the quantile planner sees
     stale_after_ms: float | None = pydantic.Field(None, gt=0)  # no sample this long: re-discover
-    max_discovery_wait_ms: float | None = pydantic.Field(None, gt=0)  # backoff of discovery that misses
+    max_discovery_wait_ms: float | None = pydantic.Field(None, gt=0)  # backoff of discovery that times out unanswered
     max_in_flight_per_camera: int | None = pydantic.Field(None, ge=1, le=8)  # 2: uploads overlap cloud runs
     stream_rate_cap: bool | None = None  # plan at size / min(slack, frame interval)
     success_horizon: bool | None = None  # quantile planner: success over the frames the deadline spans

@@ -4,7 +4,8 @@ A policy is everything that decides what a car sends: how it plans (the planner 
 the allocator), what it believes about its uplink (the estimator, its window and its start
 value) and what it does when that belief is old (after `stale_after_ms` without a sample, a
 plan that sends nothing gets one discovery request, a real request that measures the link
-again; each one that misses doubles the wait before the next, up to `max_discovery_wait_ms`).
+again; each one that times out unanswered doubles the wait before the next, up to
+`max_discovery_wait_ms`, and any reply sets it back).
 
 | name | planner | allocator | plans with |
 |---|---|---|---|
@@ -69,9 +70,11 @@ class PolicySpec:
     # here gave turbo-q 20.36 and 80% of oracle's gain in 18 of 40 settings, 100 ms with the
     # backoff below 20.44 and 20 (without it 20.48 and 23, and 25 requests into a 9 s outage).
     stale_after_ms: float = 100.0
-    # A discovery request that misses doubles the wait before the next, up to this (TCP's
-    # retransmission backoff; never below `stale_after_ms`); one in time sets it back to
-    # `stale_after_ms`. A dark or thin link then gets at most one a second.
+    # A discovery request that times out with no reply doubles the wait before the next, up to
+    # this (TCP's retransmission backoff; never below `stale_after_ms`); any reply, late too,
+    # sets it back to `stale_after_ms`, or longer where the smallest discovery request would hold
+    # the uplink more than a quarter of the time (onboard/daemon.py). A dark link then gets at
+    # most one a second.
     max_discovery_wait_ms: float = 1000.0
     ping_interval_ms: float = 1000.0  # RTT pings (inf: none, for a policy that never sends)
     quantile_window: int = 50  # one-step forecast errors the quantile planner sees

@@ -319,16 +319,30 @@ def test_rtt_comes_from_pings_and_bandwidth_from_reply_timing():
     assert math.isfinite(agent.next_wakeup_ms())
 
 
-def test_discovery_requests_that_miss_back_off_to_one_a_second_and_one_in_time_resets_the_wait():
-    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, plans_for_uplink=True)
-    for frame_index in range(30):  # 3 s at 10 Hz, no reply ever arrives
+def _frames_with_no_reply(agent, clock, frame_indices) -> None:
+    for frame_index in frame_indices:  # 10 Hz; the test decides what the cloud answers
         clock.advance_to(1000.0 + 100 * frame_index)
         agent.step()
         agent.on_camera_frame(frame_index, "FRONT", IMAGE)
         agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
+
+
+def _frames_until_one_is_sent(agent, clock, link, first_frame: int) -> int:
+    """Frames from `first_frame` until the agent sends a request; the frame it was sent at."""
+    sent_before = len(link.sent)
+    frame_index = first_frame
+    while len(link.sent) == sent_before:
+        _frames_with_no_reply(agent, clock, [frame_index])
+        frame_index += 1
+    return frame_index - 1
+
+
+def test_discovery_requests_that_time_out_unanswered_back_off_to_one_a_second_and_one_in_time_resets_the_wait():
+    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, plans_for_uplink=True)
+    _frames_with_no_reply(agent, clock, range(30))  # 3 s, no reply ever arrives
     discoveries = [decode_request(frames)[0] for frames in link.sent]
-    # One at the start; after each miss the wait before the next doubles (100 ms, 200, 400, ...),
-    # up to a second: the gaps grow, and never exceed the cap by more than the timeout's wait.
+    # One at the start; after each timeout the wait before the next doubles (100 ms, 200, 400,
+    # ...), up to a second: the gaps grow, and never exceed the cap by more than the timeout's wait.
     frames = [header.frame for header in discoveries]
     gaps = [later - earlier for earlier, later in zip(frames, frames[1:], strict=False)]
     assert frames[0] == 0 and 3 <= len(frames) <= 6, frames
@@ -338,24 +352,35 @@ def test_discovery_requests_that_miss_back_off_to_one_a_second_and_one_in_time_r
     assert all(header.model == "cloud-m" for header in discoveries)
     # The link answers the next one in time: the wait is a frame interval again, so once its
     # estimate is stale the car sends the next discovery request at the following frame.
-    sent_before = len(link.sent)
-    frame_index = 30
-    while len(link.sent) == sent_before:
-        clock.advance_to(1000.0 + 100 * frame_index)
-        agent.step()
-        agent.on_camera_frame(frame_index, "FRONT", IMAGE)
-        agent.on_camera_frame(frame_index, "SIDE_LEFT", IMAGE)
-        frame_index += 1
-    answered_at_frame = frame_index - 1
+    answered_at_frame = _frames_until_one_is_sent(agent, clock, link, 30)
+    sent_before = len(link.sent) - 1
     clock.advance_to(clock.now_ms() + 40.0)
     agent.on_reply(reply_for(link.sent[-1], server_ms=10.0))
-    for next_frame in range(answered_at_frame + 1, answered_at_frame + 4):
-        clock.advance_to(1000.0 + 100 * next_frame)
-        agent.step()
-        agent.on_camera_frame(next_frame, "FRONT", IMAGE)
-        agent.on_camera_frame(next_frame, "SIDE_LEFT", IMAGE)
+    _frames_with_no_reply(agent, clock, range(answered_at_frame + 1, answered_at_frame + 4))
     later = [decode_request(frames)[0].frame for frames in link.sent[sent_before + 1:]]
     assert later and later[0] == answered_at_frame + 1, (answered_at_frame, later)
+
+
+@pytest.mark.parametrize(("estimate_mbps", "wait_frames"), [(16.0, 1), (2.0, 8)])
+def test_a_late_reply_shows_the_link_is_alive_and_sets_the_discovery_wait_back(estimate_mbps, wait_frames):
+    agent, clock, link, _, _ = make_agent(cloud_cameras=(), estimator_mbps=0.1, plans_for_uplink=True)
+    _frames_with_no_reply(agent, clock, range(30))  # backed off to a second
+    # The reply to the last discovery request comes after its cutoff: too late to publish, but
+    # the link carries bytes (slow, not dark), so the wait is no longer backed off. It is a frame
+    # interval where the next discovery request (0.4 Mbit) takes the uplink a quarter of that or
+    # less at the estimate (16 Mbps: 25 ms), else four times its upload (2 Mbps: 200 ms -> 800 ms).
+    late = link.sent[-1]
+    sent_at_frame = decode_request(late)[0].frame
+    last_frame = sent_at_frame + 3  # past its cutoff; the backed-off wait has 7 frames to go
+    _frames_with_no_reply(agent, clock, range(30, last_frame + 1))
+    assert agent.counters.timeouts == len(link.sent)  # every one timed out, this one too
+    agent.measurement.estimator.mbps = estimate_mbps
+    clock.advance_to(1000.0 + 100 * last_frame + 50.0)
+    agent.on_reply(reply_for(late, server_ms=10.0))
+    assert agent.counters.replies_discarded == 1
+    # The late reply is also a sample: the estimate is stale again at the second frame after it.
+    next_at_frame = _frames_until_one_is_sent(agent, clock, link, last_frame + 1)
+    assert next_at_frame == max(last_frame + 2, sent_at_frame + wait_frames + 1), (sent_at_frame, next_at_frame)
 
 
 def test_publish_guard_gets_the_fallback_out_before_the_deadline():
