@@ -39,7 +39,8 @@ from onboard.topics import DetectionResult
 # After this long without a throughput sample, a plan that sends nothing gets one discovery
 # request (the cheapest useful cloud option on one camera, in turn), so a real request measures
 # the link again; each one that times out unanswered doubles the wait before the next, up to the
-# maximum, and any reply sets it back. The policy spec sets both (optimizer/policies.py: stale_after_ms, max_discovery_wait_ms).
+# maximum, and any reply sets it back. The policy spec sets both (optimizer/policies.py:
+# stale_after_ms, max_discovery_wait_ms).
 STALE_ESTIMATE_MS = 100.0
 MAX_DISCOVERY_WAIT_MS = 1000.0
 # Once the link answers, discovery holds the uplink (at the estimate) at most this share of the time.
@@ -587,8 +588,8 @@ class OnboardAgent:
         after twice the last wait. As TCP's retransmission timer backs off on a timeout and not on
         a late acknowledgement: a dark link gets fewer and fewer of them, at most one per
         `max_discovery_wait_ms`, and any reply (`on_reply`) sets the wait back to a frame interval.
-        Its bytes are still queued on a dark link when it comes back, delaying every request
-        behind them."""
+        Why back off at all: a request sent into a dark link stays queued on it, and when the link
+        comes back its bytes delay every request behind them."""
         self._discovery_done(succeeded=False)
         self._discovery_wait_ms = min(self.max_discovery_wait_ms, 2.0 * self._discovery_wait_ms)
 
