@@ -68,7 +68,8 @@ class PolicySpec:
     # at 10 Hz: a car learns its link only in the intervals it uses (docs/BANDWIDTH.md), so an
     # interval without a sample is one without a view; over the sweep's shared traces 1000 ms
     # here gave turbo-q 20.36 and 80% of oracle's gain in 18 of 40 settings, 100 ms with the
-    # backoff below 20.44 and 20 (without it 20.48 and 23, and 25 requests into a 9 s outage).
+    # backoff below 20.48 and 23 (with a backoff on every miss 20.44 and 20; with none, 25
+    # requests into a 9 s outage instead of 8).
     stale_after_ms: float = 100.0
     # A discovery request that times out with no reply doubles the wait before the next, up to
     # this (TCP's retransmission backoff; never below `stale_after_ms`); any reply, late too,

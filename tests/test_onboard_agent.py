@@ -443,7 +443,7 @@ class ThinSharePlanner(FixedPlanner):
 def test_a_plan_on_a_stale_estimate_still_sends_one_request_to_measure_the_link():
     # The drop-before-send check, judging by a 0.05 Mbps share and a 0.1 Mbps estimate, would drop
     # every frame, and a car that never sends never measures: one request per stale interval goes,
-    # and, as a discovery request, each one that misses doubles the wait before the next.
+    # and, as a discovery request, each one that times out unanswered doubles the wait before the next.
     agent, clock, link, _, _ = make_agent(estimator_mbps=0.1, plans_for_uplink=True)
     agent.planner = ThinSharePlanner(("FRONT",))
     for frame_index in range(25):
