@@ -158,6 +158,7 @@ def build_planner(services: Sequence[Service], policy: PolicySpec,
     from optimizer.quantile import DEFAULT_QUANTILES, QuantilePlanner
 
     quantile_planner = QuantilePlanner(policy.quantiles or DEFAULT_QUANTILES, shared_allocator("exact", services),
-                                       miss_cost=policy.miss_cost)
+                                       miss_cost=policy.miss_cost,
+                                       horizon_partial_miss_cost=policy.horizon_partial_miss_cost)
     return RepeatedPlanReuse(QuantileModePlanner(services, quantile_planner, point, policy.quantile_min_samples,
                                                  services_at, frame_interval_ms if policy.success_horizon else None))

@@ -58,7 +58,9 @@ def test_policy_settings_from_the_command_line():
         "max_in_flight_per_camera": 2, "stream_rate_cap": True, "quantiles": [0.2, 0.5]}
     for bad, message in (("max_in_flight_per_camera", "FIELD=VALUE"), ("nonsense=1", "unknown field"),
                          ("max_in_flight_per_camera=0", "1..8"), ("stream_rate_cap=maybe", "true or false"),
-                         ("success_horizon=2", "true or false"), ("max_discovery_wait_ms=0", "max_discovery_wait_ms")):
+                         ("success_horizon=2", "true or false"), ("max_discovery_wait_ms=0", "max_discovery_wait_ms"),
+                         ("horizon_partial_miss_cost=-1", "horizon_partial_miss_cost"),
+                         ("horizon_partial_miss_cost=true", "horizon_partial_miss_cost")):
         with pytest.raises(UserError, match=message):
             parse_overrides([bad])
 

@@ -147,7 +147,9 @@ def test_planner_rejects_empty_or_bad_samples():
         QuantilePlanner().plan(SERVICES, 20.0, 150.0, np.array([1.0, np.nan]))
 
 
-def test_quantile_planner_from_the_cached_frontier_equals_one_solve_per_quantile(monkeypatch):
+@pytest.mark.parametrize("partial_miss_cost, horizon_intervals", [(None, 1), (0.75, 3)])
+def test_quantile_planner_from_the_cached_frontier_equals_one_solve_per_quantile(
+        monkeypatch, partial_miss_cost, horizon_intervals):
     from optimizer.exact import PreparedServices
 
     rng = np.random.default_rng(1)
@@ -160,9 +162,13 @@ def test_quantile_planner_from_the_cached_frontier_equals_one_solve_per_quantile
                         for k in range(int(rng.integers(1, 8)))]
             services.append(Service(f"s{position}", tuple(options), weight=float(rng.uniform(0.5, 2))))
         instances.append((tuple(services), rng.lognormal(1.5, 0.6, size=int(rng.integers(2, 40)))))
-    fast = [QuantilePlanner().plan(services, 50.0, 200.0, samples) for services, samples in instances]
+    def plans():
+        planner = QuantilePlanner(miss_cost=0.25, horizon_partial_miss_cost=partial_miss_cost)
+        return [planner.plan(services, 50.0, 200.0, samples, horizon_intervals) for services, samples in instances]
+
+    fast = plans()
     monkeypatch.setattr(PreparedServices, "whole_frontier_states", lambda self, budgets: None)
-    slow = [QuantilePlanner().plan(services, 50.0, 200.0, samples) for services, samples in instances]
+    slow = plans()
     for one, other in zip(fast, slow, strict=True):
         assert one.choices == other.choices
         assert one.extra["expected_utility"] == pytest.approx(other.extra["expected_utility"], abs=1e-9)
@@ -183,6 +189,32 @@ def test_a_deadline_spanning_several_intervals_takes_a_risk_one_interval_would_n
     assert 0.65 < four_intervals.extra["success_probability"] < 0.9
     again = QuantilePlanner(miss_cost=2.0).plan(services, 0.0, 100.0, samples, horizon_intervals=4)
     assert again.extra["success_probability"] == four_intervals.extra["success_probability"]  # fixed draws
+
+
+def test_a_shortfall_over_a_horizon_loses_only_the_bytes_it_cannot_carry():
+    # One camera whose cloud option needs 0.45 Mb / 100 ms = 4.5 Mbps; the forecast is 3..5 Mbps,
+    # equally likely. The mean of three intervals rarely carries it all, so all or nothing (miss
+    # cost 0.5) keeps the car's result; but the FIFO uplink carries about 4 / 4.5 of its bytes in
+    # time even then, worth more than the cost of the rest.
+    services = (Service("FRONT", (Option("car", 0.0, 0.0, 0.2), Option("cloud", 0.45, 0.0, 0.6))),)
+    samples = np.linspace(3.0, 5.0, 21)
+    planner = QuantilePlanner(miss_cost=0.5, horizon_partial_miss_cost=0.25)
+    spanning = planner.plan(services, 0.0, 100.0, samples, horizon_intervals=3)
+    assert spanning.choices == {"FRONT": "cloud"}
+    success = spanning.extra["success_probability"]
+    assert success < 0.2
+    # Between the plan's worst carried share (3 / 4.5) and all of it, less the cost of the misses.
+    gain = 0.4
+    assert 0.2 + gain * (3.0 / 4.5 - 0.25 * (1 - success)) < spanning.extra["expected_utility"] < \
+        0.2 + gain * (1.0 - 0.25 * (1 - success))
+    # Over one interval the spill-over lands in the next frame's: all or nothing, as before.
+    assert planner.plan(services, 0.0, 100.0, samples, horizon_intervals=1).choices == {"FRONT": "car"}
+    # Without the partial model the horizon alone does not take this risk.
+    assert QuantilePlanner(miss_cost=0.5).plan(services, 0.0, 100.0, samples, horizon_intervals=3).choices == {
+        "FRONT": "car"}
+    # Nor with a cost of the missed bytes above what the carried share is worth.
+    cautious = QuantilePlanner(miss_cost=0.5, horizon_partial_miss_cost=2.0)
+    assert cautious.plan(services, 0.0, 100.0, samples, horizon_intervals=3).choices == {"FRONT": "car"}
 
 
 def test_a_success_horizon_spans_the_frames_of_the_deadline():
