@@ -201,6 +201,7 @@ class OnboardAgent:
         self.plans_for_uplink = plans_for_uplink
         self._pings: collections.OrderedDict[int, float] = collections.OrderedDict()  # request id -> send time
         self._next_ping_ms = -math.inf if math.isfinite(ping_interval_ms) else math.inf  # inf: never ping
+        self._ping_now = False  # a reply found the uplink idle with a ping due (see `step`)
         self._last_reply_ms = -math.inf
         self.counters = AgentCounters()
         self._cameras = {camera: _CameraState() for camera in self.cameras}
@@ -407,6 +408,8 @@ class OnboardAgent:
         # Any reply, in time or late, shows that the uplink carries the car's bytes: slow perhaps,
         # but not dark. Discovery backs off only while nothing comes back (`_discovery_timed_out`).
         self._discovery_wait_ms = self._answered_discovery_wait_ms()
+        if now_ms >= self._next_ping_ms and self._uplink_idle(now_ms):
+            self._ping_now = True  # at the step this reply takes, ahead of anything it sends
         request = self._in_flight.pop(header.request_id, None)
         if self.log_replies and timing is not None:
             self.log_event("reply", request_id=header.request_id, task=header.task, frame=header.frame,
@@ -416,6 +419,8 @@ class OnboardAgent:
                            server_ms=round(header.timings.total_ms, 2), in_time=request is not None)
         if request is None:
             self.counters.replies_discarded += 1  # timed out already: its frame has been published
+            if self._ping_now:
+                self.step()
             return
         camera = request.task.camera
         self._cameras[camera].in_flight -= 1
@@ -492,8 +497,10 @@ class OnboardAgent:
             self._last_reset_ms = now_ms
             self._consecutive_timeouts = 0
         # A ping queued behind the car's own uploads measures them, not the RTT: it goes ahead of
-        # this step's requests, and preferably when nothing is in flight (at most one interval late).
-        if now_ms >= self._next_ping_ms and (not self._in_flight or now_ms >= self._next_ping_ms + self.ping_interval_ms):
+        # this step's requests, when nothing is in flight, or when a reply finds the uplink idle
+        # (`on_reply`), and at most one interval late.
+        if now_ms >= self._next_ping_ms and (not self._in_flight or self._ping_now
+                                             or now_ms >= self._next_ping_ms + self.ping_interval_ms):
             self._send_ping(now_ms)
         for camera, state in self._camera_states:  # the cheap checks inline: this runs many times a frame
             if state.fallback_running is not None and state.fallback_running.done():
@@ -503,6 +510,14 @@ class OnboardAgent:
             if state.waiting is not None and self._may_send(state, now_ms):
                 self._send_waiting(camera, now_ms)
         self._publish_ready(now_ms)
+
+    def _uplink_idle(self, now_ms: float) -> bool:
+        """Nothing of the car's on the uplink (by its virtual queue) or about to go onto it. A
+        ping sent then measures the path alone; one sent while camera frames are being compressed
+        is read, in the live node's single loop, only after the compression (that loop's pongs
+        read 51-161 ms on a 30 ms path when the pings went at the start of a frame's step)."""
+        return self.measurement.backlog_ms(now_ms) <= 0 and not any(
+            state.encoding or state.waiting is not None for _, state in self._camera_states)
 
     def next_wakeup_ms(self) -> float:
         """When `step()` must run next (fallback completions call `wake` instead)."""
@@ -616,6 +631,7 @@ class OnboardAgent:
             del self._overdue[next(iter(self._overdue))]
 
     def _send_ping(self, now_ms: float) -> None:
+        self._ping_now = False
         self._next_ping_ms = now_ms + self.ping_interval_ms
         request_id = self._next_request_id
         self._next_request_id += 1

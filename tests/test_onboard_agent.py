@@ -319,6 +319,26 @@ def test_rtt_comes_from_pings_and_bandwidth_from_reply_timing():
     assert math.isfinite(agent.next_wakeup_ms())
 
 
+def test_a_reply_that_finds_the_uplink_idle_sends_the_due_ping_though_a_request_is_still_in_flight():
+    agent, clock, link, _, _ = make_agent(cloud_cameras=("FRONT", "SIDE_LEFT"), estimator_mbps=1.0)
+    agent.step()  # the first ping, at 1000 ms: the next is due at 2000
+    assert len(link.pings) == 1
+    clock.advance_to(1950.0)
+    agent.on_camera_frame(9, "FRONT", IMAGE)
+    agent.on_camera_frame(9, "SIDE_LEFT", IMAGE)  # 5000 bytes each at 1 Mbps: queued until 1990, 2030
+    front, side = link.sent
+    clock.advance_to(2020.0)
+    agent.step()
+    assert len(link.pings) == 1  # due, but the car's bytes are on the uplink and requests in flight
+    clock.advance_to(2045.0)
+    agent.on_reply(reply_for(side, server_ms=5.0))  # SIDE_LEFT's upload ended at 2030: FRONT's before it
+    assert agent.measurement.backlog_ms(2045.0) == 0.0 and len(agent._in_flight) == 1  # FRONT's cloud run
+    assert len(link.pings) == 2  # the path alone: nothing of the car's queued ahead of it
+    clock.advance_to(2060.0)
+    agent.on_reply(reply_for(front, server_ms=5.0))
+    assert len(link.pings) == 2  # one ping per interval
+
+
 def _frames_with_no_reply(agent, clock, frame_indices) -> None:
     for frame_index in frame_indices:  # 10 Hz; the test decides what the cloud answers
         clock.advance_to(1000.0 + 100 * frame_index)
