@@ -1,7 +1,8 @@
 """Uplink bandwidth and network RTT, measured by the car from its own traffic.
 
-- RTT: the agent sends a tiny ping every `ping_interval_ms` (about 100 bytes a second); the
-  cloud answers at once. RTT sample = pong arrival - ping send - server time; the estimate is
+- RTT: the agent sends a tiny ping every `ping_interval_ms` (about 100 bytes a second), when
+  nothing of the car's is on the uplink or about to go onto it (onboard/daemon.py); the cloud
+  answers at once. RTT sample = pong arrival - ping send - server time; the estimate is
   the smallest of the recent ones (the one least inflated by queueing behind the car's own
   uploads). Until the first pong, the configured prior.
 - Upload end of a request = reply arrival - server time (`timings_ms.total`) - RTT estimate.
