@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from avcloud.cli import main
+from avcloud.errors import UserError
 from avcloud.fleet.coordinator import cell_allocator_available
 
 
@@ -100,3 +101,19 @@ def test_bad_cell_policy_settings(capsys, args, message):
 def test_cell_settings_out_of_range_are_refused_without_the_cell_policy(capsys, args, message):
     code, err = run_cli(capsys, *args)  # the default policies: turbo and turbo-q
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_fleet_larger_than_the_machine_can_hold_is_refused_before_it_is_built(capsys):
+    code, err = run_cli(capsys, "--vehicles", "4", "100000000")
+    assert code == 2
+    assert err.count("\n") == 1 and "--vehicles 100000000: a fleet this size needs about" in err, err
+
+
+def test_the_memory_estimate_scales_with_the_fleet_and_the_scene():
+    from avcloud.fleet.job import check_fleet_memory
+
+    twenty_seconds_ms, cameras = 20_000.0, 5
+    check_fleet_memory(1000, twenty_seconds_ms, cameras, memory_bytes=int(1e9))  # about 0.39 GB: fits
+    with pytest.raises(UserError, match="--vehicles 3000: a fleet this size needs about 1.2 GB"):
+        check_fleet_memory(3000, twenty_seconds_ms, cameras, memory_bytes=int(1e9))
+    check_fleet_memory(3000, twenty_seconds_ms / 4, cameras, memory_bytes=int(1e9))  # a shorter scene fits

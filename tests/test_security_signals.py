@@ -139,3 +139,47 @@ def test_a_stopped_pool_leaves_no_manager_thread_for_the_exit_hook_to_race():
     manager = executor._executor_manager_thread  # noqa: SLF001
     stop_pool(executor)
     assert not manager.is_alive()
+
+
+def descendants_of(pid: int) -> set[int]:
+    found, frontier = set(), {pid}
+    while frontier:
+        children = set().union(*(children_of(parent) for parent in frontier)) - found
+        found |= children
+        frontier = children
+    return found
+
+
+def command_name(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_during_a_ray_fleet_sweep_ends_it_cleanly(tmp_path):
+    # Ray's core worker took SIGTERM over: a native stack trace on stderr, the process killed by
+    # the signal and the command's own cleanup skipped.
+    pytest.importorskip("ray", reason="the Ray executor needs the optional extra: pip install -e '.[ray]'")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "avcloud", "fleet", "--no-progress", "--executor", "ray", "--vehicles", "1", "2", "4",
+         "8", "16", "32", "64", "128", "--policy", "turbo", "turbo-q", "--out", str(tmp_path / "report")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: process.poll() is not None
+                 or any(command_name(child) == "raylet" for child in descendants_of(process.pid)), 120, "Ray to start")
+        assert process.poll() is None, "the sweep ended before the signal"
+        time.sleep(3.0)  # the tasks are running
+        ray_processes = descendants_of(process.pid)
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "avcloud fleet: terminated", stderr
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr
+    wait_for(lambda: not any(alive(pid) for pid in ray_processes), 30, "Ray's processes to end")

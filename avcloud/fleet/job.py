@@ -13,6 +13,9 @@ import dataclasses
 import datetime as dt
 import math
 import multiprocessing
+import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -52,6 +55,14 @@ DEFAULT_SCHEDULER = "pf"
 # Offloading "stops paying" once the fleet's mean gain over on-car only is below this (mAP points).
 DEFAULT_BREAK_EVEN_POINTS = 1.0
 EXECUTORS: tuple[str, ...] = ("auto", "local", "ray")
+# What one simulated vehicle holds, measured (`/usr/bin/time` on `avcloud fleet --vehicles 200 /
+# 1000 / 2000`, one process): about 35 kB for the car and its agent, and 0.35 kB per camera-frame
+# of the scene for its per-frame records (1000 vehicles of 5 cameras x 200 frames: 0.38 GB).
+VEHICLE_BYTES = 35_000
+VEHICLE_BYTES_PER_CAMERA_FRAME = 350
+# The interval the memory estimate assumes before a scene is loaded (the bundled scene's).
+ESTIMATE_FRAME_INTERVAL_MS = 100.0
+RAY_WAIT_S = 0.5
 
 
 @dataclass
@@ -220,17 +231,28 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
 
     settings = dataclasses.replace(settings, processes=1)  # Ray spreads the points over the cores
     if not ray.is_initialized():
+        terminate_handler = signal.getsignal(signal.SIGTERM)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Ray's core worker takes SIGTERM over with a failure handler that prints a native stack
+        # and kills the process; the command's own handler (avcloud.cli) ends it cleanly.
+        if callable(terminate_handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate_handler)
     remote = ray.remote(run_point)
     shared_inputs = ray.put(inputs)
     pending = {remote.remote(shared_inputs, settings, point): index for index, point in enumerate(points)}
     results: list[dict | None] = [None] * len(points)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        index = pending.pop(done[0])
-        results[index] = ray.get(done[0])
-        if on_done is not None:
-            on_done(points[index])
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_WAIT_S)
+            if not done:
+                continue  # back in Python now and then, so that a signal's handler runs
+            index = pending.pop(done[0])
+            results[index] = ray.get(done[0])
+            if on_done is not None:
+                on_done(points[index])
+    except BaseException:
+        ray.shutdown()  # no task outlives the command (Ctrl-C, SIGTERM, an error)
+        raise
     return results  # type: ignore[return-value]
 
 
@@ -359,6 +381,7 @@ def check_fleet_against_scenes(options: FleetOptions, durations_ms: Sequence[flo
     workers need at least that many requests in the fleet."""
     from optimizer.policies import get_policy
 
+    check_fleet_memory(max(options.vehicles), max(durations_ms), max(cameras))
     per_camera = max(CELL_POLICY_SPEC.max_in_flight_per_camera if name == CELL_POLICY
                      else get_policy(name).max_in_flight_per_camera for name in options.policies)
     for vehicles in sorted(options.vehicles):
@@ -368,6 +391,27 @@ def check_fleet_against_scenes(options: FleetOptions, durations_ms: Sequence[flo
                 raise UserError(f"--workers {workers} is more than the {requests} requests {vehicles} vehicle(s) can "
                                 f"have in flight at once ({per_camera} per camera): use at most {requests} workers "
                                 "for that fleet, or 'unlimited' for a pool that never queues")
+
+
+def check_fleet_memory(vehicles: int, duration_ms: float, cameras: int, memory_bytes: int | None = None) -> None:
+    """A fleet larger than this machine's memory could hold is refused before it is built (it
+    would run for hours and end in the kernel's out-of-memory kill): one line with the estimate."""
+    memory_bytes = physical_memory_bytes() if memory_bytes is None else memory_bytes
+    if memory_bytes is None:
+        return
+    camera_frames = cameras * duration_ms / ESTIMATE_FRAME_INTERVAL_MS if math.isfinite(duration_ms) else 0.0
+    needed_bytes = vehicles * (VEHICLE_BYTES + VEHICLE_BYTES_PER_CAMERA_FRAME * camera_frames)
+    if needed_bytes > memory_bytes:
+        raise UserError(f"--vehicles {vehicles}: a fleet this size needs about {needed_bytes / 1e9:,.1f} GB of memory "
+                        f"for this scene, more than this machine's {memory_bytes / 1e9:,.1f} GB")
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _check_traces(options: FleetOptions, scene_duration_ms: float) -> None:
