@@ -123,6 +123,16 @@ class FleetDispatcher:
             else:
                 load.leaving = False
 
+    def lost_below_floor(self, names: Iterable[str], floor: int) -> list[str]:
+        """The replicas this pool holds that a listing of only `names` drops, when that listing is
+        below `floor`, the size Serve never scales under on purpose: they died. (Serve's router
+        hears of a death only through a failed call, and an idle replica gets none; Serve's own
+        controller may list the pool without it first.)"""
+        listed = set(names)
+        if len(listed) >= floor:
+            return []
+        return sorted(name for name, load in self._replicas.items() if name not in listed and not load.leaving)
+
     def replica_failed(self, name: str) -> list[Assignment]:
         """A replica died: it leaves for good and hands back what it held."""
         self._failed.add(name)

@@ -707,9 +707,16 @@ class RayEngine:
         if died is not None:
             self._replica_lost(died, "died", now_ms)
         if replicas is not None:
+            for name in self.dispatcher.lost_below_floor(replicas, self._replica_floor()):
+                self._replica_lost(name, "died", now_ms)
             self.dispatcher.update_replicas(replicas, now_ms)
             self._update_gauges(now_ms, force=True)
         self._kick()
+
+    def _replica_floor(self) -> int:
+        """The fewest replicas Serve keeps on purpose: its fixed size, or the autoscaler's minimum."""
+        settings = self.settings
+        return settings.min_replicas if settings.autoscaling else (settings.initial_replicas or settings.min_replicas)
 
     def _kick(self) -> None:
         """On the loop: dispatch soon (once, however many kicks come before it runs)."""

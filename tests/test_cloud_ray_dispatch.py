@@ -247,3 +247,15 @@ def test_a_replica_judged_hung_that_answers_after_all_is_judged_more_patiently_u
         allowances.append(dispatcher.replicas["a"].hang_allowance_ms)
         now_ms = late_ms + 2.0
     assert allowances == [1000.0, 2000.0, 4000.0, 8000.0, 8000.0, 8000.0, 8000.0, 8000.0]
+
+
+def test_a_replica_dropped_below_the_floor_died_one_dropped_above_it_may_be_a_scale_down():
+    # Serve's router hears of a death only through a failed call: an idle replica killed may
+    # first show up as a shorter listing.
+    dispatcher = FleetDispatcher(linear_runtime(10.0), dispatch_ahead_ms=50.0)
+    dispatcher.update_replicas(["a", "b", "c"], now_ms=0.0)
+    assert dispatcher.lost_below_floor(["a", "b"], floor=3) == ["c"]
+    assert dispatcher.lost_below_floor(["a", "b"], floor=2) == []  # the autoscaler may have done it
+    assert dispatcher.lost_below_floor(["a", "b", "c", "d"], floor=3) == []  # growing loses nothing
+    dispatcher.update_replicas(["a", "b"], now_ms=0.0)  # c leaves (a scale-down above the floor of 2)
+    assert dispatcher.lost_below_floor(["a"], floor=2) == ["b"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from avcloud.errors import UserError
+from avcloud.errors import Terminated, UserError
 from avcloud.fleet.cell import SCHEDULERS, SHARED_SCHEDULERS
 from avcloud.fleet.coordinator import (
     CELL_POLICY,
@@ -230,18 +230,26 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
     import ray
 
     settings = dataclasses.replace(settings, processes=1)  # Ray spreads the points over the cores
+    terminate_handler = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
-        terminate_handler = signal.getsignal(signal.SIGTERM)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        # Ray's core worker takes SIGTERM over with a failure handler that prints a native stack
-        # and kills the process; the command's own handler (avcloud.cli) ends it cleanly.
-        if callable(terminate_handler) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, terminate_handler)
-    remote = ray.remote(run_point)
-    shared_inputs = ray.put(inputs)
-    pending = {remote.remote(shared_inputs, settings, point): index for index, point in enumerate(points)}
+    # Ray's core worker takes SIGTERM over with a failure handler that prints a native stack and
+    # kills the process, and a signal that lands inside Ray's own calls comes out of them as a
+    # plain KeyboardInterrupt: the command's handler (avcloud.cli) goes back in, and a SIGTERM is
+    # remembered so that it still ends the command as one.
+    sigterm_received = threading.Event()
+    handles_sigterm = callable(terminate_handler) and threading.current_thread() is threading.main_thread()
+    if handles_sigterm:
+        def on_sigterm(signum: int, frame: object) -> None:
+            sigterm_received.set()
+            terminate_handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     results: list[dict | None] = [None] * len(points)
     try:
+        remote = ray.remote(run_point)
+        shared_inputs = ray.put(inputs)
+        pending = {remote.remote(shared_inputs, settings, point): index for index, point in enumerate(points)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_WAIT_S)
             if not done:
@@ -250,9 +258,14 @@ def run_points(inputs: InputsSource, settings: FleetSettings, points: Sequence[F
             results[index] = ray.get(done[0])
             if on_done is not None:
                 on_done(points[index])
-    except BaseException:
+    except BaseException as error:
         ray.shutdown()  # no task outlives the command (Ctrl-C, SIGTERM, an error)
+        if sigterm_received.is_set() and not isinstance(error, Terminated):
+            raise Terminated() from None
         raise
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, terminate_handler)
     return results  # type: ignore[return-value]
 
 
