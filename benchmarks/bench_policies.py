@@ -180,6 +180,22 @@ def checks(settings: list[dict]) -> dict:
     }
 
 
+def summary_line(report: dict) -> str:
+    """What a sweep that took minutes found, in one line for the terminal (the JSON has the rest)."""
+    settings, found = report["settings"], report["checks"]
+    means = ", ".join(f"{name} {sum(s['policies'][name]['map'] for s in settings) / len(settings):.2f}"
+                      for name in ("oracle", "turbo-q", "turbo", "equal"))
+    share = found["turbo_q_fewer_misses_share"]
+    counted = [s for s in settings if s["trace_mean_mbps"] >= 3.0 and s["oracle_gain_points"] > 1.0]
+    low = len(found["turbo_q_below_80_percent_of_oracle_gain_on_traces_of_3_mbps_or_more_where_oracle_gains"])
+    return (f"{len(settings)} settings in {report['wall_s']:.0f} s; mean mAP {means}; "
+            f"stuck {len(found['measuring_policy_sent_nothing_where_oracle_gains'])}, "
+            f"turbo-q below turbo - 0.2 in {len(found['turbo_q_below_turbo_by_more_than_0_2'])}, "
+            f"fewer misses in {'-' if share is None else f'{share:.0%}'}, "
+            f"not above equal {len(found['turbo_or_turbo_q_not_above_equal_where_oracle_gains'])}, "
+            f"80% of oracle's gain in {len(counted) - low} of {len(counted)}")
+
+
 _SCENE = None  # per process: the profiled scene, opened once
 
 
@@ -290,6 +306,8 @@ def main() -> int:
             add_calibrations([setting["turbo_q_plan_success_calibration"] for setting in settings])),
     }
     write_report(report, args.out)
+    if args.out is not None:
+        print(f"bench_policies: {summary_line(report)} -> {args.out}", file=sys.stderr)
     return 0
 
 

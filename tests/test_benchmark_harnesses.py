@@ -80,6 +80,27 @@ def test_the_policy_sweep_says_where_even_a_causal_planner_falls_short_of_80_per
     assert [entry.split()[0] for entry in checks["view_reference_below_turbo_by_more_than_0_2"]] == ["met"]
 
 
+def test_the_policy_sweep_ends_with_one_line_of_what_it_found(load_benchmark):
+    bench = load_benchmark("bench_policies")
+
+    def setting(trace_mbps: float, maps: dict[str, float], misses: dict[str, float]) -> dict:
+        return {"trace": "t", "rtt_ms": 50.0, "slo_ms": 200.0, "trace_mean_mbps": trace_mbps,
+                "oracle_gain_points": maps["oracle"] - 10.0,
+                "policies": {name: {"map": value, "fraction_of_oracle_gain": (value - 10.0) / (maps["oracle"] - 10.0),
+                                    "deadline_miss_rate": misses.get(name, 0.1), "sent_nothing": False}
+                             for name, value in maps.items()}}
+
+    names = ("onboard", "naive", "equal", "turbo", "turbo-q", "oracle", bench.CAUSAL_REFERENCE, bench.VIEW_REFERENCE)
+    fast = setting(10.0, dict(zip(names, (10.0, 10.0, 11.0, 13.0, 14.0, 15.0, 14.0, 14.5), strict=True)), {"turbo-q": 0.05})
+    slow = setting(1.0, dict(zip(names, (10.0, 10.0, 10.5, 10.9, 10.6, 12.0, 11.0, 11.0), strict=True)), {"turbo-q": 0.2})
+    settings = [fast, slow]
+    line = bench.summary_line({"settings": settings, "checks": bench.checks(settings), "wall_s": 12.3})
+    assert line.startswith("2 settings in 12 s; mean mAP oracle 13.50, turbo-q 12.30, turbo 11.95, equal 10.75;")
+    # The slow trace: turbo-q 0.3 below turbo and more misses; only the fast one counts for 80%.
+    assert "below turbo - 0.2 in 1," in line and "fewer misses in 50%" in line
+    assert line.endswith("80% of oracle's gain in 1 of 1")
+
+
 def test_figures_that_cannot_be_written_to_their_file_go_to_standard_output(load_benchmark, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
